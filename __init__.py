@@ -1,0 +1,30 @@
+"""ComfyUI entry point of the Mochi xDiT node pack.
+
+ComfyUI imports this folder under whatever name the user gave it (it may contain "-"). Ray
+workers must import the same code by a stable name, so the pack always runs as the package
+``mochi_xdit``: loaded under another name, this file loads the folder again as ``mochi_xdit``
+(``sys.modules`` only, nothing is added to ``sys.path``) and re-exports its node mappings.
+"""
+
+import importlib.util
+import os
+import sys
+
+CANONICAL_NAME = "mochi_xdit"
+
+if __name__ == CANONICAL_NAME:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _canonical = sys.modules.get(CANONICAL_NAME)
+    if _canonical is None or os.path.dirname(os.path.abspath(_canonical.__file__)) != _here:
+        _spec = importlib.util.spec_from_file_location(
+            CANONICAL_NAME, os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
+        )
+        _canonical = importlib.util.module_from_spec(_spec)
+        sys.modules[CANONICAL_NAME] = _canonical
+        _spec.loader.exec_module(_canonical)
+    NODE_CLASS_MAPPINGS = _canonical.NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS = _canonical.NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,385 @@
+"""Mochi-1's asymmetric joint diffusion transformer (genmo `AsymmDiTJoint` semantics).
+
+Module attributes carry genmo's checkpoint key names (`blocks.N.attn.qkv_x`, ...), so genmo and
+ComfyUI files load without renaming. The size is not fixed: `DiTConfig.from_shapes` reads depth,
+widths and heads from a checkpoint's tensor shapes, so a tiny test file and the 10B file go
+through the same code.
+
+Conventions (genmo): `forward(latent, sigma, ...)` embeds the time as `1 - sigma` and returns the
+model's native prediction `x0 - noise` (ComfyUI's wrapper negates it). One sample per call
+(B = 1): text tokens are packed to the valid ones, as genmo's varlen attention does, so samples with
+different prompt lengths are separate calls.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
+from .joint_attention import joint_attention
+from .layers import Linear, RMSNorm, rms_norm
+
+ATTENTION_POOL_HEADS = 8  # genmo's T5 attention pool; not visible in tensor shapes
+NORM_EPS = 1e-6  # modulated / residual RMS norms and the final LayerNorm
+QK_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Size of a Mochi DiT. The full model: depth 48, 24 heads x 128, widths 3072 / 1536.
+
+    Args:
+        depth: number of joint blocks; the last one does not update the text stream.
+        num_heads: attention heads (both streams).
+        head_dim: channels per head.
+        hidden_size_x: visual stream width.
+        hidden_size_y: text stream width.
+        mlp_hidden_x: SwiGLU hidden width of the visual MLP (8192 for the full model).
+        mlp_hidden_y: SwiGLU hidden width of the text MLP (4096).
+        in_channels: latent channels (12).
+        patch_size: square patch on the latent grid (2).
+        t5_feat_dim: T5 feature width (4096).
+        timestep_freq_dim: sinusoidal timestep embedding width (256).
+    """
+
+    depth: int = 48
+    num_heads: int = 24
+    head_dim: int = 128
+    hidden_size_x: int = 3072
+    hidden_size_y: int = 1536
+    mlp_hidden_x: int = 8192
+    mlp_hidden_y: int = 4096
+    in_channels: int = 12
+    patch_size: int = 2
+    t5_feat_dim: int = 4096
+    timestep_freq_dim: int = TIMESTEP_FREQ_DIM
+
+    def __post_init__(self):
+        if self.depth < 1:
+            raise ValueError(f"a Mochi DiT needs at least one block, got depth={self.depth}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.t5_feat_dim % ATTENTION_POOL_HEADS:
+            raise ValueError(
+                f"t5_feat_dim={self.t5_feat_dim} must be divisible by the {ATTENTION_POOL_HEADS} "
+                "attention-pool heads"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        """Attention width: heads x head_dim (3072 for the full model)."""
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> "DiTConfig":
+        """Infer the size from tensor shapes keyed by genmo names (no prefix).
+
+        Raises KeyError for a missing key; the checkpoint loader turns that into a message about
+        what the file looks like.
+        """
+        depth = 0
+        while f"blocks.{depth}.mod_x.weight" in shapes:
+            depth += 1
+        _, num_heads, half_head_dim = shapes["pos_frequencies"]
+        hidden_size_x, in_channels, patch_size, _ = shapes["x_embedder.proj.weight"]
+        hidden_size_y, t5_feat_dim = shapes["t5_yproj.weight"]
+        mlp_hidden_x = shapes["blocks.0.mlp_x.w1.weight"][0] // 2
+        # The last block has no text MLP, so a one-block model has none at all (the width is unused).
+        mlp_y_key = "blocks.0.mlp_y.w1.weight"
+        mlp_hidden_y = shapes[mlp_y_key][0] // 2 if mlp_y_key in shapes else 4 * hidden_size_y
+        return cls(
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=2 * half_head_dim,
+            hidden_size_x=hidden_size_x,
+            hidden_size_y=hidden_size_y,
+            mlp_hidden_x=mlp_hidden_x,
+            mlp_hidden_y=mlp_hidden_y,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            t5_feat_dim=t5_feat_dim,
+            timestep_freq_dim=shapes["t_embedder.mlp.0.weight"][1],
+        )
+
+
+def modulated_rmsnorm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """rmsnorm(x) * (1 + scale), fp32 inside. x [B, S, D], scale [B, D]."""
+    return (rms_norm(x, NORM_EPS) * (1.0 + scale.float()[:, None])).to(x.dtype)
+
+
+def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + rmsnorm(residual) * tanh(gate). x, residual [B, S, D], gate [B, D]."""
+    normed = rms_norm(residual, NORM_EPS) * torch.tanh(gate.float())[:, None]
+    return x + normed.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs. x [B, S, H, Dh], cos/sin [S, H, Dh/2] fp32."""
+    even = x[..., 0::2].float()
+    odd = x[..., 1::2].float()
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # [B, S, H, Dh/2, 2]
+    return rotated.flatten(-2).to(x.dtype)  # [B, S, H, Dh]
+
+
+def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
+    """(t, h, w) per token in (t, h, w) order: h, w are bin centres centred on 0 and scaled so the
+    patch grid has area 36864. Returns [T*pH*pW, 3] fp32."""
+    scale = math.sqrt(ROPE_TARGET_AREA / (pH * pW))
+
+    def centres(n: int) -> torch.Tensor:
+        edges = torch.linspace(-n * scale / 2, n * scale / 2, n + 1, device=device, dtype=torch.float32)
+        return (edges[:-1] + edges[1:]) / 2
+
+    t = torch.arange(T, device=device, dtype=torch.float32)
+    grid = torch.meshgrid(t, centres(pH), centres(pW), indexing="ij")
+    return torch.stack(grid, dim=-1).view(-1, 3)  # [S, 3]
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame 2x2 patch embedding (a strided Conv2d), tokens in (t, h, w) order."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(config.in_channels, config.hidden_size_x, kernel_size=p, stride=p, bias=True)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = latent.shape
+        frames = rearrange(latent, "b c t h w -> (b t) c h w")
+        patches = self.proj(frames.to(self.proj.weight.dtype)).to(latent.dtype)  # [B*T, D, H/p, W/p]
+        return rearrange(patches, "(b t) d h w -> b (t h w) d", b=B)  # [B, S, D]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t * 1000 (cos first, max period 10000) -> Linear, SiLU, Linear."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.freq_dim = config.timestep_freq_dim
+        self.mlp = nn.Sequential(
+            Linear(config.timestep_freq_dim, config.hidden_size_x),
+            nn.SiLU(),
+            Linear(config.hidden_size_x, config.hidden_size_x),
+        )
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * TIMESTEP_SCALE)[:, None] * freqs[None]  # [B, half]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, freq_dim]
+        return self.mlp(embedding.to(dtype))  # [B, Dx]
+
+
+class AttentionPool(nn.Module):
+    """Pools the valid T5 tokens into one vector: the masked mean is the query of one attention
+    over [mean, tokens] (8 heads). With no valid token the mean is zero and attends to itself."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.t5_feat_dim
+        self.to_kv = Linear(dim, 2 * dim)
+        self.to_q = Linear(dim, dim)
+        self.to_out = Linear(dim, config.hidden_size_x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, L, D = tokens.shape  # valid tokens only
+        heads = ATTENTION_POOL_HEADS
+        mean = tokens.sum(dim=1, keepdim=True) / max(L, 1)  # [B, 1, D]
+        sequence = torch.cat([mean, tokens], dim=1)  # [B, 1+L, D]
+        kv = self.to_kv(sequence).unflatten(2, (2, heads, D // heads))  # [B, 1+L, 2, h, D/h]
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, 1+L, D/h] each
+        q = self.to_q(mean).unflatten(2, (heads, D // heads)).transpose(1, 2)  # [B, h, 1, D/h]
+        pooled = F.scaled_dot_product_attention(q, k, v)  # [B, h, 1, D/h]
+        return self.to_out(pooled.transpose(1, 2).flatten(1))  # [B, Dx]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w1 gives [x, gate]; out = w2(silu(x) * gate). No biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = Linear(dim, 2 * hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.w1(x).chunk(2, dim=-1)  # [B, S, hidden] each
+        return self.w2(F.silu(x) * gate)
+
+
+class JointAttention(nn.Module):
+    """Attention over [video tokens, valid text tokens] with separate projections per stream.
+    RoPE applies to video q, k only. `update_y=False` (last block) has no text output projection."""
+
+    def __init__(self, config: DiTConfig, update_y: bool):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        inner = config.inner_dim
+        self.qkv_x = Linear(config.hidden_size_x, 3 * inner, bias=False)
+        self.qkv_y = Linear(config.hidden_size_y, 3 * inner, bias=False)
+        self.q_norm_x = RMSNorm(config.head_dim, QK_NORM_EPS)
+        self.k_norm_x = RMSNorm(config.head_dim, QK_NORM_EPS)
+        self.q_norm_y = RMSNorm(config.head_dim, QK_NORM_EPS)
+        self.k_norm_y = RMSNorm(config.head_dim, QK_NORM_EPS)
+        self.proj_x = Linear(inner, config.hidden_size_x)
+        self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
+
+    def forward(self, x, y, rope_cos, rope_sin, ctx=None, video_len=None):
+        """
+        Args:
+            x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
+            y: [B, L, Dy] normalised valid text tokens (replicated on every rank).
+            rope_cos, rope_sin: [Sx, H, Dh/2] fp32, for these video tokens' global positions.
+            ctx: ParallelContext or None.
+            video_len: global number of real video tokens (without padding), needed under ctx.
+
+        Returns:
+            ([B, Sx, Dx], [B, L, Dy] or None when update_y is False).
+        """
+        B, Sx, _ = x.shape
+        L = y.shape[1]
+        H, Dh = self.num_heads, self.head_dim
+        q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
+        q_x = apply_rope(self.q_norm_x(q_x), rope_cos, rope_sin)
+        k_x = apply_rope(self.k_norm_x(k_x), rope_cos, rope_sin)
+        q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
+        q_y = self.q_norm_y(q_y)
+        k_y = self.k_norm_y(k_y)
+        out_x, out_y = joint_attention(
+            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None
+        )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
+        out_x = self.proj_x(out_x.reshape(B, Sx, H * Dh))  # [B, Sx, Dx]
+        if self.proj_y is None:
+            return out_x, None
+        return out_x, self.proj_y(out_y.reshape(B, L, H * Dh))  # [B, L, Dy]
+
+
+class JointBlock(nn.Module):
+    """One asymmetric joint block: adaLN-style modulation (scale, gate; no shift) from c."""
+
+    def __init__(self, config: DiTConfig, update_y: bool):
+        super().__init__()
+        self.update_y = update_y
+        self.mod_x = Linear(config.hidden_size_x, 4 * config.hidden_size_x)
+        # update_y=False: only the attention input scale for the text stream.
+        self.mod_y = Linear(config.hidden_size_x, (4 if update_y else 1) * config.hidden_size_y)
+        self.attn = JointAttention(config, update_y)
+        self.mlp_x = FeedForward(config.hidden_size_x, config.mlp_hidden_x)
+        self.mlp_y = FeedForward(config.hidden_size_y, config.mlp_hidden_y) if update_y else None
+
+    def forward(self, x, c, y, rope_cos, rope_sin, ctx=None, video_len=None):
+        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes."""
+        c = F.silu(c)
+        scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # [B, Dx] each
+        mod_y = self.mod_y(c)
+        if self.update_y:
+            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y.chunk(4, dim=1)  # [B, Dy] each
+        else:
+            scale_msa_y = mod_y
+
+        attn_x, attn_y = self.attn(
+            modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope_cos, rope_sin,
+            ctx=ctx, video_len=video_len,
+        )
+        x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
+        x = residual_tanh_gated_rmsnorm(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
+        if self.update_y:
+            y = residual_tanh_gated_rmsnorm(y, attn_y, gate_msa_y)
+            y = residual_tanh_gated_rmsnorm(y, self.mlp_y(modulated_rmsnorm(y, scale_mlp_y)), gate_mlp_y)
+        return x, y
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) modulated by (shift, scale) from c, then a Linear to p*p*C."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        p = config.patch_size
+        self.mod = Linear(config.hidden_size_x, 2 * config.hidden_size_x)
+        self.linear = Linear(config.hidden_size_x, p * p * config.in_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.mod(F.silu(c)).chunk(2, dim=1)  # [B, Dx] each
+        x = F.layer_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)
+        x = (x * (1.0 + scale.float()[:, None]) + shift.float()[:, None]).to(c.dtype)
+        return self.linear(x)  # [B, S, p*p*C]
+
+
+class MochiDiT(nn.Module):
+    """Mochi-1 DiT (genmo `AsymmDiTJoint`), any size.
+
+    Args:
+        config: DiTConfig (use `DiTConfig.from_shapes` for a checkpoint).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        self.x_embedder = PatchEmbed(config)
+        self.t_embedder = TimestepEmbedder(config)
+        self.t5_y_embedder = AttentionPool(config)
+        self.t5_yproj = Linear(config.t5_feat_dim, config.hidden_size_y)
+        self.pos_frequencies = nn.Parameter(torch.zeros(3, config.num_heads, config.head_dim // 2))
+        self.blocks = nn.ModuleList(
+            [JointBlock(config, update_y=i < config.depth - 1) for i in range(config.depth)]
+        )
+        self.final_layer = FinalLayer(config)
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        ctx=None,
+    ) -> torch.Tensor:
+        """Predict x0 - noise for a noisy latent.
+
+        Args:
+            latent: [1, C, T, H, W] model-space latent; its dtype is the compute dtype.
+            sigma: [1] noise level in [0, 1] (1 = pure noise).
+            text_features: [1, L, 4096] T5 features (padded or not).
+            text_mask: [1, L] 1 for valid tokens; may be all zero (empty negative prompt).
+            ctx: ParallelContext (sequence parallel inside this call) or None for one device.
+
+        Returns:
+            [1, C, T, H, W] prediction, in the latent's dtype.
+        """
+        B, C, T, H, W = latent.shape
+        if B != 1:
+            raise ValueError(f"MochiDiT runs one sample per call (packed text); got batch {B}")
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent height and width ({H}x{W}) must be multiples of the patch size {p}")
+        pH, pW = H // p, W // p
+        video_len = T * pH * pW
+        dtype = latent.dtype
+
+        valid = text_mask[0].bool()
+        text = text_features[:, valid].to(dtype)  # [1, Lv, 4096], valid tokens only
+        c = self.t_embedder(1.0 - sigma, dtype) + self.t5_y_embedder(text)  # [1, Dx]
+        y = self.t5_yproj(text)  # [1, Lv, Dy]
+
+        x = self.x_embedder(latent)  # [1, S, Dx]
+        angles = torch.einsum(
+            "sd,dhf->shf", rope_positions(T, pH, pW, latent.device), self.pos_frequencies.float()
+        )  # [S, H, Dh/2] fp32
+        rope_cos, rope_sin = torch.cos(angles), torch.sin(angles)
+        if ctx is not None:
+            x = ctx.shard_sequence(x, dim=1)  # [1, S_local, Dx], padded to a multiple of the SP degree
+            rope_cos = ctx.shard_sequence(rope_cos, dim=0)  # [S_local, H, Dh/2]
+            rope_sin = ctx.shard_sequence(rope_sin, dim=0)
+
+        for block in self.blocks:
+            x, y = block(x, c, y, rope_cos, rope_sin, ctx=ctx, video_len=video_len)
+
+        x = self.final_layer(x, c)  # [1, S(_local), p*p*C]
+        if ctx is not None:
+            x = ctx.gather_sequence(x, dim=1, length=video_len)  # [1, S, p*p*C]
+        return rearrange(
+            x, "b (t hp wp) (p1 p2 c) -> b c t (hp p1) (wp p2)", t=T, hp=pH, wp=pW, p1=p, p2=p
+        ).to(dtype)

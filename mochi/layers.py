@@ -1,0 +1,44 @@
+"""Small building blocks shared by the DiT and the VAE: a Linear that stores weights in any
+dtype (bf16, fp16, fp32, or fp8 with a per-tensor scale) and computes in the input's dtype,
+and the fp32 RMS norms Mochi uses."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight may be stored in a narrower dtype than the activations.
+
+    The weight is cast to the input's dtype at call time. For ComfyUI `fp8_scaled` files kept in
+    fp8 storage, `scale_weight` (a scalar) multiplies the cast weight: w = fp8_weight * scale.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("scale_weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype)
+        if self.scale_weight is not None:
+            weight = weight * self.scale_weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, computed in fp32, returned in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (Mochi's per-head q/k norms, eps 1e-5); fp32 inside."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (rms_norm(x, self.eps) * self.weight.float()).to(x.dtype)

@@ -1,0 +1,1 @@
+"""Sequence (Ulysses, Ring) and CFG parallelism for the Mochi DiT over torch.distributed."""
