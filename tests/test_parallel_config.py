@@ -1,0 +1,68 @@
+"""ParallelConfig validation and the `auto` choice: every bad layout is refused with a message that
+names the valid choices, before any process group exists."""
+
+import pytest
+import torch.distributed as dist
+
+from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
+from mochi_xdit.mochi.parallel.layout import ParallelContext
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(world_size=24, ulysses_degree=5, ring_degree=5), "ulysses=5 does not divide 24 heads; use 2, 3, 4, 6, 8, 12 or 24, or put the factor on ring"),
+        (dict(world_size=4, ulysses_degree=3, ring_degree=1, num_heads=4), "ulysses=3 does not divide 4 heads; use 2 or 4"),
+        (dict(world_size=6, cfg_degree=3, ring_degree=2), "cfg=3 is not supported; use 1"),
+        (dict(world_size=4, ulysses_degree=2), "= 2, but world_size is 4"),
+        (dict(world_size=8, cfg_degree=2, ulysses_degree=2, ring_degree=4), "= 16, but world_size is 8"),
+        (dict(world_size=0), "world_size must be a positive integer"),
+        (dict(world_size=2, ring_degree=0), "ring_degree must be a positive integer"),
+        (dict(world_size=2, ring_degree=2.0), "ring_degree must be a positive integer"),
+    ],
+)
+def test_invalid_config_rejected_before_any_process_group(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        ParallelConfig(**kwargs)
+    assert message in str(error.value)
+    assert not dist.is_initialized()
+
+
+def test_world_mismatch_message_suggests_a_valid_layout():
+    with pytest.raises(ValueError, match=r"for example cfg=2, ulysses=4, ring=1"):
+        ParallelConfig(world_size=8, ulysses_degree=2, num_heads=4)
+
+
+def test_context_needs_an_initialised_default_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ParallelContext(ParallelConfig(world_size=2, ulysses_degree=2))
+
+
+@pytest.mark.parametrize(
+    "world, heads, use_cfg, expected",
+    [
+        (1, 24, True, (1, 1, 1)),
+        (2, 24, True, (2, 1, 1)),
+        (2, 24, False, (1, 2, 1)),
+        (6, 24, True, (2, 3, 1)),
+        (8, 24, True, (2, 4, 1)),
+        (16, 24, False, (1, 8, 2)),
+        (5, 24, True, (1, 1, 5)),  # odd world: no CFG split, 5 does not divide 24 -> ring
+        (10, 24, True, (2, 1, 5)),
+        (12, 4, True, (2, 2, 3)),
+        (9, 6, False, (1, 3, 3)),
+    ],
+)
+def test_auto_prefers_cfg_then_largest_ulysses_then_ring(world, heads, use_cfg, expected):
+    config = auto(world, num_heads=heads, num_tokens=14310, use_cfg=use_cfg)
+    assert (config.cfg_degree, config.ulysses_degree, config.ring_degree) == expected
+    assert config.world_size == world and config.num_heads == heads
+
+
+def test_auto_refuses_more_sequence_ranks_than_tokens():
+    with pytest.raises(ValueError, match="at most 3 sequence ranks"):
+        auto(8, num_heads=24, num_tokens=3, use_cfg=False)
+
+
+def test_sp_degree_is_ulysses_times_ring():
+    assert ParallelConfig(world_size=12, cfg_degree=2, ulysses_degree=3, ring_degree=2).sp_degree == 6
