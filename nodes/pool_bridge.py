@@ -1,0 +1,161 @@
+"""The nodes' one door into `workers/`: the pool handle, progress/interrupt plumbing, and error
+messages a ComfyUI user can act on.
+
+The handle carries the pool's spec, not the pool: ComfyUI caches the loader's output across
+prompts, while the pool behind it may be rebuilt (after a rank died, or when another loader asked
+for other files). Every run looks the pool up again by spec; an unchanged spec reuses the live pool.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..mochi.latent import to_model_space
+from ..mochi.text import TextCondition
+
+POOL_TYPE = "MOCHI_XDIT_POOL"
+OOM_ADVICE = (
+    "Give the pool more ranks (world_size, with ulysses/ring degrees), use weight_dtype fp8, a smaller "
+    "video (fewer frames or pixels), or smaller decode tiles."
+)
+
+
+@dataclass(frozen=True)
+class PoolHandle:
+    """What flows along a MOCHI_XDIT_POOL link: the spec of the pool (files, dtype, degrees).
+
+    Args:
+        spec: `workers.protocol.PoolSpec`.
+    """
+
+    spec: object
+
+    def __repr__(self):
+        spec = self.spec
+        return f"MochiXDiTPool({spec.parallel}, {spec.weight_dtype}, {spec.device})"
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_weight_dtype(weight_dtype: str, device: str) -> str:
+    if weight_dtype != "auto":
+        return weight_dtype
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def open_pool(dit_path: str, vae_path: str, weight_dtype: str, parallel, ray_address: str | None) -> PoolHandle:
+    """Build (or reuse) the pool for these files and degrees; weights are loaded before returning."""
+    from ..workers.pool import get_pool
+    from ..workers.protocol import PoolSpec
+
+    device = _device()
+    spec = PoolSpec(dit_path=dit_path, vae_path=vae_path, weight_dtype=resolve_weight_dtype(weight_dtype, device),
+                    parallel=parallel, device=device, ray_address=ray_address)
+    with user_errors():
+        get_pool(spec)
+    return PoolHandle(spec)
+
+
+class ProgressReporter:
+    """ComfyUI's progress bar for one sampling run; create it inside the node's method (the bar
+    captures ComfyUI's hook, which knows the running node, at creation).
+
+    `__call__(report)` is the pool's per-step callback: it returns False to stop the run when the
+    user pressed Cancel (checked before and by the bar update, which is an interruption point)."""
+
+    def __init__(self, steps: int):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(steps)
+        self.interrupt = None  # the InterruptProcessingException raised by ComfyUI's hook, if any
+
+    def __call__(self, report) -> bool:
+        import comfy.model_management as management
+
+        if management.processing_interrupted():
+            return False
+        preview = None
+        if getattr(report, "preview", None) is not None:
+            preview = latent_preview(report.preview)
+        try:
+            self.bar.update_absolute(report.index + 1, report.total, preview)
+        except management.InterruptProcessingException as interrupt:
+            self.interrupt = interrupt
+            return False
+        return True
+
+    def raise_interrupt(self):
+        """Re-raise the user's interrupt the way ComfyUI expects (InterruptProcessingException)."""
+        import comfy.model_management as management
+
+        if self.interrupt is not None:
+            raise self.interrupt
+        management.throw_exception_if_processing_interrupted()
+        raise management.InterruptProcessingException()
+
+
+def latent_preview(vae_latent: torch.Tensor):
+    """Rank 0's small VAE-space preview latent -> ComfyUI preview tuple (Latent2RGB on model space)."""
+    from .comfy_types import preview_image
+
+    latent = vae_latent.float()
+    while latent.dim() < 5:  # [12, h, w] or [12, T, h, w] -> [1, 12, T, h, w]
+        latent = latent.unsqueeze(0) if latent.dim() == 4 else latent.unsqueeze(1)
+    return preview_image(to_model_space(latent), _preview_size())
+
+
+def _preview_size() -> int:
+    try:
+        from comfy.cli_args import args
+
+        return int(args.preview_size)
+    except Exception:  # ComfyUI absent (tests, CLI): its default
+        return 512
+
+
+def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, *,
+               seed: int, steps: int, cfg: float, schedule: str, denoise: float,
+               progress: ProgressReporter) -> torch.Tensor:
+    """Sample on the pool; returns VAE-space samples [B, 12, T, H, W] float32 on CPU."""
+    from ..mochi.sampler import SampleRequest
+    from ..workers.pool import get_pool
+    from ..workers.protocol import RunInterrupted
+
+    request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
+                            cfg=cfg, schedule=schedule, denoise=denoise)
+    with user_errors():
+        pool = get_pool(handle.spec)
+        try:
+            return pool.sample(request, progress).to("cpu", torch.float32)
+        except RunInterrupted:
+            progress.raise_interrupt()
+
+
+def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:
+    """Decode VAE-space samples [B, 12, T, H, W] on the pool -> video [B, 3, 6T-5, 8H, 8W] in [-1, 1]."""
+    from ..workers.pool import get_pool
+
+    with user_errors():
+        pool = get_pool(handle.spec)
+        return pool.decode(samples, tiles)
+
+
+class user_errors:
+    """Turn the pool's failures into messages that say what to change."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return False
+        from ..workers.protocol import PoolError
+
+        text = str(error)
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
+            raise MemoryError(f"{text}\n{OOM_ADVICE}") from error
+        if isinstance(error, PoolError):
+            raise RuntimeError(f"Mochi xDiT pool: {text}") from error
+        return False

@@ -1,0 +1,91 @@
+"""MochiXDiTSampler: text-to-video sampling on the rank pool, with progress and interruption."""
+
+from . import checks
+from .comfy_types import conditioning_to_text, latent_samples, output_latent
+from .pool_bridge import POOL_TYPE, ProgressReporter, run_sample
+
+SCHEDULES = ("linear_quadratic", "simple")
+MAX_STEPS = 1000
+MAX_CFG = 100.0
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MIN_DENOISE = 0.01
+
+
+def sampler_problem(seed, steps, cfg, schedule, denoise) -> str | None:
+    """Checks of the widget inputs; None values (inputs fed by a link) are checked at run time."""
+    checks_to_run = (
+        (seed, lambda: checks.int_problem("seed", seed, 0, MAX_SEED)),
+        (steps, lambda: checks.int_problem("steps", steps, 1, MAX_STEPS)),
+        (cfg, lambda: checks.float_problem("cfg", cfg, 0.0, MAX_CFG)),
+        (schedule, lambda: checks.choice_problem("schedule", schedule, SCHEDULES)),
+        (denoise, lambda: checks.float_problem("denoise", denoise, MIN_DENOISE, 1.0)),
+    )
+    for value, check in checks_to_run:
+        problem = None if value is None else check()
+        if problem:
+            return problem
+    return None
+
+
+class MochiXDiTSampler:
+    DESCRIPTION = (
+        "Samples a Mochi-1 video latent on the rank pool (all ranks step in lockstep). Replaces "
+        "KSampler in the Mochi graph: same CONDITIONING and LATENT types, and the output LATENT "
+        "also works with core VAEDecode. The progress bar advances every step; Cancel stops all ranks."
+    )
+    CATEGORY = "Mochi xDiT"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("The denoised video latent [B, 12, T, H/8, W/8] in VAE space.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader."}),
+                "positive": ("CONDITIONING", {
+                    "tooltip": "What the video should show: CLIPTextEncode with a CLIPLoader of type 'mochi'."}),
+                "negative": ("CONDITIONING", {
+                    "tooltip": "What to steer away from (CLIPTextEncode; an empty prompt is usual). "
+                               "Unused when cfg is 1."}),
+                "latent_image": ("LATENT", {
+                    "tooltip": "Size and length of the video: EmptyMochiLatentVideo (width/height multiples of "
+                               "16, length 6k+1), or a Mochi latent to re-noise (see denoise)."}),
+                "seed": ("INT", {
+                    "default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                    "tooltip": "Seed of the starting noise (drawn like KSampler: same seed, same noise)."}),
+                "steps": ("INT", {
+                    "default": 64, "min": 1, "max": MAX_STEPS, "step": 1,
+                    "tooltip": "Denoising steps. Mochi's default is 64; fewer is faster and blurrier. Time "
+                               "grows linearly with steps."}),
+                "cfg": ("FLOAT", {
+                    "default": 4.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
+                    "tooltip": "Classifier-free guidance: higher follows the prompt more closely, too high "
+                               "over-saturates. 4.5 is Mochi's default; 1 skips the negative pass (half "
+                               "the work)."}),
+                "schedule": (list(SCHEDULES), {
+                    "default": "linear_quadratic",
+                    "tooltip": "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "
+                               "ComfyUI's KSampler schedule for Mochi (flow shift 6)."}),
+                "denoise": ("FLOAT", {
+                    "default": 1.0, "min": MIN_DENOISE, "max": 1.0, "step": 0.01,
+                    "tooltip": "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
+                               "(video-to-video); the run then covers the last steps of a longer schedule."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise):
+        return sampler_problem(seed, steps, cfg, schedule, denoise) or True
+
+    def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise):
+        problem = sampler_problem(seed, steps, cfg, schedule, denoise) or checks.latent_problem(latent_image)
+        if problem:
+            raise ValueError(problem)
+        positive_text = conditioning_to_text(positive, "positive")
+        negative_text = conditioning_to_text(negative, "negative")
+        progress = ProgressReporter(steps)  # created here: ComfyUI's hook belongs to this node
+        samples = run_sample(pool, positive_text, negative_text, latent_samples(latent_image), seed=seed,
+                             steps=steps, cfg=cfg, schedule=schedule, denoise=denoise, progress=progress)
+        return (output_latent(latent_image, samples),)

@@ -1,0 +1,309 @@
+"""The ComfyUI nodes against ComfyUI's rules, with small stand-ins for `folder_paths` and `comfy.*`.
+
+The stand-ins follow ComfyUI 0.3.64 (COMFY_FACTS.md): `folder_paths.get_filename_list` lists the
+files of a models folder with ComfyUI's extensions, `get_full_path` joins a name below the folder;
+`comfy.utils.ProgressBar` calls a hook on `update_absolute`; `comfy.model_management` keeps an
+interrupt flag. The real server is exercised by `tools/run_comfy_e2e.sh`.
+"""
+
+import inspect
+import os
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mochi_xdit import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
+from mochi_xdit.nodes.checks import degrees_problem, model_name_problem
+from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
+
+COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode")
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
+    """Stand-ins for `folder_paths`, `comfy`, `comfy.utils`, `comfy.model_management`."""
+    folder_paths = types.ModuleType("folder_paths")
+    folders = {name: os.path.join(models_dir, name) for name in ("diffusion_models", "vae", "text_encoders")}
+
+    def get_filename_list(folder):
+        root = folders[folder]
+        names = []
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            for file in files:
+                if os.path.splitext(file)[1].lower() in COMFY_EXTENSIONS:
+                    names.append(os.path.relpath(os.path.join(dirpath, file), root))
+        return sorted(names)
+
+    def get_full_path(folder, name):
+        name = os.path.relpath(os.path.join("/", name), "/")  # ComfyUI's normalisation
+        path = os.path.join(folders[folder], name)
+        return path if os.path.isfile(path) else None
+
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path = get_full_path
+
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    management = types.ModuleType("comfy.model_management")
+    utils.updates = []
+    utils.hook = None
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current, self.hook = total, 0, utils.hook
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.total = total if total is not None else self.total
+            self.current = min(value, self.total)
+            utils.updates.append((self.current, self.total, preview))
+            if self.hook is not None:
+                self.hook(self.current, self.total, preview)
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    utils.ProgressBar = ProgressBar
+    management.interrupted = False
+    management.InterruptProcessingException = InterruptProcessingException
+
+    def processing_interrupted():
+        return management.interrupted
+
+    def throw_exception_if_processing_interrupted():
+        if management.interrupted:
+            management.interrupted = False
+            raise InterruptProcessingException()
+
+    def interrupt_current_processing(value=True):
+        management.interrupted = value
+
+    management.processing_interrupted = processing_interrupted
+    management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    management.interrupt_current_processing = interrupt_current_processing
+    comfy.utils, comfy.model_management = utils, management
+    return {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": management}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """models/ with a tiny DiT, a VAE-shaped file, a pickle-named file and a nested DiT."""
+    root = tmp_path_factory.mktemp("models")
+    for folder in ("diffusion_models", "vae", "text_encoders"):
+        (root / folder).mkdir()
+    dit = random_dit_state_dict(DEMO_DIT_CONFIG, seed=0)
+    save_file(dit, str(root / "diffusion_models" / "tiny_dit.safetensors"))
+    (root / "diffusion_models" / "sub").mkdir()
+    save_file(dit, str(root / "diffusion_models" / "sub" / "nested_dit.safetensors"))
+    (root / "diffusion_models" / "old_dit.ckpt").write_bytes(b"\x80\x02not really a pickle")
+    save_file({"decoder.output_proj.weight": torch.zeros(3, 128)}, str(root / "vae" / "decoder_only.safetensors"))
+    save_file({"something.weight": torch.zeros(2, 2)}, str(root / "diffusion_models" / "not_mochi.safetensors"))
+    return str(root)
+
+
+@pytest.fixture
+def fake_comfy(models_dir, monkeypatch):
+    modules = make_fake_comfy(models_dir)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules
+
+
+# ---------------------------------------------------------------- ComfyUI's schema rules
+
+def test_node_mappings_export_three_prefixed_nodes_in_one_category(fake_comfy):
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_IDS)
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    assert {cls.CATEGORY for cls in NODE_CLASS_MAPPINGS.values()} == {"Mochi xDiT"}
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_class_follows_comfyui_v1_schema_rules(fake_comfy, node_id):
+    cls = NODE_CLASS_MAPPINGS[node_id]
+    spec = cls.INPUT_TYPES()
+    assert isinstance(spec, dict) and set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, entry in inputs.items():
+        assert isinstance(entry, tuple) and len(entry) == 2, name
+        kind, options = entry
+        assert isinstance(kind, (str, list)) and isinstance(options, dict), name
+        assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if kind in ("INT", "FLOAT"):
+            assert {"default", "min", "max"} <= set(options), name
+            assert options["min"] <= options["default"] <= options["max"], name
+        if isinstance(kind, list) and "default" in options:
+            assert options["default"] in kind, name
+    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+    assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION
+    function = getattr(cls, cls.FUNCTION)
+    parameters = inspect.signature(function).parameters
+    assert set(spec["required"]) <= set(parameters), "FUNCTION must accept every required input"
+    validate = inspect.getfullargspec(cls.VALIDATE_INPUTS).args
+    assert set(validate) - {"cls"} <= set(inputs), "VALIDATE_INPUTS may only name inputs"
+    # ComfyUI skips its min/max/combo checks for inputs VALIDATE_INPUTS names: ours must be widgets
+    linked = {name for name, (kind, _) in inputs.items() if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN")}
+    assert not (set(validate) & linked), "VALIDATE_INPUTS must not take linked inputs (they arrive as None)"
+
+
+def test_pool_handle_type_connects_loader_to_sampler_and_decoder(fake_comfy):
+    pool_type = NODE_CLASS_MAPPINGS["MochiXDiTLoader"].RETURN_TYPES[0]
+    assert pool_type == "MOCHI_XDIT_POOL"
+    for node_id in ("MochiXDiTSampler", "MochiTiledVAEDecode"):
+        assert NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]["pool"][0] == pool_type
+    assert NODE_CLASS_MAPPINGS["MochiXDiTSampler"].RETURN_TYPES == ("LATENT",)
+    assert NODE_CLASS_MAPPINGS["MochiTiledVAEDecode"].RETURN_TYPES == ("IMAGE",)
+
+
+def test_loader_lists_only_safetensors_files_including_subfolders(fake_comfy):
+    names = NODE_CLASS_MAPPINGS["MochiXDiTLoader"].INPUT_TYPES()["required"]["dit_name"][0]
+    assert "tiny_dit.safetensors" in names and os.path.join("sub", "nested_dit.safetensors") in names
+    assert "old_dit.ckpt" not in names
+
+
+# ---------------------------------------------------------------- loader validation at queue time
+
+def loader_inputs(**changes):
+    inputs = dict(dit_name="tiny_dit.safetensors", vae_name="decoder_only.safetensors", weight_dtype="auto",
+                  world_size=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, ray_address="")
+    inputs.update(changes)
+    return inputs
+
+
+def validate_loader(**changes):
+    return NODE_CLASS_MAPPINGS["MochiXDiTLoader"].VALIDATE_INPUTS(**loader_inputs(**changes))
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "../diffusion_models/../../etc/passwd.safetensors",
+                                  "/etc/passwd", "sub/../../vae/x.safetensors", "..\\..\\secret.safetensors"])
+def test_path_traversal_model_name_is_refused(fake_comfy, name):
+    message = validate_loader(dit_name=name)
+    assert isinstance(message, str) and "outside ComfyUI/models/diffusion_models" in message
+    with pytest.raises(ValueError, match="outside"):
+        NODE_CLASS_MAPPINGS["MochiXDiTLoader"]().load(**loader_inputs(dit_name=name))
+
+
+def test_non_safetensors_model_file_is_refused(fake_comfy):
+    message = validate_loader(dit_name="old_dit.ckpt")
+    assert isinstance(message, str) and "not a .safetensors file" in message
+    message = validate_loader(vae_name="vae.pt")
+    assert isinstance(message, str) and "not a .safetensors file" in message
+
+
+def test_missing_model_file_names_the_folder(fake_comfy):
+    message = validate_loader(dit_name="mochi_preview_bf16.safetensors")
+    assert "not found in ComfyUI/models/diffusion_models/" in message
+
+
+def test_file_that_is_not_a_mochi_dit_or_vae_is_refused_with_the_fix(fake_comfy):
+    message = validate_loader(dit_name="not_mochi.safetensors")
+    assert "not a Mochi-1 DiT" in message and "mochi_preview_bf16.safetensors" in message
+    message = validate_loader(vae_name="../diffusion_models/tiny_dit.safetensors")
+    assert "outside" in message
+    message = validate_loader(dit_name="tiny_dit.safetensors", vae_name="decoder_only.safetensors",
+                              world_size=1)
+    assert message is True
+
+
+def test_loader_accepts_auto_and_explicit_degrees(fake_comfy):
+    assert validate_loader(world_size=2) is True
+    assert validate_loader(world_size=4, ulysses_degree=2, ring_degree=1, cfg_degree=2) is True
+    assert validate_loader(world_size=4, ulysses_degree=1, ring_degree=4, cfg_degree=1) is True
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(world_size=4, ulysses_degree=2, ring_degree=1, cfg_degree=1), "product is 4"),
+    (dict(world_size=3, ulysses_degree=3, ring_degree=1, cfg_degree=1), "does not divide 4 heads"),
+    (dict(world_size=2, ulysses_degree=2, ring_degree=0, cfg_degree=1), "set all three degrees to 0"),
+    (dict(world_size=0), "world_size=0 is outside"),
+    (dict(weight_dtype="int4"), "weight_dtype='int4' is not one of"),
+    (dict(ray_address="http://x y"), "is not a Ray address"),
+])
+def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, changes, fragment):
+    message = validate_loader(**changes)
+    assert isinstance(message, str) and fragment in message, message
+
+
+def test_degree_check_uses_mochi_heads_by_default():
+    assert "does not divide 24 heads" in degrees_problem(5, 5, 1, 1)
+    assert degrees_problem(6, 3, 1, 2) is None
+    assert degrees_problem(8, 0, 0, 0) is None
+
+
+def test_model_name_rules():
+    assert model_name_problem("a/b/mochi.safetensors", "vae") is None
+    assert model_name_problem("mochi.SFT", "vae") is None
+    assert "outside" in model_name_problem("C:\\models\\x.safetensors", "vae")
+    assert "no file selected" in model_name_problem("", "vae")
+
+
+# ---------------------------------------------------------------- sampler validation and types
+
+def validate_sampler(**changes):
+    inputs = dict(seed=0, steps=4, cfg=4.5, schedule="linear_quadratic", denoise=1.0)
+    inputs.update(changes)
+    return NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**inputs)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(steps=0), "steps=0 is outside"), (dict(cfg=-1.0), "cfg=-1.0 is outside"),
+    (dict(cfg=float("nan")), "cfg=nan"), (dict(schedule="karras"), "schedule='karras'"),
+    (dict(denoise=0.0), "denoise=0.0 is outside"), (dict(seed=-1), "seed=-1 is outside"),
+])
+def test_invalid_sampler_values_are_refused_not_clamped(fake_comfy, changes, fragment):
+    message = validate_sampler(**changes)
+    assert isinstance(message, str) and fragment in message
+
+
+def test_sampler_inputs_fed_by_links_are_left_for_run_time(fake_comfy):
+    assert validate_sampler(seed=None, steps=None) is True
+
+
+def clip_text_encode_output(valid_tokens: int, length: int = 256, seed: int = 0):
+    """What CLIPTextEncode returns for a Mochi T5 prompt (COMFY_FACTS.md section 1)."""
+    cond = torch.randn(1, length, 4096, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(1, length, dtype=torch.int64)
+    mask[:, :valid_tokens] = 1
+    return [[cond, {"pooled_output": None, "attention_mask": mask}]]
+
+
+def test_conditioning_from_clip_text_encode_becomes_text_condition():
+    conditioning = clip_text_encode_output(7)
+    text = conditioning_to_text(conditioning, "positive")
+    assert text.num_valid_tokens == 7
+    assert torch.equal(text.features, conditioning[0][0]) and text.mask.dtype == torch.int64
+    empty = conditioning_to_text(clip_text_encode_output(0), "negative")
+    assert empty.num_valid_tokens == 0
+    no_mask = conditioning_to_text([[torch.zeros(1, 5, 4096), {"pooled_output": None}]], "positive")
+    assert no_mask.num_valid_tokens == 5
+
+
+@pytest.mark.parametrize("conditioning, fragment", [
+    (clip_text_encode_output(3) * 2, "exactly one prompt"),
+    ([[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]], "not T5-XXL"),
+    ([[torch.zeros(1, 8, 4096), {"area": (64, 64, 0, 0)}]], "area"),
+    ([[torch.zeros(1, 8, 4096), {"start_percent": 0.5}]], "start_percent"),
+])
+def test_unsupported_conditioning_is_refused_with_the_reason(conditioning, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        conditioning_to_text(conditioning, "positive")
+
+
+def test_decoded_video_becomes_comfy_image_batch():
+    video = torch.linspace(-1.5, 1.5, 2 * 3 * 7 * 16 * 24).reshape(2, 3, 7, 16, 24)
+    image = frames_to_image(video)
+    assert image.shape == (14, 16, 24, 3) and image.dtype == torch.float32
+    assert image.min() == 0.0 and image.max() == 1.0
+    assert torch.allclose(image[8, 3, 5], ((video[1, :, 1, 3, 5] + 1) / 2).clamp(0, 1))
+
+
+def test_preview_is_a_comfy_jpeg_tuple():
+    kind, picture, size = preview_image(torch.randn(1, 12, 3, 6, 8))
+    assert kind == "JPEG" and picture.size == (8, 6) and size == 512
