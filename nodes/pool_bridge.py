@@ -47,14 +47,14 @@ def resolve_weight_dtype(weight_dtype: str, device: str) -> str:
 
 def open_pool(dit_path: str, vae_path: str, weight_dtype: str, parallel, ray_address: str | None) -> PoolHandle:
     """Build (or reuse) the pool for these files and degrees; weights are loaded before returning."""
-    from ..workers.pool import get_pool
+    from ..workers.pool import acquire_pool
     from ..workers.protocol import PoolSpec
 
     device = _device()
     spec = PoolSpec(dit_path=dit_path, vae_path=vae_path, weight_dtype=resolve_weight_dtype(weight_dtype, device),
                     parallel=parallel, device=device, ray_address=ray_address)
     with user_errors():
-        get_pool(spec)
+        acquire_pool(spec)
     return PoolHandle(spec)
 
 
@@ -62,38 +62,35 @@ class ProgressReporter:
     """ComfyUI's progress bar for one sampling run; create it inside the node's method (the bar
     captures ComfyUI's hook, which knows the running node, at creation).
 
-    `__call__(report)` is the pool's per-step callback: it returns False to stop the run when the
-    user pressed Cancel (checked before and by the bar update, which is an interruption point)."""
+    `__call__(report)` is the pool's per-step callback. When the user pressed Cancel it raises
+    ComfyUI's InterruptProcessingException (so does the bar's hook, an interruption point); the
+    pool then cancels the run on every rank and re-raises it, and ComfyUI reports the node as
+    interrupted.
+    """
 
     def __init__(self, steps: int):
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(steps)
-        self.interrupt = None  # the InterruptProcessingException raised by ComfyUI's hook, if any
+        self.wants_preview = previews_enabled()
 
     def __call__(self, report) -> bool:
         import comfy.model_management as management
 
-        if management.processing_interrupted():
-            return False
-        preview = None
-        if getattr(report, "preview", None) is not None:
-            preview = latent_preview(report.preview)
-        try:
-            self.bar.update_absolute(report.index + 1, report.total, preview)
-        except management.InterruptProcessingException as interrupt:
-            self.interrupt = interrupt
-            return False
+        management.throw_exception_if_processing_interrupted()
+        preview = latent_preview(report.preview) if report.preview is not None else None
+        self.bar.update_absolute(report.index + 1, report.total, preview)
         return True
 
-    def raise_interrupt(self):
-        """Re-raise the user's interrupt the way ComfyUI expects (InterruptProcessingException)."""
-        import comfy.model_management as management
 
-        if self.interrupt is not None:
-            raise self.interrupt
-        management.throw_exception_if_processing_interrupted()
-        raise management.InterruptProcessingException()
+def previews_enabled() -> bool:
+    """ComfyUI's --preview-method (default none): previews cost a little time each step."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    method = getattr(args.preview_method, "value", args.preview_method)
+    return str(method) != "none"
 
 
 def latent_preview(vae_latent: torch.Tensor):
@@ -120,25 +117,22 @@ def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondit
                progress: ProgressReporter) -> torch.Tensor:
     """Sample on the pool; returns VAE-space samples [B, 12, T, H, W] float32 on CPU."""
     from ..mochi.sampler import SampleRequest
-    from ..workers.pool import get_pool
-    from ..workers.protocol import RunInterrupted
+    from ..workers.pool import acquire_pool
 
     request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
                             cfg=cfg, schedule=schedule, denoise=denoise)
     with user_errors():
-        pool = get_pool(handle.spec)
-        try:
-            return pool.sample(request, progress).to("cpu", torch.float32)
-        except RunInterrupted:
-            progress.raise_interrupt()
+        pool = acquire_pool(handle.spec)
+        return pool.sample(request, progress, preview=progress.wants_preview).to("cpu", torch.float32)
 
 
 def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:
-    """Decode VAE-space samples [B, 12, T, H, W] on the pool -> video [B, 3, 6T-5, 8H, 8W] in [-1, 1]."""
-    from ..workers.pool import get_pool
+    """Decode VAE-space samples [B, 12, T, H, W] on the pool -> video [B, 3, 6T-5, 8H, 8W] in [-1, 1].
+    tiles: a `mochi.vae_tiling.TileSpec`, or None for the automatic choice."""
+    from ..workers.pool import acquire_pool
 
     with user_errors():
-        pool = get_pool(handle.spec)
+        pool = acquire_pool(handle.spec)
         return pool.decode(samples, tiles)
 
 

@@ -1,0 +1,117 @@
+"""Writes the bundled workflows from one graph description, so the UI-format file (what ComfyUI's
+front-end loads from the templates list or by drag-in) and its API-format twin (what
+`POST /prompt` takes) cannot drift apart.
+
+    python tools/make_workflows.py            # rewrites workflows/*.json
+
+ComfyUI's graph is ComfyUI's own Mochi text-to-video template with three nodes swapped:
+UNETLoader + VAELoader -> MochiXDiTLoader, KSampler -> MochiXDiTSampler, VAEDecode ->
+MochiTiledVAEDecode. Widget values follow each node's input order (core nodes as in ComfyUI
+0.3.64); an INT with `control_after_generate` (the seed) has one extra UI-only widget value.
+"""
+
+import json
+import os
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKFLOWS = os.path.join(os.path.dirname(HERE), "workflows")
+NAME = "mochi_xdit_text_to_video"
+PROMPT = (
+    "A red fox trots through fresh snow in a quiet birch forest at dawn, soft golden light, "
+    "breath visible in the cold air, cinematic, shallow depth of field."
+)
+
+# (id, class, title, [(widget name, value)], [(input name, type, (source id, slot))], [(output name, type)],
+#  position, size)
+NODES = [
+    (1, "CLIPLoader", "Load T5-XXL (type mochi)",
+     [("clip_name", "t5xxl_fp16.safetensors"), ("type", "mochi"), ("device", "default")],
+     [], [("CLIP", "CLIP")], (40, 120), (320, 106)),
+    (2, "CLIPTextEncode", "Positive prompt", [("text", PROMPT)],
+     [("clip", "CLIP", (1, 0))], [("CONDITIONING", "CONDITIONING")], (400, 40), (420, 180)),
+    (3, "CLIPTextEncode", "Negative prompt (empty)", [("text", "")],
+     [("clip", "CLIP", (1, 0))], [("CONDITIONING", "CONDITIONING")], (400, 270), (420, 120)),
+    (4, "EmptyMochiLatentVideo", "Video size and length",
+     [("width", 848), ("height", 480), ("length", 37), ("batch_size", 1)],
+     [], [("LATENT", "LATENT")], (400, 440), (320, 130)),
+    (5, "MochiXDiTLoader", "Mochi xDiT Loader (multi-GPU pool)",
+     [("dit_name", "mochi_preview_bf16.safetensors"), ("vae_name", "mochi_vae.safetensors"),
+      ("weight_dtype", "auto"), ("world_size", 2), ("ulysses_degree", 0), ("ring_degree", 0),
+      ("cfg_degree", 0), ("ray_address", "")],
+     [], [("pool", "MOCHI_XDIT_POOL")], (40, 300), (320, 250)),
+    (6, "MochiXDiTSampler", "Mochi xDiT Sampler",
+     [("seed", 42), (None, "fixed"), ("steps", 64), ("cfg", 4.5), ("schedule", "linear_quadratic"),
+      ("denoise", 1.0)],
+     [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("positive", "CONDITIONING", (2, 0)),
+      ("negative", "CONDITIONING", (3, 0)), ("latent_image", "LATENT", (4, 0))],
+     [("samples", "LATENT")], (860, 120), (320, 262)),
+    (7, "MochiTiledVAEDecode", "Mochi xDiT Tiled VAE Decode",
+     [("tiling", "auto"), ("tile_size", 256), ("tile_overlap", 64), ("frame_chunk", 4)],
+     [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("samples", "LATENT", (6, 0))],
+     [("images", "IMAGE")], (1220, 120), (320, 180)),
+    (8, "CreateVideo", "Create Video", [("fps", 24.0)],
+     [("images", "IMAGE", (7, 0)), ("audio", "AUDIO", None)], [("VIDEO", "VIDEO")], (1220, 340), (270, 80)),
+    (9, "SaveVideo", "Save Video",
+     [("filename_prefix", "video/mochi_xdit"), ("format", "auto"), ("codec", "auto")],
+     [("video", "VIDEO", (8, 0))], [], (1560, 120), (420, 420)),
+]
+
+
+def api_workflow() -> dict:
+    prompt = {}
+    for node_id, class_type, title, widgets, inputs, _, _, _ in NODES:
+        values = {name: value for name, value in widgets if name is not None}
+        for name, _, source in inputs:
+            if source is not None:
+                values[name] = [str(source[0]), source[1]]
+        prompt[str(node_id)] = {"class_type": class_type, "inputs": values, "_meta": {"title": title}}
+    return prompt
+
+
+def ui_workflow() -> dict:
+    links, link_ids = [], {}
+    for node_id, _, _, _, inputs, _, _, _ in NODES:
+        for slot, (_, kind, source) in enumerate(inputs):
+            if source is not None:
+                link_id = len(links) + 1
+                links.append([link_id, source[0], source[1], node_id, slot, kind])
+                link_ids[(node_id, slot)] = link_id
+    nodes = []
+    for order, (node_id, class_type, title, widgets, inputs, outputs, pos, size) in enumerate(NODES):
+        node = {
+            "id": node_id, "type": class_type, "pos": list(pos), "size": list(size), "flags": {},
+            "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": link_ids.get((node_id, slot))}
+                       for slot, (name, kind, _) in enumerate(inputs)],
+            "outputs": [{"name": name, "type": kind, "slot_index": slot,
+                         "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
+                        for slot, (name, kind) in enumerate(outputs)],
+            "title": title,
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": [value for _, value in widgets],
+        }
+        if class_type.startswith("Mochi"):
+            node["properties"]["cnr_id"] = "comfyui-mochi-xdit"
+        nodes.append(node)
+    return {
+        "id": str(uuid.UUID(int=0x6d6f636869786469745f743276)), "revision": 0,
+        "last_node_id": max(n[0] for n in NODES), "last_link_id": len(links),
+        "nodes": nodes, "links": links, "groups": [], "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "frontendVersion": "1.27.10"},
+        "version": 0.4,
+    }
+
+
+def main() -> None:
+    os.makedirs(WORKFLOWS, exist_ok=True)
+    for suffix, graph in (("", ui_workflow()), ("_api", api_workflow())):
+        path = os.path.join(WORKFLOWS, f"{NAME}{suffix}.json")
+        with open(path, "w") as f:
+            json.dump(graph, f, indent=2)
+            f.write("\n")
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
