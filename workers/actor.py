@@ -1,0 +1,174 @@
+"""`RankWorker`: one rank of the pool, run as one Ray actor (one GPU, or a few CPU threads).
+
+The worker holds the model and the run state; the driver (`pool.py`) only sends small requests.
+Its verbs check their own order and raise with the fix instead of returning None. The class is
+plain Python: `pool.py` wraps it with `ray.remote`, and tests can call it directly.
+"""
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+
+from .protocol import PoolSpec, RankInfo, StepReport
+
+
+def _node_id_and_ip() -> tuple[str, str]:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "local", "127.0.0.1"
+
+
+class RankWorker:
+    """One rank: joins the process group, loads the weights from disk, runs its share of each step.
+
+    Verb order: `open_store` (rank 0 only) -> `join_group` -> `load` -> then any number of runs
+    `begin` -> `step(0..n-1)` -> `finish` (or `cancel`), and `decode_tiles` whenever loaded.
+
+    Args:
+        rank: this worker's global rank.
+        spec: the pool's spec (paths, dtype, degrees, device, threads, timeouts).
+    """
+
+    def __init__(self, rank: int, spec: PoolSpec):
+        self.rank = rank
+        self.spec = spec
+        if spec.device == "cpu":
+            torch.set_num_threads(spec.cpu_threads)
+            self.device = torch.device("cpu")
+        else:
+            self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+            torch.cuda.set_device(self.device)
+        self._store = None
+        self.ctx = None  # ParallelContext once the group exists (None for a world of one)
+        self.dit = None
+        self.vae = None
+        self._loop = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def info(self) -> RankInfo:
+        """Where this rank runs, and where it imported our package from."""
+        from .. import __file__ as package_init
+
+        node_id, node_ip = _node_id_and_ip()
+        return RankInfo(self.rank, node_id, node_ip, os.getpid(), os.path.dirname(os.path.abspath(package_init)))
+
+    def open_store(self) -> tuple[str, int]:
+        """Rank 0: open the rendezvous store on a free port of this node and return (host, port)."""
+        import torch.distributed as dist
+
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: open_store() is rank 0's job; call it on rank 0 only")
+        _, host = _node_id_and_ip()
+        # Port 0: the OS picks a free port, bound before anyone learns it (no race, no fixed 29500).
+        self._store = dist.TCPStore(host, 0, self.spec.world_size, is_master=True,
+                                    timeout=timedelta(seconds=self.spec.timeouts.collective_s),
+                                    wait_for_workers=False)
+        return host, self._store.port
+
+    def join_group(self, host: str, port: int) -> None:
+        """Form the default process group from rank 0's store, then this layout's subgroups."""
+        import torch.distributed as dist
+
+        from ..mochi.parallel.layout import ParallelContext
+
+        world = self.spec.world_size
+        if world == 1:
+            return  # one device: ctx stays None, no collectives at all
+        if self.rank != 0:
+            if self._store is not None:
+                raise RuntimeError(f"rank {self.rank}: join_group() called twice; a pool forms its group once")
+            self._store = dist.TCPStore(host, port, world, is_master=False,
+                                        timeout=timedelta(seconds=self.spec.timeouts.collective_s))
+        elif self._store is None:
+            raise RuntimeError("rank 0: join_group() before open_store(); call open_store() on rank 0 first")
+        timeout = timedelta(seconds=self.spec.timeouts.collective_s)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=world, timeout=timeout)
+        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout)
+
+    def load(self) -> None:
+        """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
+        from ..mochi.checkpoint import load_dit, load_vae_decoder
+
+        if self.spec.world_size > 1 and self.ctx is None:
+            raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
+        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device)
+        heads = self.dit.config.num_heads
+        if heads % self.spec.parallel.ulysses_degree:
+            raise ValueError(
+                f"ulysses_degree={self.spec.parallel.ulysses_degree} does not divide this DiT's {heads} heads; "
+                "choose a divisor and put the remaining factor on ring_degree"
+            )
+        if self.spec.vae_path is not None:
+            vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
+            self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _require_loaded(self, verb: str) -> None:
+        if self.dit is None:
+            raise RuntimeError(f"rank {self.rank}: {verb} before load(); the pool loads the weights first")
+
+    def begin(self, request) -> None:
+        """Start a run: draw the noise and keep the request (replaces an unfinished run)."""
+        from ..mochi.sampler import DenoiseLoop
+
+        self._require_loaded("begin()")
+        self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device)
+        self._loop.begin()
+
+    def step(self, i: int, preview: bool = False) -> StepReport:
+        """Euler step i on this rank's share (lockstep: every rank runs the same i)."""
+        from ..mochi.latent import to_vae_space
+
+        if self._loop is None:
+            raise RuntimeError(f"rank {self.rank}: step() before begin(); call begin(request) first")
+        start = time.perf_counter()
+        self._loop.step(i)
+        seconds = time.perf_counter() - start
+        small = None
+        if preview and self.rank == 0:
+            small = to_vae_space(self._loop.latent[:, :, :1]).cpu()  # [B, 12, 1, H, W]
+        return StepReport(i, self._loop.num_steps, seconds, small)
+
+    def finish(self) -> torch.Tensor | None:
+        """End the run: the VAE-space latent [B, 12, T, H, W] fp32 on rank 0, None on the others."""
+        if self._loop is None:
+            raise RuntimeError(f"rank {self.rank}: finish() before begin(); call begin(request) and run the steps first")
+        latent = self._loop.finish().cpu()
+        self._loop = None
+        return latent if self.rank == 0 else None
+
+    def cancel(self) -> None:
+        """Drop the current run, if any (interrupt between steps)."""
+        self._loop = None
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def decode_tiles(self, latent: torch.Tensor, tiles: list) -> list[torch.Tensor]:
+        """Decode this rank's tiles of a VAE-space latent; returns one pixel tensor per tile, in order."""
+        from ..mochi.vae_tiling import decode_tile
+
+        if self.vae is None:
+            raise RuntimeError(f"rank {self.rank}: decode_tiles() without a VAE; give vae_path when building the pool")
+        latent = latent.to(self.device)
+        return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]
+
+    def shutdown(self) -> None:
+        """Leave the process group (the driver kills the actor afterwards)."""
+        import torch.distributed as dist
+
+        self._loop = None
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,270 @@
+"""Driver side of the rank pool: start the actors, run requests in lockstep, turn any failure into
+one `PoolError`.
+
+Every call goes to every rank through one helper (`_gather`) that waits with a deadline and fails
+fast: the first rank that dies or raises ends the wait (after a short grace to find the root
+cause), the whole group is killed, and the pool is marked dead; `PoolCache` builds a new one on the
+next request. There is no string dispatch: each verb is a real actor method.
+"""
+
+import os
+import threading
+import time
+import uuid
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from .actor import RankWorker
+from .placement import RankPlacement, RankResources, check_capacity
+from .protocol import PoolError, PoolSpec, RankInfo, RunInterrupted, StepReport
+from .ray_runtime import add_shutdown_hook, ensure_ray
+
+ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
+KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
+
+_RemoteRankWorker = ray.remote(RankWorker)
+
+
+def _describe(error: BaseException) -> tuple[int, str]:
+    """(priority, one line) for an actor failure; lower priority = more likely the root cause."""
+    if isinstance(error, RayActorError):
+        return 0, f"the rank's process died ({type(error).__name__}; killed, out of memory, or crashed)"
+    if isinstance(error, RayTaskError):
+        cause = error.cause if getattr(error, "cause", None) is not None else error
+        text = str(cause).strip().splitlines()
+        line = text[-1] if text and not isinstance(cause, RayTaskError) else (text[0] if text else "")
+        collective = any(word in str(cause) for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out"))
+        return (2 if collective else 1), f"{type(cause).__name__}: {line[:500]}"
+    return 1, f"{type(error).__name__}: {error}"
+
+
+class Pool:
+    """N Ray actors, one per rank, holding the model; built from a `PoolSpec`.
+
+    Construction starts everything (Ray if needed, placement, actors, process group, weights) and
+    raises `PoolError` if any rank fails; no actor is left behind then.
+    """
+
+    def __init__(self, spec: PoolSpec):
+        self.spec = spec
+        self.name = f"mochi_xdit-{uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._actors: list = []
+        self._placement = None
+        self.dead = False
+        self.ranks: tuple[RankInfo, ...] = ()
+        self.runtime = ensure_ray(spec.ray_address)
+        per_rank = RankResources(cpus=spec.cpu_threads if spec.device == "cpu" else 1,
+                                 gpus=1 if spec.device == "cuda" else 0)
+        check_capacity(spec.parallel, per_rank)
+        timeouts = spec.timeouts
+        try:
+            self._placement = RankPlacement(spec.parallel, per_rank, self.name)
+            self._placement.wait_ready(timeouts.start_s)
+            self._actors = [
+                _RemoteRankWorker.options(
+                    name=f"{self.name}-rank{rank}", num_cpus=per_rank.cpus, num_gpus=per_rank.gpus,
+                    scheduling_strategy=self._placement.strategy(rank), runtime_env=self.runtime.actor_env,
+                    max_restarts=0, max_task_retries=0,
+                ).remote(rank, spec)
+                for rank in range(spec.world_size)
+            ]
+            self.ranks = tuple(self._gather("start", [a.info.remote() for a in self._actors], timeouts.start_s))
+            host, port = self._gather("open_store", [self._actors[0].open_store.remote()], timeouts.start_s)[0]
+            self._gather("join_group", [a.join_group.remote(host, port) for a in self._actors], timeouts.start_s)
+            self._gather("load", [a.load.remote() for a in self._actors], timeouts.load_s)
+        except BaseException:
+            self._kill()
+            raise
+
+    # -- the one fan-out helper ----------------------------------------------------------------
+
+    def _gather(self, verb: str, refs: list, timeout_s: float) -> list:
+        """Wait for one call per rank (refs[i] is rank i's); return the results in rank order.
+
+        On a death, an exception or the deadline, kill the whole pool and raise one PoolError naming
+        the rank most likely at fault (a dead process beats an error beats a collective failure).
+        """
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        failures: dict[int, tuple[int, str]] = {}
+        deadline = time.monotonic() + timeout_s
+        grace_end = None
+        try:
+            while pending:
+                now = time.monotonic()
+                end = deadline if grace_end is None else min(deadline, grace_end)
+                if now >= end:
+                    break
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=end - now)
+                for ref in ready:
+                    rank = pending.pop(ref)
+                    try:
+                        results[rank] = ray.get(ref, timeout=0)
+                    except (RayActorError, RayTaskError, GetTimeoutError) as error:
+                        failures[rank] = _describe(error)
+                        if grace_end is None:
+                            grace_end = time.monotonic() + ROOT_CAUSE_GRACE_S
+        except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
+            self._kill()
+            raise
+        if failures:
+            rank = min(failures, key=lambda r: (failures[r][0], r))
+            self._kill()
+            raise PoolError(rank, verb, failures[rank][1])
+        if pending:
+            rank = min(pending.values())
+            self._kill()
+            raise PoolError(rank, verb, f"no answer within {timeout_s:.0f} s (the rank hangs or is overloaded)")
+        return results
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.dead:
+            raise PoolError(None, "use", "this pool was stopped after an earlier failure or shutdown; build a new one "
+                            "(PoolCache.acquire does that)")
+
+    def sample(self, request, on_step=None, preview: bool = False) -> torch.Tensor:
+        """Run one generation on every rank in lockstep; return the VAE-space latent [B, 12, T, H, W] fp32.
+
+        Args:
+            request: a `mochi.sampler.SampleRequest`.
+            on_step: called with a `StepReport` after every step. Returning False stops the run
+                (RunInterrupted); raising stops it and re-raises. Either way the ranks drop the run
+                and the pool stays usable.
+            preview: ask rank 0 for a small preview latent in each report.
+        """
+        with self._lock:
+            self._check_usable()
+            timeouts = self.spec.timeouts
+            request_ref = ray.put(request)
+            self._gather("begin", [a.begin.remote(request_ref) for a in self._actors], timeouts.call_s)
+            total = request.steps
+            for i in range(total):
+                reports = self._gather("step", [a.step.remote(i, preview) for a in self._actors], timeouts.step_s)
+                report = StepReport(i, total, max(r.seconds for r in reports), reports[0].preview)
+                if on_step is None:
+                    continue
+                try:
+                    keep_going = on_step(report)
+                except BaseException:
+                    self._gather("cancel", [a.cancel.remote() for a in self._actors], timeouts.call_s)
+                    raise
+                if keep_going is False:
+                    self._gather("cancel", [a.cancel.remote() for a in self._actors], timeouts.call_s)
+                    raise RunInterrupted(f"stopped by the progress callback after step {i + 1} of {total}")
+            return self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
+
+    def decode(self, latent: torch.Tensor, tiles=None) -> torch.Tensor:
+        """Decode a VAE-space latent [B, 12, T, H, W] into video [B, 3, 6T-5, 8H, 8W] in [-1, 1]:
+        the tiles are dealt round-robin to the ranks and assembled here, so the result equals the
+        single-rank tiled decode.
+
+        Args:
+            latent: VAE-space latent.
+            tiles: a `mochi.vae_tiling.TileSpec`, or None for the automatic choice.
+        """
+        from ..mochi.vae_tiling import assemble_tiles, plan_tiles
+
+        with self._lock:
+            self._check_usable()
+            if self.spec.vae_path is None:
+                raise ValueError("this pool has no VAE; build it with vae_path to decode")
+            plan = plan_tiles(tuple(latent.shape), tiles)
+            world = len(self._actors)
+            latent_ref = ray.put(latent.detach().cpu())
+            shares = [plan[rank::world] for rank in range(world)]
+            parts = self._gather("decode_tiles", [a.decode_tiles.remote(latent_ref, shares[rank])
+                                                  for rank, a in enumerate(self._actors)], self.spec.timeouts.decode_s)
+            decoded = [None] * len(plan)
+            for rank in range(world):
+                decoded[rank::world] = parts[rank]
+            return assemble_tiles(tuple(latent.shape), plan, decoded)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _kill(self) -> None:
+        """Kill every actor and free the placement; the pool is dead afterwards."""
+        self.dead = True
+        actors, self._actors = self._actors, []
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if self._placement is not None:
+            self._placement.remove()
+            self._placement = None
+        if self.runtime.private:  # our own machine: wait until the processes are really gone
+            deadline = time.monotonic() + KILL_WAIT_S
+            for info in self.ranks:
+                while _pid_alive(info.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        """Leave the process group politely (bounded wait), then kill every actor."""
+        if self.dead:
+            return
+        refs = [a.shutdown.remote() for a in self._actors]
+        ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        self._kill()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class PoolCache:
+    """Keeps one live pool and reuses it while the spec's `reuse_key()` is unchanged; a changed spec
+    or a dead pool (after a failure) gets a fresh one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool: Pool | None = None
+        self._key = None
+        add_shutdown_hook(self.shutdown)
+
+    def acquire(self, spec: PoolSpec) -> Pool:
+        key = spec.reuse_key()
+        with self._lock:
+            if self._pool is not None and not self._pool.dead and self._key == key:
+                return self._pool
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            self._pool = Pool(spec)
+            self._key = key
+            return self._pool
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._key = None, None
+
+
+_default_cache: PoolCache | None = None
+
+
+def acquire_pool(spec: PoolSpec) -> Pool:
+    """The process-wide pool for this spec (reused, or rebuilt when the spec changed or it failed)."""
+    global _default_cache
+    if _default_cache is None:
+        _default_cache = PoolCache()
+    return _default_cache.acquire(spec)
+
+
+def shutdown_pools() -> None:
+    """Stop the process-wide pool (Ray itself stays up; see `ray_runtime.shutdown_ray`)."""
+    if _default_cache is not None:
+        _default_cache.shutdown()

@@ -1,0 +1,141 @@
+"""What crosses the driver/actor boundary: the pool's spec, per-verb deadlines, step reports and
+the one error type the driver raises.
+
+Everything here is a frozen dataclass validated once (STYLE "Config"), so an actor trusts what it
+receives. Only small things travel: paths (never weights), requests, latents, tiles.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..mochi.parallel.config import ParallelConfig
+
+WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8")
+DEVICES = ("cpu", "cuda")
+
+
+class PoolError(RuntimeError):
+    """A rank died, raised, or did not answer in time. The whole group is gone (every actor was
+    killed); the next request builds a new pool.
+
+    Attributes:
+        rank: the rank blamed (the root cause when several failed), or None for the pool as a whole.
+        verb: the actor call that failed ("load", "step", ...).
+        cause: one line saying what happened.
+    """
+
+    def __init__(self, rank: int | None, verb: str, cause: str):
+        self.rank, self.verb, self.cause = rank, verb, cause
+        who = f"rank {rank}" if rank is not None else "the pool"
+        super().__init__(
+            f"{who} failed in {verb}(): {cause}. Every rank of this pool was stopped; the next run "
+            "starts a fresh pool (if it fails again, check `ray status` and the actor logs under "
+            "/tmp/ray/session_latest/logs)."
+        )
+
+
+class RunInterrupted(Exception):
+    """The progress callback asked to stop (returned False). The ranks dropped the run and the pool
+    is ready for the next one."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Deadlines in seconds for each verb (driver side) and for every collective (rank side).
+
+    A dead rank is noticed at once (Ray reports the actor's death); these bound a rank that hangs.
+    """
+
+    start_s: float = 120.0  # actors scheduled and started, process group formed
+    load_s: float = 900.0  # weights read from disk (the 10B DiT is ~20 GB)
+    step_s: float = 300.0  # one denoising step on every rank
+    call_s: float = 60.0  # begin / finish / cancel
+    decode_s: float = 900.0  # one rank's share of the VAE tiles
+    collective_s: float = 60.0  # torch.distributed collective timeout inside the ranks
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"timeout {name}={value!r} must be a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Everything that defines a pool; two equal specs can share one pool (see `reuse_key`).
+
+    Args:
+        dit_path: DiT safetensors file; each rank memory-maps it itself.
+        vae_path: VAE (decoder) safetensors file, or None when this pool never decodes.
+        weight_dtype: "bf16", "fp16", "fp32" or "fp8" for the DiT (the VAE runs fp32 on CPU, bf16 on GPU).
+        parallel: degrees; world_size actors are started.
+        device: "cpu" (gloo, `cpu_threads` threads per rank) or "cuda" (NCCL, one GPU per rank).
+        cpu_threads: torch threads (and Ray CPUs) per rank on CPU; ignored on CUDA.
+        ray_address: None to start a private Ray on 127.0.0.1, or a cluster address to join.
+        timeouts: per-verb deadlines.
+    """
+
+    dit_path: str
+    vae_path: str | None
+    weight_dtype: str
+    parallel: ParallelConfig
+    device: str = "cpu"
+    cpu_threads: int = 1
+    ray_address: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self):
+        for name in ("dit_path", "vae_path"):
+            path = getattr(self, name)
+            if path is None and name == "vae_path":
+                continue
+            if not isinstance(path, str) or not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r} is not a file; give the path of a .safetensors file")
+            object.__setattr__(self, name, os.path.abspath(path))
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype={self.weight_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}; use 'cpu' or 'cuda'")
+        if not isinstance(self.cpu_threads, int) or self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads={self.cpu_threads!r} must be a positive integer")
+        if not isinstance(self.parallel, ParallelConfig):
+            raise TypeError("parallel must be a ParallelConfig (see mochi_xdit.mochi.parallel.config.auto)")
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    def reuse_key(self) -> tuple:
+        """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
+        device, threads and cluster."""
+        files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
+        return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where a rank runs (for placement checks, logs and tests)."""
+
+    rank: int
+    node_id: str
+    node_ip: str
+    pid: int
+    package_dir: str  # where `mochi_xdit` was imported from inside the actor
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the driver learns after each lockstep step.
+
+    Args:
+        index: the step just done (0-based).
+        total: number of steps in the run.
+        seconds: the slowest rank's compute time for this step.
+        preview: rank 0's small preview latent (VAE space, first latent frame) when asked for, else None.
+    """
+
+    index: int
+    total: int
+    seconds: float
+    preview: torch.Tensor | None = None
