@@ -2,7 +2,7 @@
 front-end loads from the templates list or by drag-in) and its API-format twin (what
 `POST /prompt` takes) cannot drift apart.
 
-    python tools/make_workflows.py            # rewrites workflows/*.json
+    python tools/make_workflows.py    # rewrites workflows/NAME.json (UI) and workflows/api/NAME_api.json
 
 ComfyUI's graph is ComfyUI's own Mochi text-to-video template with three nodes swapped:
 UNETLoader + VAELoader -> MochiXDiTLoader, KSampler -> MochiXDiTSampler, VAEDecode ->
@@ -58,6 +58,17 @@ NODES = [
 ]
 
 
+# Download hints the front-end shows for missing files (same sources as ComfyUI's Mochi template).
+MODEL_FILES = {
+    1: [("t5xxl_fp16.safetensors", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+         "t5xxl_fp16.safetensors?download=true", "text_encoders")],
+    5: [("mochi_preview_bf16.safetensors", "https://huggingface.co/Comfy-Org/mochi_preview_repackaged/resolve/main/"
+         "split_files/diffusion_models/mochi_preview_bf16.safetensors?download=true", "diffusion_models"),
+        ("mochi_vae.safetensors", "https://huggingface.co/Comfy-Org/mochi_preview_repackaged/resolve/main/"
+         "split_files/vae/mochi_vae.safetensors?download=true", "vae")],
+}
+
+
 def api_workflow() -> dict:
     prompt = {}
     for node_id, class_type, title, widgets, inputs, _, _, _ in NODES:
@@ -93,6 +104,9 @@ def ui_workflow() -> dict:
         }
         if class_type.startswith("Mochi"):
             node["properties"]["cnr_id"] = "comfyui-mochi-xdit"
+        if node_id in MODEL_FILES:
+            node["properties"]["models"] = [{"name": name, "url": url, "directory": directory}
+                                            for name, url, directory in MODEL_FILES[node_id]]
         nodes.append(node)
     return {
         "id": str(uuid.UUID(int=0x6d6f636869786469745f743276)), "revision": 0,
@@ -104,9 +118,11 @@ def ui_workflow() -> dict:
 
 
 def main() -> None:
-    os.makedirs(WORKFLOWS, exist_ok=True)
-    for suffix, graph in (("", ui_workflow()), ("_api", api_workflow())):
-        path = os.path.join(WORKFLOWS, f"{NAME}{suffix}.json")
+    # ComfyUI lists every workflows/*.json as a template and loads it as a UI graph, so the API
+    # twin lives one folder down, out of the templates list.
+    os.makedirs(os.path.join(WORKFLOWS, "api"), exist_ok=True)
+    for path, graph in ((os.path.join(WORKFLOWS, f"{NAME}.json"), ui_workflow()),
+                        (os.path.join(WORKFLOWS, "api", f"{NAME}_api.json"), api_workflow())):
         with open(path, "w") as f:
             json.dump(graph, f, indent=2)
             f.write("\n")

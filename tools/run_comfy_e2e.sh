@@ -22,7 +22,7 @@ HARNESS="${HARNESS:-$(cd "$HERE/.." && pwd)/shared/tools/comfy_harness/run_workf
 PORT="${PORT:-8188}"
 PACK_NAME="${PACK_NAME:-ComfyUI-Mochi-xDiT}"
 T5_FILE="${T5_FILE:-t5xxl_random_fp8.safetensors}"
-WORKFLOW="$HERE/workflows/mochi_xdit_text_to_video_api.json"
+WORKFLOW="$HERE/workflows/api/mochi_xdit_text_to_video_api.json"
 OUT="${OUT:-$COMFY_ROOT/e2e}"
 mkdir -p "$OUT"
 export COMFY_ROOT COMFY_DIR

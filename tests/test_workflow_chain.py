@@ -1,0 +1,229 @@
+"""The bundled API-format workflow, executed node by node in Python the way ComfyUI's executor
+does it (inputs resolved from links, FUNCTION called with keyword arguments), with tiny demo
+checkpoints and a real 2-rank Ray pool on loopback. Core nodes that need ComfyUI itself are stood
+in for by what they return (COMFY_FACTS.md): CLIPTextEncode's CONDITIONING, EmptyMochiLatentVideo's
+zero LATENT; CreateVideo/SaveVideo receive the IMAGE.
+
+Oracle: the single-process pipeline on the same files (`DenoiseLoop` over `load_dit`, then the
+VAE decoder's `decode`), fp32.
+"""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mochi_xdit import NODE_CLASS_MAPPINGS
+from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder
+from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
+from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
+from mochi_xdit.mochi.text import TextCondition
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_WORKFLOW = os.path.join(ROOT, "workflows", "api", "mochi_xdit_text_to_video_api.json")
+UI_WORKFLOW = os.path.join(ROOT, "workflows", "mochi_xdit_text_to_video.json")
+TOLERANCE = 1e-5  # fp32, parallel vs single rank (DESIGN.md section 8)
+
+# Small run: 32x48 pixels, 7 frames (T = 2), 3 steps; the rest is the bundled workflow as is.
+OVERRIDES = {
+    ("1", "clip_name"): "t5xxl_random_fp8.safetensors",
+    ("4", "width"): 48, ("4", "height"): 32, ("4", "length"): 7,
+    ("5", "dit_name"): "demo_dit.safetensors", ("5", "vae_name"): "demo_vae.safetensors", ("5", "world_size"): 2,
+    ("6", "steps"): 3,
+    ("7", "tiling"): "manual", ("7", "tile_size"): 128, ("7", "tile_overlap"): 32, ("7", "frame_chunk"): 1,
+}
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def comfy_env(tmp_path_factory):
+    """models/ with the demo DiT and VAE, and stand-ins for folder_paths and comfy.* in sys.modules."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {name: root / name for name in ("diffusion_models", "vae", "text_encoders")}
+    for path in folders.values():
+        path.mkdir()
+    save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), str(folders["diffusion_models"] / "demo_dit.safetensors"))
+    vae = {f"decoder.{name}": value for name, value in random_vae_state_dict(DEMO_VAE_CONFIG, seed=1).items()}
+    save_file(vae, str(folders["vae"] / "demo_vae.safetensors"))
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda folder: sorted(os.listdir(folders[folder]))
+    folder_paths.get_full_path = lambda folder, name: str(folders[folder] / os.path.relpath(os.path.join("/", name), "/"))
+    comfy = types.ModuleType("comfy")
+    utils = types.ModuleType("comfy.utils")
+    management = types.ModuleType("comfy.model_management")
+    utils.updates = []
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            utils.updates.append((value, total))
+            if management.interrupt_at is not None and value >= management.interrupt_at:
+                management.interrupted = True  # the user presses Cancel during this step
+
+    utils.ProgressBar = ProgressBar
+    management.interrupted, management.interrupt_at = False, None
+    management.InterruptProcessingException = InterruptProcessingException
+    management.processing_interrupted = lambda: management.interrupted
+
+    def throw_exception_if_processing_interrupted():
+        if management.interrupted:
+            management.interrupted = False
+            raise InterruptProcessingException()
+
+    management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    comfy.utils, comfy.model_management = utils, management
+    saved = {name: sys.modules.get(name) for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")}
+    sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
+                        "comfy.model_management": management})
+    yield types.SimpleNamespace(folders=folders, utils=utils, management=management)
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+    from mochi_xdit.workers.pool import shutdown_pools
+    from mochi_xdit.workers.ray_runtime import shutdown_ray
+
+    shutdown_pools()
+    shutdown_ray()
+
+
+def clip_text_encode(text: str) -> list:
+    """CLIPTextEncode's CONDITIONING for Mochi: [[cond [1, 256, 4096], {pooled_output, attention_mask}]];
+    the number of valid tokens grows with the prompt, an empty prompt has none."""
+    generator = torch.Generator().manual_seed(len(text))
+    cond = torch.randn(1, 256, 4096, generator=generator)
+    mask = torch.zeros(1, 256, dtype=torch.int64)
+    mask[:, : min(255, len(text.split()) + 1) if text else 0] = 1
+    return [[cond, {"pooled_output": None, "attention_mask": mask}]]
+
+
+CORE_NODES = {
+    "CLIPLoader": lambda clip_name, type, device="default": ("clip:" + clip_name,),
+    "CLIPTextEncode": lambda clip, text: (clip_text_encode(text),),
+    "EmptyMochiLatentVideo": lambda width, height, length, batch_size: (
+        {"samples": torch.zeros(batch_size, 12, (length - 1) // 6 + 1, height // 8, width // 8)},),
+    "CreateVideo": lambda images, fps, audio=None: ({"images": images, "fps": fps},),
+    "SaveVideo": lambda video, filename_prefix, format, codec: (),
+}
+
+
+def run_api_workflow(prompt: dict) -> dict:
+    """Execute an API-format graph like ComfyUI: each node once, after its inputs, FUNCTION called
+    with the widget values and the linked outputs (after our VALIDATE_INPUTS accepted the widgets)."""
+    outputs = {}
+
+    def execute(node_id):
+        if node_id in outputs:
+            return outputs[node_id]
+        node = prompt[node_id]
+        inputs = {}
+        for name, value in node["inputs"].items():
+            inputs[name] = execute(value[0])[value[1]] if isinstance(value, list) else value
+        class_type = node["class_type"]
+        if class_type in NODE_CLASS_MAPPINGS:
+            cls = NODE_CLASS_MAPPINGS[class_type]
+            names = [n for n in cls.VALIDATE_INPUTS.__code__.co_varnames[1:cls.VALIDATE_INPUTS.__code__.co_argcount]]
+            verdict = cls.VALIDATE_INPUTS(**{n: node["inputs"][n] for n in names})
+            assert verdict is True, f"{class_type}: {verdict}"
+            outputs[node_id] = getattr(cls(), cls.FUNCTION)(**inputs)
+        else:
+            outputs[node_id] = CORE_NODES[class_type](**inputs)
+        return outputs[node_id]
+
+    for node_id in prompt:
+        execute(node_id)
+    return outputs
+
+
+def small_workflow() -> dict:
+    with open(API_WORKFLOW) as f:
+        prompt = json.load(f)
+    for (node_id, name), value in OVERRIDES.items():
+        assert name in prompt[node_id]["inputs"], (node_id, name)
+        prompt[node_id]["inputs"][name] = value
+    return prompt
+
+
+def test_ui_workflow_matches_api_workflow(comfy_env):
+    """Same nodes, same links, and widget values in each node's input order (seed has the extra
+    control_after_generate value in the UI file)."""
+    with open(API_WORKFLOW) as f:
+        api = json.load(f)
+    with open(UI_WORKFLOW) as f:
+        ui = json.load(f)
+    assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+    links = {link[0]: link for link in ui["links"]}
+    for node in ui["nodes"]:
+        api_inputs = api[str(node["id"])]["inputs"]
+        for slot in node["inputs"]:
+            if slot["link"] is not None:
+                _, origin, origin_slot, target, _, kind = links[slot["link"]]
+                assert api_inputs[slot["name"]] == [str(origin), origin_slot] and target == node["id"]
+        widgets = [v for k, v in api_inputs.items() if not isinstance(v, list)]
+        values = list(node["widgets_values"])
+        if node["type"] == "MochiXDiTSampler":
+            assert values.pop(1) in ("fixed", "randomize", "increment", "decrement")
+        assert values == widgets, node["type"]
+        if node["type"] in NODE_CLASS_MAPPINGS:
+            spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"]
+            order = [name for name, (kind, _) in spec.items() if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING")]
+            assert [k for k, v in api_inputs.items() if not isinstance(v, list)] == order
+    assert ui["last_link_id"] == len(ui["links"]) and ui["version"] == 0.4
+
+
+def test_api_workflow_chain_matches_single_process_pipeline(comfy_env):
+    prompt = small_workflow()
+    outputs = run_api_workflow(prompt)
+    latent = outputs["6"][0]["samples"]
+    images = outputs["7"][0]
+    assert outputs["8"][0]["images"] is images
+
+    # the oracle: one process, same files, same request
+    folders = comfy_env.folders
+    positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
+    negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
+    request = SampleRequest(
+        positive=TextCondition(positive[0], positive[1]["attention_mask"]),
+        negative=TextCondition(negative[0], negative[1]["attention_mask"]),
+        init_latent=torch.zeros(1, 12, 2, 4, 6), seed=prompt["6"]["inputs"]["seed"], steps=3,
+        cfg=prompt["6"]["inputs"]["cfg"], schedule=prompt["6"]["inputs"]["schedule"], denoise=1.0)
+    loop = DenoiseLoop(load_dit(str(folders["diffusion_models"] / "demo_dit.safetensors"), "fp32"), request)
+    loop.begin()
+    for i in range(request.steps):
+        loop.step(i)
+    expected_latent = loop.finish()
+    from mochi_xdit.nodes.decode import tile_spec
+
+    vae = load_vae_decoder(str(folders["vae"] / "demo_vae.safetensors"), "fp32")
+    video = vae.decode(expected_latent, tile_spec("manual", 128, 32, 1))  # [1, 3, 7, 32, 48]
+    expected_images = ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)  # [7, 32, 48, 3]
+
+    assert latent.shape == (1, 12, 2, 4, 6)
+    assert (latent - expected_latent).abs().max().item() <= TOLERANCE
+    assert images.shape == (7, 32, 48, 3) and images.dtype == torch.float32
+    assert 0.0 <= images.min().item() and images.max().item() <= 1.0
+    assert (images - expected_images).abs().max().item() <= TOLERANCE
+    assert [value for value, _ in comfy_env.utils.updates[-3:]] == [1, 2, 3]
+
+
+def test_cancel_during_sampling_stops_the_pool_and_the_next_run_works(comfy_env):
+    prompt = small_workflow()
+    prompt["6"]["inputs"]["steps"] = 6
+    comfy_env.management.interrupt_at = 2
+    with pytest.raises(InterruptProcessingException):
+        run_api_workflow(prompt)
+    comfy_env.management.interrupt_at = None
+    assert comfy_env.utils.updates[-1] == (2, 6)
+    outputs = run_api_workflow(small_workflow())  # same pool, reused
+    assert outputs["7"][0].shape == (7, 32, 48, 3)
