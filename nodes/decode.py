@@ -1,11 +1,13 @@
 """MochiTiledVAEDecode: decodes a Mochi LATENT to video frames on the rank pool."""
 
 from . import checks
+from ..mochi.constants import SPATIAL_COMPRESSION
 from .comfy_types import frames_to_image, latent_samples
 from .pool_bridge import POOL_TYPE, run_decode
 
 TILING_MODES = ("auto", "manual", "off")
-MIN_TILE, MAX_TILE, TILE_STEP = 64, 4096, 16
+PIXELS_PER_LATENT = SPATIAL_COMPRESSION  # tile sizes are given in output pixels, multiples of this
+MIN_TILE, MAX_TILE = 32, 4096
 MAX_OVERLAP = 1024
 MAX_FRAME_CHUNK = 1024
 
@@ -22,25 +24,30 @@ def decode_problem(tiling, tile_size, tile_overlap, frame_chunk) -> str | None:
         if problem:
             return problem
     if tiling == "manual" and None not in (tile_size, tile_overlap):
-        if tile_size % TILE_STEP or tile_overlap % TILE_STEP:
-            return (f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of {TILE_STEP} "
-                    "pixels (2 latent cells)")
-        if 2 * tile_overlap >= tile_size:
-            return (f"tile_overlap={tile_overlap} must be less than half of tile_size={tile_size}; lower the "
-                    "overlap or raise the tile size")
+        if tile_size % PIXELS_PER_LATENT or tile_overlap % PIXELS_PER_LATENT:
+            return (f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of "
+                    f"{PIXELS_PER_LATENT} pixels (one latent cell)")
+        if tile_overlap >= tile_size:
+            return (f"tile_overlap={tile_overlap} must be smaller than tile_size={tile_size}; lower the overlap "
+                    f"(a quarter of the tile, {tile_size // 4 // PIXELS_PER_LATENT * PIXELS_PER_LATENT}, works well) "
+                    "or raise the tile size")
     return None
 
 
-def tile_spec(tiling: str, tile_size: int, tile_overlap: int, frame_chunk: int):
-    """The decode tiling for the pool: None = whole latent at once, "auto" = the VAE's own choice,
-    else `mochi.vae_tiling.TileSpec` from the manual numbers."""
-    if tiling == "off":
-        return None
+def tile_spec(tiling: str, tile_size: int, tile_overlap: int, frame_chunk: int, latent_shape: tuple[int, ...]):
+    """The pool's decode plan: None = "auto" (rank 0 sizes tiles to its free memory); "off" = one
+    tile and one chunk covering the whole latent [B, 12, T, H, W]; "manual" = the widget values
+    converted from pixels to latent cells (`mochi.vae_tiling.TileSpec`)."""
     from ..mochi.vae_tiling import TileSpec
 
     if tiling == "auto":
-        return TileSpec.auto()
-    return TileSpec(tile_pixels=tile_size, overlap_pixels=tile_overlap, frame_chunk=frame_chunk)
+        return None
+    T, H, W = latent_shape[-3:]
+    if tiling == "off":
+        return TileSpec(tile_height=H, tile_width=W, overlap=0, frame_chunk=T)
+    tile = tile_size // PIXELS_PER_LATENT
+    return TileSpec(tile_height=tile, tile_width=tile, overlap=tile_overlap // PIXELS_PER_LATENT,
+                    frame_chunk=frame_chunk)
 
 
 class MochiTiledVAEDecode:
@@ -67,15 +74,15 @@ class MochiTiledVAEDecode:
                     "tooltip": "auto: tile sizes chosen to bound memory. manual: use the three values below. "
                                "off: decode everything at once (most memory)."}),
                 "tile_size": ("INT", {
-                    "default": 256, "min": MIN_TILE, "max": MAX_TILE, "step": TILE_STEP,
-                    "tooltip": "manual: tile width/height in output pixels. Smaller tiles use less memory "
-                               "and take a little longer."}),
+                    "default": 256, "min": MIN_TILE, "max": MAX_TILE, "step": PIXELS_PER_LATENT,
+                    "tooltip": "manual: tile width and height in output pixels (multiple of 8). Smaller tiles "
+                               "use less memory and take a little longer."}),
                 "tile_overlap": ("INT", {
-                    "default": 64, "min": 0, "max": MAX_OVERLAP, "step": TILE_STEP,
-                    "tooltip": "manual: pixels shared by neighbouring tiles and blended; more hides seams, "
-                               "costs time. Must be under half the tile size."}),
+                    "default": 64, "min": 0, "max": MAX_OVERLAP, "step": PIXELS_PER_LATENT,
+                    "tooltip": "manual: output pixels shared by neighbouring tiles and blended (multiple of 8, "
+                               "less than tile_size); more overlap hides seams better and costs time."}),
                 "frame_chunk": ("INT", {
-                    "default": 4, "min": 1, "max": MAX_FRAME_CHUNK, "step": 1,
+                    "default": 2, "min": 1, "max": MAX_FRAME_CHUNK, "step": 1,
                     "tooltip": "manual: latent frames decoded per chunk (each makes 6 video frames); the causal "
                                "decoder carries state across chunks, so the result is exact. Lower uses less "
                                "memory."}),
@@ -90,5 +97,6 @@ class MochiTiledVAEDecode:
         problem = decode_problem(tiling, tile_size, tile_overlap, frame_chunk) or checks.latent_problem(samples)
         if problem:
             raise ValueError(problem)
-        video = run_decode(pool, latent_samples(samples), tile_spec(tiling, tile_size, tile_overlap, frame_chunk))
+        latent = latent_samples(samples)
+        video = run_decode(pool, latent, tile_spec(tiling, tile_size, tile_overlap, frame_chunk, tuple(latent.shape)))
         return (frames_to_image(video),)

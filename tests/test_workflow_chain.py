@@ -34,7 +34,7 @@ OVERRIDES = {
     ("4", "width"): 48, ("4", "height"): 32, ("4", "length"): 7,
     ("5", "dit_name"): "demo_dit.safetensors", ("5", "vae_name"): "demo_vae.safetensors", ("5", "world_size"): 2,
     ("6", "steps"): 3,
-    ("7", "tiling"): "manual", ("7", "tile_size"): 128, ("7", "tile_overlap"): 32, ("7", "frame_chunk"): 1,
+    ("7", "tiling"): "manual", ("7", "tile_size"): 32, ("7", "tile_overlap"): 8, ("7", "frame_chunk"): 1,
 }
 
 
@@ -206,7 +206,7 @@ def test_api_workflow_chain_matches_single_process_pipeline(comfy_env):
     from mochi_xdit.nodes.decode import tile_spec
 
     vae = load_vae_decoder(str(folders["vae"] / "demo_vae.safetensors"), "fp32")
-    video = vae.decode(expected_latent, tile_spec("manual", 128, 32, 1))  # [1, 3, 7, 32, 48]
+    video = vae.decode(expected_latent, tile_spec("manual", 32, 8, 1, (1, 12, 2, 4, 6)))  # [1, 3, 7, 32, 48]
     expected_images = ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)  # [7, 32, 48, 3]
 
     assert latent.shape == (1, 12, 2, 4, 6)

@@ -47,7 +47,7 @@ NODES = [
       ("negative", "CONDITIONING", (3, 0)), ("latent_image", "LATENT", (4, 0))],
      [("samples", "LATENT")], (860, 120), (320, 262)),
     (7, "MochiTiledVAEDecode", "Mochi xDiT Tiled VAE Decode",
-     [("tiling", "auto"), ("tile_size", 256), ("tile_overlap", 64), ("frame_chunk", 4)],
+     [("tiling", "auto"), ("tile_size", 256), ("tile_overlap", 64), ("frame_chunk", 2)],
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("samples", "LATENT", (6, 0))],
      [("images", "IMAGE")], (1220, 120), (320, 180)),
     (8, "CreateVideo", "Create Video", [("fps", 24.0)],
