@@ -1,0 +1,328 @@
+"""Which degree mixes fit, how fast they can be, and which one to use.
+
+For a world size, every valid (cfg, ulysses, ring) mix is counted by running our code on fake
+tensors (`simulate.py`): one rank's peak memory during a sampling step and during the tiled VAE
+decode, its FLOPs per step and the bytes it sends per step.
+
+Latency model (a lower bound per step, then x steps):
+    compute   = rank FLOPs / GPU peak dense bf16 throughput
+    exposed   = (Ulysses all-to-all bytes + all-gather bytes) / link bandwidth
+                + max(0, ring K/V bytes / link bandwidth - attention compute)
+    step      = compute + exposed
+The Ulysses all-to-alls and the gathers sit on the critical path (attention waits for them), so
+they add; the ring posts the next K/V block before computing on the current one, so its traffic
+hides behind attention compute and only the excess adds. Real runs reach about 45-55 % of peak
+throughput, so expect roughly twice the bound; the bound is for comparing mixes.
+
+A mix fits when the rank's resident weights (DiT + VAE decoder: the pool keeps both loaded) plus
+the larger of the sampling and decoding activations, plus `RESERVE_GB` for the CUDA context and
+allocator fragmentation, is within the GPU's memory.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+from ..constants import NUM_HEADS
+from ..parallel.config import ParallelConfig
+from .hardware import GB, GPU, LINK_CLASSES, get_gpu, link_bandwidth
+from .simulate import WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode
+
+RESERVE_GB = 1.0  # CUDA context (~0.5 GB) and allocator fragmentation, not counted by the tracker
+NEAR_TIE = 0.02  # mixes within 2 % of the fastest bound are ranked by bytes sent instead
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def degree_mixes(world_size: int, use_cfg: bool = True, num_heads: int = NUM_HEADS) -> list[ParallelConfig]:
+    """Every valid ParallelConfig for `world_size` ranks: cfg in {1, 2} (2 only with CFG and an even
+    world), Ulysses dividing both the rest and the head count, Ring taking what is left."""
+    mixes = []
+    for cfg in (2, 1):
+        if cfg == 2 and (not use_cfg or world_size % 2):
+            continue
+        sp = world_size // cfg
+        for ulysses in sorted((d for d in _divisors(sp) if num_heads % d == 0), reverse=True):
+            mixes.append(ParallelConfig(world_size, cfg, ulysses, sp // ulysses, num_heads))
+    return mixes
+
+
+@dataclass(frozen=True)
+class MixEstimate:
+    """Planner figures for one degree mix (per rank, per step unless said otherwise).
+
+    Attributes:
+        parallel: the degrees.
+        step: counted sampling step (weights, activation peak, FLOPs, sent bytes).
+        decode: counted tiled VAE decode (one tile at a time on the rank).
+        peak_bytes: resident DiT + VAE weights + max(sampling, decode) activations.
+        fits: peak_bytes + RESERVE_GB <= GPU memory.
+        compute_s, comm_s, step_s: latency bound terms (see the module docstring).
+        total_s: step_s x steps.
+    """
+
+    parallel: ParallelConfig
+    step: StepCount
+    decode: DecodeCount
+    peak_bytes: int
+    fits: bool
+    compute_s: float
+    comm_s: float
+    step_s: float
+    total_s: float
+
+    @property
+    def label(self) -> str:
+        p = self.parallel
+        return f"cfg{p.cfg_degree} x U{p.ulysses_degree} x R{p.ring_degree}"
+
+
+def estimate(
+    parallel: ParallelConfig,
+    width: int,
+    height: int,
+    frames: int,
+    gpu: GPU,
+    link_gbps: float,
+    weight_dtype: str = "bf16",
+    steps: int = 64,
+    use_cfg: bool = True,
+    text_tokens: int = 256,
+    tiles=None,
+) -> MixEstimate:
+    """Count one mix (cached per shape) and apply the latency model."""
+    step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg)
+    decode = count_tiled_decode(width, height, frames, tiles)
+    peak = step.weight_bytes + decode.weight_bytes + max(step.activation_peak_bytes, decode.activation_peak_bytes)
+    flops_per_s = gpu.bf16_tflops * 1e12
+    bytes_per_s = link_gbps * GB
+    compute = step.total_flops / flops_per_s
+    sent = step.sent_bytes
+    blocking = (sent.get("all_to_all", 0) + sent.get("all_gather", 0)) / bytes_per_s
+    ring_exposed = max(0.0, sent.get("send", 0) / bytes_per_s - step.flops.get("attention", 0) / flops_per_s)
+    comm = blocking + ring_exposed
+    return MixEstimate(
+        parallel=parallel,
+        step=step,
+        decode=decode,
+        peak_bytes=peak,
+        fits=peak + RESERVE_GB * GB <= gpu.memory_gb * GB,
+        compute_s=compute,
+        comm_s=comm,
+        step_s=compute + comm,
+        total_s=(compute + comm) * steps,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All mixes for one question and the recommendation.
+
+    Attributes:
+        mixes: one MixEstimate per valid degree mix.
+        best: the recommended mix (the fastest that fits; the smallest if none fits).
+        reason: one line saying why.
+    """
+
+    mixes: tuple[MixEstimate, ...]
+    best: MixEstimate
+    reason: str
+
+
+def plan(
+    world_size: int,
+    width: int = 848,
+    height: int = 480,
+    frames: int = 163,
+    gpu: str | GPU = "H100",
+    weight_dtype: str = "bf16",
+    link: str | float = "nvlink",
+    steps: int = 64,
+    use_cfg: bool = True,
+    text_tokens: int = 256,
+    tiles=None,
+) -> Plan:
+    """Estimate every degree mix for `world_size` ranks and pick one.
+
+    Args:
+        world_size: GPUs (one rank each).
+        width, height, frames: video size (multiples of 16; frames = 6k + 1).
+        gpu: a name from `hardware.GPUS` or a GPU.
+        weight_dtype: "bf16" or "fp8" (DiT Linear weights in float8 with a per-tensor scale).
+        link: "nvlink", "pcie", "ethernet" or GB/s between the ranks.
+        steps: sampling steps.
+        use_cfg: False for cfg = 1 (no unconditional pass; no CFG degree).
+        text_tokens: valid tokens of the positive prompt (256 is the worst case).
+        tiles: a `vae_tiling.TileSpec` for the decode (default TileSpec()).
+
+    Returns:
+        Plan with the ranking and a one-line reason.
+    """
+    gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={weight_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+    bandwidth = link_bandwidth(link, gpu)
+    mixes = tuple(
+        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles)
+        for p in degree_mixes(world_size, use_cfg)
+    )
+    best, reason = _choose(mixes, gpu, weight_dtype, link)
+    return Plan(mixes, best, reason)
+
+
+def _choose(mixes: tuple[MixEstimate, ...], gpu: GPU, weight_dtype: str, link) -> tuple[MixEstimate, str]:
+    fitting = [m for m in mixes if m.fits]
+    if not fitting:
+        best = min(mixes, key=lambda m: m.peak_bytes)
+        need = (best.peak_bytes / GB) + RESERVE_GB
+        hint = "use fp8 weights or " if weight_dtype == "bf16" else ""
+        return best, (
+            f"nothing fits: the leanest mix {best.label} needs {need:.1f} GB per rank, a {gpu.name} has "
+            f"{gpu.memory_gb:.0f} GB; {hint}more sequence-parallel ranks (they split activations, "
+            f"not the {best.step.weight_bytes / GB:.0f} GB of DiT weights every rank holds), or a shorter video"
+        )
+    fastest = min(m.step_s for m in fitting)
+    near = [m for m in fitting if m.step_s <= fastest * (1 + NEAR_TIE)]
+    # Near-ties: fewer bytes on the wire is more robust to slow links; then prefer CFG, then Ulysses.
+    best = min(near, key=lambda m: (m.step.total_sent, -m.parallel.cfg_degree, -m.parallel.ulysses_degree))
+    why = _why(best, fitting, link)
+    return best, (
+        f"{best.label}: fits ({(best.peak_bytes / GB) + RESERVE_GB:.1f} of {gpu.memory_gb:.0f} GB per rank) "
+        f"and has the lowest bound, {best.step_s:.2f} s/step ({best.total_s:.0f} s total); {why}"
+    )
+
+
+def _why(best: MixEstimate, fitting: list[MixEstimate], link) -> str:
+    p = best.parallel
+    if p.world_size == 1:
+        return "one GPU, nothing to split"
+    comm_share = best.comm_s / best.step_s if best.step_s else 0.0
+    parts = []
+    if p.cfg_degree == 2:
+        parts.append("CFG runs the two branches on separate halves for one small all-gather per step")
+    if p.ulysses_degree > 1:
+        parts.append(f"Ulysses {p.ulysses_degree} splits heads with all-to-alls ({comm_share:.0%} of the step on {link})")
+    if p.ring_degree > 1:
+        parts.append(f"Ring {p.ring_degree} hides its K/V passing behind attention")
+    return "; ".join(parts)
+
+
+def recommend(
+    world_size: int,
+    width: int = 848,
+    height: int = 480,
+    frames: int = 163,
+    gpu: str | GPU = "H100",
+    weight_dtype: str = "bf16",
+    link: str | float = "nvlink",
+    steps: int = 64,
+    use_cfg: bool = True,
+) -> ParallelConfig:
+    """The degree mix `auto` should use: the fastest that fits (see `plan`).
+
+    Args:
+        world_size: GPUs (one rank each).
+        width, height, frames: video size.
+        gpu: GPU name ("H100", "H200", "H20", "A100-80", "A100-40", "L40", "L40S", "L20", "RTX4090").
+        weight_dtype: "bf16" or "fp8".
+        link: "nvlink", "pcie", "ethernet" or GB/s.
+        steps: sampling steps.
+        use_cfg: False when cfg is 1 at every step (no unconditional pass).
+
+    Returns:
+        A validated ParallelConfig (even when nothing fits: the leanest mix; `plan(...)` says why).
+    """
+    return plan(world_size, width, height, frames, gpu, weight_dtype, link, steps, use_cfg).best.parallel
+
+
+def format_table(result: Plan, title: str = "") -> str:
+    """A Markdown table of every mix, best first marked with *."""
+    lines = [title] if title else []
+    lines.append(
+        "| mix | DiT peak GB | decode peak GB | rank peak GB | fits | TFLOP/step | GB sent/step | "
+        "compute s | comm s | bound s/step | bound total s |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in sorted(result.mixes, key=lambda m: (not m.fits, m.step_s)):
+        mark = "*" if m is result.best else ""
+        lines.append(
+            f"| {mark}{m.label} | {m.step.peak_bytes / GB:.2f} | {m.decode.peak_bytes / GB:.2f} | "
+            f"{m.peak_bytes / GB:.2f} | {'yes' if m.fits else 'no'} | {m.step.total_flops / 1e12:.0f} | "
+            f"{m.step.total_sent / GB:.2f} | {m.compute_s:.2f} | {m.comm_s:.2f} | {m.step_s:.2f} | {m.total_s:.0f} |"
+        )
+    lines.append(f"Recommended: {result.reason}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mochi-xdit plan",
+        description="Will it fit? Count per-rank memory, FLOPs and traffic of every degree mix by running "
+        "the real model code on fake tensors, and recommend one.",
+    )
+    parser.add_argument("--width", type=int, default=848)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--frames", type=int, nargs="+", default=[163], help="video frames (6k+1); several allowed")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to plan for")
+    parser.add_argument("--gpu", default="H100", help="H100, H200, H20, A100-80, A100-40, L40, L40S, L20, RTX4090")
+    parser.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="bf16")
+    parser.add_argument("--link", default="nvlink", help=f"{', '.join(LINK_CLASSES)} or GB/s")
+    parser.add_argument("--no-cfg", action="store_true", help="cfg = 1 (no unconditional pass)")
+    parser.add_argument("--goals", action="store_true", help="also print the single-rank memory goals")
+    return parser
+
+
+def goals_report(width: int = 848, height: int = 480, frames: int = 163) -> str:
+    """The memory goals of DESIGN.md section 8, counted: single-rank DiT sampling (bf16, fp8), the
+    tiled decode, and the Ulysses activation scaling."""
+    one = ParallelConfig(1)
+    bf16 = count_step(one, width, height, frames, "bf16")
+    fp8 = count_step(one, width, height, frames, "fp8")
+    decode = count_tiled_decode(width, height, frames)
+    lines = [
+        f"{width}x{height}x{frames}, one rank:",
+        f"  DiT sampling bf16 peak {bf16.peak_bytes / GB:.2f} GB (weights {bf16.weight_bytes / GB:.2f} + "
+        f"activations {bf16.activation_peak_bytes / GB:.2f}); goal <= 26 GB",
+        f"  DiT sampling fp8  peak {fp8.peak_bytes / GB:.2f} GB (weights {fp8.weight_bytes / GB:.2f} + "
+        f"activations {fp8.activation_peak_bytes / GB:.2f}); goal <= 16 GB",
+        f"  tiled VAE decode peak {decode.peak_bytes / GB:.2f} GB (weights {decode.weight_bytes / GB:.2f} + "
+        f"one tile {decode.activation_peak_bytes / GB:.2f}; {decode.spec}, {decode.tiles} tiles); goal <= 4 GB",
+        f"  FLOPs per step (cond + uncond) {bf16.total_flops / 1e12:.0f} TFLOP, attention "
+        f"{bf16.flops.get('attention', 0) / bf16.total_flops:.0%}",
+        "  Ulysses N, activation peak per rank (cfg 1, bf16):",
+    ]
+    base = None
+    for n in (1, 2, 4, 8):
+        count = count_step(ParallelConfig(n, 1, n, 1), width, height, frames, "bf16")
+        act = count.activation_peak_bytes
+        base = base or act
+        lines.append(f"    U={n}: {act / GB:.2f} GB = 1/{base / act:.2f} of one rank's (ideal 1/{n})")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """`mochi-xdit plan ...`: print the table for each world size and frame count."""
+    args = _parser().parse_args(argv)
+    gpu = get_gpu(args.gpu)
+    for frames in args.frames:
+        for world in args.world_size:
+            result = plan(
+                world, args.width, args.height, frames, gpu, args.weight_dtype, args.link, args.steps,
+                not args.no_cfg,
+            )
+            title = (
+                f"\n{args.width}x{args.height}x{frames}, {args.steps} steps, {world} x {gpu.name} "
+                f"({args.weight_dtype}, {args.link})"
+            )
+            print(format_table(result, title))
+    if args.goals:
+        for frames in args.frames:
+            print()
+            print(goals_report(args.width, args.height, frames))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(plan_main())
