@@ -6,6 +6,7 @@ prompts, while the pool behind it may be rebuilt (after a rank died, or when ano
 for other files). Every run looks the pool up again by spec; an unchanged spec reuses the live pool.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from ..mochi.latent import to_model_space
 from ..mochi.text import TextCondition
 
 POOL_TYPE = "MOCHI_XDIT_POOL"
+# torch's messages for CUDA and CPU allocation failures (a rank's error text travels in PoolError)
+OOM_PATTERN = re.compile(r"OutOfMemoryError|CUDA out of memory|CUDA error: out of memory|"
+                         r"DefaultCPUAllocator: can't allocate memory|MemoryError")
 OOM_ADVICE = (
     "Give the pool more ranks (world_size, with ulysses/ring degrees), use weight_dtype fp8, a smaller "
     "video (fewer frames or pixels), or smaller decode tiles."
@@ -148,8 +152,9 @@ class user_errors:
         from ..workers.protocol import PoolError
 
         text = str(error)
-        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
-            raise MemoryError(f"{text}\n{OOM_ADVICE}") from error
+        if isinstance(error, torch.OutOfMemoryError) or OOM_PATTERN.search(text):
+            raise MemoryError(f"Mochi xDiT: out of memory: {text}\n{OOM_ADVICE}") from error
         if isinstance(error, PoolError):
-            raise RuntimeError(f"Mochi xDiT pool: {text}") from error
+            hint = f"\nIf that rank ran out of memory: {OOM_ADVICE}" if "died" in text else ""
+            raise RuntimeError(f"Mochi xDiT pool: {text}{hint}") from error
         return False

@@ -307,3 +307,73 @@ def test_decoded_video_becomes_comfy_image_batch():
 def test_preview_is_a_comfy_jpeg_tuple():
     kind, picture, size = preview_image(torch.randn(1, 12, 3, 6, 8))
     assert kind == "JPEG" and picture.size == (8, 6) and size == 512
+
+
+# ---------------------------------------------------------------- errors a user can act on
+
+def test_dit_file_selected_as_vae_is_refused_with_the_fix(fake_comfy, models_dir):
+    import shutil
+
+    target = os.path.join(models_dir, "vae", "dit_by_mistake.safetensors")
+    shutil.copy(os.path.join(models_dir, "diffusion_models", "tiny_dit.safetensors"), target)
+    try:
+        message = validate_loader(vae_name="dit_by_mistake.safetensors")
+    finally:
+        os.remove(target)
+    assert "not a Mochi VAE" in message and "Select it in dit_name" in message
+
+
+def test_dead_rank_and_out_of_memory_become_actionable_errors():
+    from mochi_xdit.nodes.pool_bridge import user_errors
+    from mochi_xdit.workers.protocol import PoolError
+
+    with pytest.raises(RuntimeError, match=r"Mochi xDiT pool: rank 3 failed in step\(\).*\n.*If that rank ran out of memory"):
+        with user_errors():
+            raise PoolError(3, "step", "the rank's process died (RayActorError; killed, out of memory, or crashed)")
+    with pytest.raises(RuntimeError, match=r"^Mochi xDiT pool: rank 0 failed in load\(\): CheckpointError"):
+        with user_errors():
+            raise PoolError(0, "load", "CheckpointError: x.safetensors is truncated")
+    with pytest.raises(MemoryError, match="(?s)rank 1 .*more ranks.*fp8.*smaller decode tiles"):
+        with user_errors():
+            raise PoolError(1, "step", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(MemoryError, match="weight_dtype fp8"):
+        with user_errors():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(ValueError, match="unrelated"):
+        with user_errors():
+            raise ValueError("unrelated")
+
+
+def test_progress_reporter_updates_the_bar_with_a_preview_and_stops_on_cancel(fake_comfy, monkeypatch):
+    from mochi_xdit.nodes.pool_bridge import ProgressReporter
+    from mochi_xdit.workers.protocol import StepReport
+
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(preview_method=types.SimpleNamespace(value="latent2rgb"), preview_size=256)
+    monkeypatch.setitem(sys.modules, "comfy.cli_args", cli_args)
+    reporter = ProgressReporter(4)
+    assert reporter.wants_preview
+    assert reporter(StepReport(0, 4, 0.1, torch.randn(1, 12, 1, 6, 8))) is True
+    value, total, preview = fake_comfy["comfy.utils"].updates[-1]
+    assert (value, total) == (1, 4) and preview[0] == "JPEG" and preview[1].size == (8, 6) and preview[2] == 256
+    assert reporter(StepReport(1, 4, 0.1, None)) is True
+    assert fake_comfy["comfy.utils"].updates[-1] == (2, 4, None)
+    fake_comfy["comfy.model_management"].interrupt_current_processing()
+    with pytest.raises(InterruptProcessingException):
+        reporter(StepReport(2, 4, 0.1, None))
+    assert fake_comfy["comfy.utils"].updates[-1][0] == 2  # no update after Cancel
+
+
+def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_comfy):
+    from mochi_xdit.nodes.decode import tile_spec
+
+    validate = NODE_CLASS_MAPPINGS["MochiTiledVAEDecode"].VALIDATE_INPUTS
+    assert validate(tiling="manual", tile_size=256, tile_overlap=64, frame_chunk=2) is True
+    assert "multiples of 8" in validate(tiling="manual", tile_size=260, tile_overlap=64, frame_chunk=2)
+    assert "smaller than tile_size" in validate(tiling="manual", tile_size=64, tile_overlap=64, frame_chunk=2)
+    assert "frame_chunk=0 is outside" in validate(tiling="auto", tile_size=256, tile_overlap=64, frame_chunk=0)
+    spec = tile_spec("manual", 256, 64, 3, (1, 12, 7, 60, 106))
+    assert (spec.tile_height, spec.tile_width, spec.overlap, spec.frame_chunk) == (32, 32, 8, 3)
+    whole = tile_spec("off", 256, 64, 3, (1, 12, 7, 60, 106))
+    assert (whole.tile_height, whole.tile_width, whole.overlap, whole.frame_chunk) == (60, 106, 0, 7)
+    assert tile_spec("auto", 256, 64, 3, (1, 12, 7, 60, 106)) is None
