@@ -123,11 +123,34 @@ def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondit
     from ..mochi.sampler import SampleRequest
     from ..workers.pool import acquire_pool
 
+    problem = layout_problem(handle, cfg, tuple(samples.shape))
+    if problem:
+        raise ValueError(problem)
     request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
                             cfg=cfg, schedule=schedule, denoise=denoise)
     with user_errors():
         pool = acquire_pool(handle.spec)
         return pool.sample(request, progress, preview=progress.wants_preview).to("cpu", torch.float32)
+
+
+def layout_problem(handle: PoolHandle, cfg: float, latent_shape: tuple[int, ...]) -> str | None:
+    """Requests the pool's layout cannot run; checked here so a user error never costs the pool."""
+    from ..mochi.constants import PATCH_SIZE
+
+    parallel = handle.spec.parallel
+    if parallel.cfg_degree == 2 and cfg == 1.0:
+        return (
+            "cfg is 1, so there is no negative pass for the second half of the ranks (cfg_degree=2); raise "
+            "cfg above 1, or set the loader's cfg_degree to 1 (ulysses/ring take the ranks)"
+        )
+    T, H, W = latent_shape[-3:]
+    tokens = T * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+    if tokens < parallel.sp_degree:
+        return (
+            f"the video has {tokens} tokens but the pool splits them over {parallel.sp_degree} sequence ranks "
+            f"(ulysses x ring); make the video larger or use fewer ulysses/ring ranks"
+        )
+    return None
 
 
 def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:

@@ -377,3 +377,14 @@ def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_com
     whole = tile_spec("off", 256, 64, 3, (1, 12, 7, 60, 106))
     assert (whole.tile_height, whole.tile_width, whole.overlap, whole.frame_chunk) == (60, 106, 0, 7)
     assert tile_spec("auto", 256, 64, 3, (1, 12, 7, 60, 106)) is None
+
+
+def test_requests_the_pool_layout_cannot_run_are_refused_before_the_pool_is_used():
+    from mochi_xdit.mochi.parallel.config import ParallelConfig
+    from mochi_xdit.nodes.pool_bridge import PoolHandle, layout_problem
+
+    cfg_split = PoolHandle(types.SimpleNamespace(parallel=ParallelConfig(2, cfg_degree=2)))
+    assert "cfg_degree to 1" in layout_problem(cfg_split, 1.0, (1, 12, 2, 4, 6))
+    assert layout_problem(cfg_split, 4.5, (1, 12, 2, 4, 6)) is None
+    ring8 = PoolHandle(types.SimpleNamespace(parallel=ParallelConfig(8, ring_degree=8)))
+    assert "4 tokens" in layout_problem(ring8, 4.5, (1, 12, 1, 4, 4))
