@@ -41,6 +41,10 @@ def is_empty_latent(latent: torch.Tensor) -> bool:
 
 def comfy_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """ComfyUI's `prepare_noise`: one float32 draw for the whole batch shape from a CPU generator
-    seeded with `seed`, then moved to `device` (so CPU and GPU runs start from the same noise)."""
-    noise = torch.randn(tuple(shape), generator=torch.manual_seed(seed), device="cpu", dtype=torch.float32)
+    seeded with `seed`, then moved to `device` (so CPU and GPU runs start from the same noise).
+
+    ComfyUI reseeds torch's global generator (`torch.manual_seed`); a fresh CPU generator with the
+    same seed gives bit-identical numbers without touching global state (and is thread-safe)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(tuple(shape), generator=generator, device="cpu", dtype=torch.float32)
     return noise.to(device)

@@ -16,7 +16,8 @@ class TextCondition:
     """One prompt's encoding.
 
     Args:
-        features: [1, L, 4096] float T5 features (L = 256 for ComfyUI's padded prompts; may be 0).
+        features: [1, L, D] float T5 features, D = 4096 for Mochi's T5-XXL (tiny test models use
+            less; the sampler checks D against the model); L = 256 for ComfyUI's padded prompts.
         mask: [1, L] integer or bool, 1 for valid tokens (EOS included), 0 for padding; an empty
             prompt may have no valid token at all.
     """
@@ -28,10 +29,10 @@ class TextCondition:
         features, mask = self.features, self.mask
         if not isinstance(features, torch.Tensor) or not isinstance(mask, torch.Tensor):
             raise TypeError("TextCondition needs torch tensors for features and mask")
-        if features.dim() != 3 or features.shape[0] != 1 or features.shape[2] != T5_DIM:
+        if features.dim() != 3 or features.shape[0] != 1 or features.shape[2] < 1:
             raise ValueError(
                 f"text features must be [1, L, {T5_DIM}] (one prompt, T5-XXL width), got "
-                f"{tuple(features.shape)}; encode the prompt with Mochi's T5-XXL encoder"
+                f"{tuple(features.shape)}; encode each prompt with Mochi's T5-XXL encoder separately"
             )
         if not features.is_floating_point():
             raise ValueError(f"text features must be floating point, got {features.dtype}")
@@ -50,6 +51,6 @@ class TextCondition:
         return int(self.mask.sum().item())
 
     @classmethod
-    def empty(cls, length: int = 256) -> "TextCondition":
-        """An encoding with no valid token (what an empty negative prompt amounts to)."""
-        return cls(torch.zeros(1, length, T5_DIM), torch.zeros(1, length, dtype=torch.int64))
+    def empty(cls, length: int = 256, dim: int = T5_DIM) -> "TextCondition":
+        """An encoding with no valid token at all."""
+        return cls(torch.zeros(1, length, dim), torch.zeros(1, length, dtype=torch.int64))

@@ -1,0 +1,254 @@
+"""Euler sampling of Mochi as a stepwise loop: `begin()`, `step(i)` for each step, `finish()`.
+
+The Ray actors drive this loop in lockstep (one `step` per call), the single-process pipeline runs
+it straight through; both go through the same code. Conventions (genmo): the DiT takes sigma
+(1 = noise) and predicts `x0 - noise`; one Euler step is z <- z + (sigma_i - sigma_{i+1}) * pred with
+pred = u + cfg_i * (c - u), done in fp32 whatever the compute dtype. Noise, img2img noising and the
+latent spaces follow ComfyUI exactly (see `latent.py`), so the same seed gives the same start as
+core KSampler.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .constants import LATENT_CHANNELS, PATCH_SIZE, SIZE_MULTIPLE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from .latent import comfy_noise, is_empty_latent, to_model_space, to_vae_space
+from .schedule import SCHEDULES, cfg_schedule, sigma_schedule
+from .text import TextCondition
+
+
+def latent_shape_for_video(width: int, height: int, frames: int, batch: int = 1) -> tuple[int, int, int, int, int]:
+    """[B, 12, T, H/8, W/8] for a video of `frames` = 6T - 5 frames, checking Mochi's size rules."""
+    if frames < 1 or (frames - 1) % TEMPORAL_COMPRESSION:
+        lower = max(1, (frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1)
+        raise ValueError(
+            f"frames={frames}: Mochi makes 6k+1 frames; use {lower} or {lower + TEMPORAL_COMPRESSION}"
+        )
+    for name, value in (("width", width), ("height", height)):
+        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            raise ValueError(
+                f"{name}={value} must be a multiple of {SIZE_MULTIPLE}; use {lower} or {lower + SIZE_MULTIPLE}"
+            )
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be at least 1")
+    T = (frames - 1) // TEMPORAL_COMPRESSION + 1
+    return (batch, LATENT_CHANNELS, T, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+
+def _check_latent_shape(shape: tuple[int, ...], what: str) -> None:
+    if len(shape) != 5:
+        raise ValueError(f"{what} must be [B, {LATENT_CHANNELS}, T, H, W] (5 dims), got {list(shape)}")
+    B, C, T, H, W = shape
+    if B < 1 or T < 1:
+        raise ValueError(f"{what} {list(shape)} needs batch >= 1 and latent frames T >= 1 (video frames 6T-5)")
+    if C != LATENT_CHANNELS:
+        raise ValueError(f"{what} has {C} channels; Mochi latents have {LATENT_CHANNELS} (EmptyMochiLatentVideo)")
+    for name, value in (("height", H), ("width", W)):
+        if value < PATCH_SIZE or value % PATCH_SIZE:
+            raise ValueError(
+                f"{what} {name} {value} must be even (the DiT uses 2x2 patches): make the video {name} a "
+                f"multiple of {SIZE_MULTIPLE} pixels"
+            )
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One generation, validated up front so nothing fails mid-run.
+
+    Args:
+        positive: conditional text.
+        negative: unconditional text (unused when every cfg is 1).
+        latent_shape: [B, 12, T, H, W] to start from pure noise (see `latent_shape_for_video`);
+            give this or `init_latent`.
+        init_latent: [B, 12, T, H, W] VAE-space LATENT (ComfyUI convention). All zero (an empty
+            latent) is left alone; anything else is normalised to model space and noised to the
+            first sigma: x = sigma*noise + (1-sigma)*x0 (use denoise < 1 to keep some of it).
+        seed: noise seed (ComfyUI's: a CPU generator, one draw for the whole batch).
+        steps: Euler steps actually run.
+        cfg: guidance scale, or one per step; 1 skips the unconditional pass.
+        schedule: "linear_quadratic" (genmo) or "simple" (ComfyUI's flow schedule, shift 6).
+        denoise: in (0, 1]; < 1 starts part-way down the schedule like ComfyUI's KSampler.
+    """
+
+    positive: TextCondition
+    negative: TextCondition
+    latent_shape: tuple[int, ...] | None = None
+    init_latent: torch.Tensor | None = None
+    seed: int = 0
+    steps: int = 64
+    cfg: float | tuple[float, ...] = 4.5
+    schedule: str = "linear_quadratic"
+    denoise: float = 1.0
+
+    def __post_init__(self):
+        for name in ("positive", "negative"):
+            if not isinstance(getattr(self, name), TextCondition):
+                raise TypeError(f"{name} must be a TextCondition (T5 features + mask), got {type(getattr(self, name))}")
+        if (self.latent_shape is None) == (self.init_latent is None):
+            raise ValueError("give exactly one of latent_shape (start from noise) or init_latent (a LATENT)")
+        if self.init_latent is not None:
+            if not isinstance(self.init_latent, torch.Tensor) or not self.init_latent.is_floating_point():
+                raise ValueError("init_latent must be a float tensor [B, 12, T, H, W] (a LATENT's samples)")
+            _check_latent_shape(tuple(self.init_latent.shape), "init_latent")
+        else:
+            shape = tuple(int(v) for v in self.latent_shape)
+            _check_latent_shape(shape, "latent_shape")
+            object.__setattr__(self, "latent_shape", shape)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**64)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r} must be a positive integer (Mochi's default is 64)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if not (isinstance(self.denoise, (int, float)) and 0.0 < self.denoise <= 1.0):
+            raise ValueError(f"denoise={self.denoise!r} must be in (0, 1]; 1 generates from pure noise")
+        if not isinstance(self.cfg, (int, float)):
+            object.__setattr__(self, "cfg", tuple(float(v) for v in self.cfg))
+        cfg_schedule(self.cfg, self.steps)  # raises on a wrong length or a negative scale
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """[B, 12, T, H, W] of the latent being sampled."""
+        return tuple(self.init_latent.shape) if self.init_latent is not None else self.latent_shape
+
+    @property
+    def sigmas(self) -> list[float]:
+        """steps + 1 sigmas, descending to 0."""
+        return sigma_schedule(self.schedule, self.steps, self.denoise)
+
+    @property
+    def cfg_scales(self) -> list[float]:
+        return cfg_schedule(self.cfg, self.steps)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """False when every step has cfg 1 (no unconditional pass at all)."""
+        return any(scale != 1.0 for scale in self.cfg_scales)
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (no fast bf16 matmuls, and tests compare at 1e-5), bf16 on GPUs."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+class DenoiseLoop:
+    """Euler sampling driven one step at a time.
+
+    Usage: `loop.begin()`, then `loop.step(i)` for i = 0 .. num_steps - 1 in order, then
+    `loop.finish()` for the VAE-space result. Every rank of a parallel run drives its own loop with
+    the same request; under CFG parallelism (ctx.cfg_degree == 2) cfg rank 0 evaluates only the
+    conditional branch and rank 1 only the unconditional one, and `ctx.gather_cfg` joins them.
+
+    Args:
+        model: a MochiDiT (or anything with its call signature).
+        request: the SampleRequest.
+        ctx: ParallelContext or None for a single device.
+        compute_dtype: the DiT's activation dtype; default fp32 on CPU, bf16 on CUDA. The CFG
+            combine and the Euler update are always fp32.
+        device: where sampling runs; default the model's parameter device.
+    """
+
+    def __init__(self, model, request: SampleRequest, ctx=None, compute_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        if not isinstance(request, SampleRequest):
+            raise TypeError(f"request must be a SampleRequest, got {type(request)}")
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype or default_compute_dtype(self.device)
+        t5_dim = getattr(getattr(model, "config", None), "t5_feat_dim", None)
+        for name in ("positive", "negative"):
+            width = getattr(request, name).features.shape[-1]
+            if t5_dim is not None and width != t5_dim:
+                raise ValueError(
+                    f"{name} text features are {width} wide but this DiT takes {t5_dim} (T5-XXL for "
+                    "Mochi); encode the prompt with the text encoder that matches the model"
+                )
+        self.model = model
+        self.request = request
+        self.ctx = ctx
+        self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
+        if self.cfg_parallel and not request.uses_cfg:
+            raise ValueError(
+                "cfg is 1 at every step, so there is no unconditional branch for the second CFG rank; "
+                "use cfg_degree 1 (put those ranks on ulysses or ring) or a cfg above 1"
+            )
+        self.sigmas = request.sigmas
+        self.cfg_scales = request.cfg_scales
+        self.num_steps = len(self.sigmas) - 1
+        self._latent = None  # [B, 12, T, H, W] fp32, model space
+        self._next_step = None
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Draw the noise (ComfyUI's way) and build the starting latent in model space."""
+        request = self.request
+        noise = comfy_noise(request.shape, request.seed, self.device)  # [B, 12, T, H, W] fp32
+        if request.init_latent is None:
+            clean = torch.zeros_like(noise)
+        else:
+            clean = request.init_latent.to(self.device, torch.float32)
+            if not is_empty_latent(clean):  # ComfyUI never shifts an empty latent
+                clean = to_model_space(clean)
+        sigma = self.sigmas[0]
+        self._latent = sigma * noise + (1.0 - sigma) * clean  # ComfyUI CONST.noise_scaling
+        self._next_step = 0
+        pos, neg = request.positive, request.negative
+        self._texts = {
+            "cond": (pos.features.to(self.device), pos.mask.to(self.device)),
+            "uncond": (neg.features.to(self.device), neg.mask.to(self.device)),
+        }
+
+    def _predict(self, latent: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
+        """One DiT call for one sample: [1, 12, T, H, W] fp32 -> prediction fp32."""
+        features, mask = self._texts[branch]
+        sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
+        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx)
+        return pred.float()
+
+    @torch.no_grad()
+    def step(self, i: int) -> None:
+        """Euler step i: from sigmas[i] to sigmas[i + 1], every sample of the batch."""
+        if self._next_step is None:
+            raise RuntimeError(f"step({i}) before begin(); call begin() first")
+        if i != self._next_step:
+            raise RuntimeError(
+                f"step({i}) out of order: the next step is {self._next_step} of {self.num_steps}; "
+                "steps run 0, 1, ... in order"
+            )
+        sigma, sigma_next, scale = self.sigmas[i], self.sigmas[i + 1], self.cfg_scales[i]
+        for b in range(self._latent.shape[0]):
+            latent = self._latent[b : b + 1]  # [1, 12, T, H, W] fp32
+            if self.cfg_parallel:
+                branch = "cond" if self.ctx.cfg_rank == 0 else "uncond"
+                cond, uncond = self.ctx.gather_cfg(self._predict(latent, sigma, branch))
+                pred = cond if scale == 1.0 else uncond + scale * (cond - uncond)
+            else:
+                cond = self._predict(latent, sigma, "cond")
+                if scale == 1.0:
+                    pred = cond  # no unconditional pass
+                else:
+                    uncond = self._predict(latent, sigma, "uncond")
+                    pred = uncond + scale * (cond - uncond)  # fp32
+            self._latent[b : b + 1] = latent + (sigma - sigma_next) * pred  # fp32 Euler
+        self._next_step = i + 1
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """Current model-space latent [B, 12, T, H, W] fp32 (e.g. for previews)."""
+        if self._latent is None:
+            raise RuntimeError("no latent before begin(); call begin() first")
+        return self._latent
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        """The VAE-space result [B, 12, T, H, W] fp32 (a LATENT's samples). Needs every step run."""
+        if self._next_step is None:
+            raise RuntimeError("finish() before begin(); call begin() and run every step first")
+        if self._next_step != self.num_steps:
+            raise RuntimeError(
+                f"finish() after {self._next_step} of {self.num_steps} steps; run the remaining steps first"
+            )
+        return to_vae_space(self._latent)
