@@ -117,12 +117,11 @@ def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: t
     return x + normed.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs. x [B, S, H, Dh], cos/sin [S, H, Dh/2] fp32."""
-    even = x[..., 0::2].float()
-    odd = x[..., 1::2].float()
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # [B, S, H, Dh/2, 2]
-    return rotated.flatten(-2).to(x.dtype)  # [B, S, H, Dh]
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs as one complex multiply, in fp32.
+    x [B, S, H, Dh], rope [S, H, Dh/2] complex64 (cos + i sin of the angles)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, Dh/2] complex64
+    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)  # [B, S, H, Dh]
 
 
 def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
@@ -228,12 +227,12 @@ class JointAttention(nn.Module):
         self.proj_x = Linear(inner, config.hidden_size_x)
         self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
 
-    def forward(self, x, y, rope_cos, rope_sin, ctx=None, video_len=None):
+    def forward(self, x, y, rope, ctx=None, video_len=None):
         """
         Args:
             x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
             y: [B, L, Dy] normalised valid text tokens (replicated on every rank).
-            rope_cos, rope_sin: [Sx, H, Dh/2] fp32, for these video tokens' global positions.
+            rope: [Sx, H, Dh/2] complex64 rotations for these video tokens' global positions.
             ctx: ParallelContext or None.
             video_len: global number of real video tokens (without padding), needed under ctx.
 
@@ -244,8 +243,8 @@ class JointAttention(nn.Module):
         L = y.shape[1]
         H, Dh = self.num_heads, self.head_dim
         q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
-        q_x = apply_rope(self.q_norm_x(q_x), rope_cos, rope_sin)
-        k_x = apply_rope(self.k_norm_x(k_x), rope_cos, rope_sin)
+        q_x = apply_rope(self.q_norm_x(q_x), rope)
+        k_x = apply_rope(self.k_norm_x(k_x), rope)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
         q_y = self.q_norm_y(q_y)
         k_y = self.k_norm_y(k_y)
@@ -271,7 +270,7 @@ class JointBlock(nn.Module):
         self.mlp_x = FeedForward(config.hidden_size_x, config.mlp_hidden_x)
         self.mlp_y = FeedForward(config.hidden_size_y, config.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, c, y, rope_cos, rope_sin, ctx=None, video_len=None):
+    def forward(self, x, c, y, rope, ctx=None, video_len=None):
         """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes."""
         c = F.silu(c)
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # [B, Dx] each
@@ -282,7 +281,7 @@ class JointBlock(nn.Module):
             scale_msa_y = mod_y
 
         attn_x, attn_y = self.attn(
-            modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope_cos, rope_sin,
+            modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope,
             ctx=ctx, video_len=video_len,
         )
         x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
@@ -368,14 +367,13 @@ class MochiDiT(nn.Module):
         angles = torch.einsum(
             "sd,dhf->shf", rope_positions(T, pH, pW, latent.device), self.pos_frequencies.float()
         )  # [S, H, Dh/2] fp32
-        rope_cos, rope_sin = torch.cos(angles), torch.sin(angles)
+        rope = torch.complex(torch.cos(angles), torch.sin(angles))  # [S, H, Dh/2] complex64
         if ctx is not None:
             x = ctx.shard_sequence(x, dim=1)  # [1, S_local, Dx], padded to a multiple of the SP degree
-            rope_cos = ctx.shard_sequence(rope_cos, dim=0)  # [S_local, H, Dh/2]
-            rope_sin = ctx.shard_sequence(rope_sin, dim=0)
+            rope = ctx.shard_sequence(rope, dim=0)  # [S_local, H, Dh/2]
 
         for block in self.blocks:
-            x, y = block(x, c, y, rope_cos, rope_sin, ctx=ctx, video_len=video_len)
+            x, y = block(x, c, y, rope, ctx=ctx, video_len=video_len)
 
         x = self.final_layer(x, c)  # [1, S(_local), p*p*C]
         if ctx is not None:

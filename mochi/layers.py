@@ -41,4 +41,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_norm(x, self.eps) * self.weight.float()).to(x.dtype)
+        # one fused kernel, fp32 inside (the input is upcast first)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
