@@ -149,7 +149,9 @@ class PatchEmbed(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = latent.shape
         frames = rearrange(latent, "b c t h w -> (b t) c h w")
-        patches = self.proj(frames.to(self.proj.weight.dtype)).to(latent.dtype)  # [B*T, D, H/p, W/p]
+        # weights cast to the compute dtype (the latent's), like `Linear`: [B*T, D, H/p, W/p]
+        weight, bias = self.proj.weight.to(latent.dtype), self.proj.bias.to(latent.dtype)
+        patches = F.conv2d(frames, weight, bias, stride=self.proj.stride)
         return rearrange(patches, "(b t) d h w -> b (t h w) d", b=B)  # [B, S, D]
 
 

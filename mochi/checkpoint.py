@@ -1,0 +1,369 @@
+"""Loading Mochi checkpoints: safetensors only, memory-mapped, sized from the tensor shapes.
+
+The module is built on the meta device and the file's tensors are assigned into it
+(`load_state_dict(assign=True)`), so a weight kept in its file dtype stays a view of the mapped
+file and a converted one exists once: the weights are never held twice. Accepted layouts:
+genmo names (`dit.safetensors`, ComfyUI `mochi_preview_bf16.safetensors`), the
+`model.diffusion_model.` prefix of full checkpoints, VAE files with a bare or `decoder.`-prefixed
+decoder (a full VAE's `encoder.*` keys are ignored), and ComfyUI `fp8_scaled` files (a top-level
+`scaled_fp8` marker and a fp32 `<linear>.scale_weight` per Linear: weight = fp8 weight x scale).
+Anything else is refused with a message that says what the file looks like.
+"""
+
+import json
+import os
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .dit import DiTConfig, MochiDiT
+from .layers import Linear
+
+WEIGHT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8": torch.float8_e4m3fn,  # Linear weights only, with a per-tensor scale
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # else bare genmo names
+VAE_DECODER_PREFIXES = ("decoder.", "vae.decoder.")  # else a bare decoder
+FP8_MARKER = "scaled_fp8"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP32_ONLY = ("pos_frequencies",)  # learned RoPE frequencies: tiny, kept in fp32 whatever the choice
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 * 2**20
+
+_DIT_KEY = re.compile(r"(^|\.)(x_embedder|t5_yproj|t5_y_embedder|t_embedder|pos_frequencies|final_layer)(\.|$)"
+                      r"|\.attn\.qkv_x\.|\.mod_x\.")
+_VAE_DECODER_KEY = re.compile(r"(^|\.)(output_proj\.|blocks\.\d+\.(\d+|blocks\.\d+|proj)\.)")
+_VAE_ENCODER_KEY = re.compile(r"(^|\.)encoder\.layers\.")
+_T5_KEY = re.compile(r"(^|\.)(encoder\.block\.\d+\.layer\.|shared\.weight$|encoder\.final_layer_norm\.)")
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as the requested model; the message says why and what to use."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors name, e.g. "BF16", "F8_E4M3"
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a safetensors file contains, read from its header only (no tensor data).
+
+    Args:
+        path: the file.
+        kind: "dit", "vae", "t5" or "unknown" (a full checkpoint with a DiT is "dit").
+        tensors: name -> TensorInfo for every tensor in the file.
+        dit_prefix: prefix in front of the DiT's genmo names ("" for a bare DiT), None if no DiT.
+        vae_decoder_prefix: prefix in front of the VAE decoder's names, None if no decoder.
+        has_vae_encoder: the file also holds a VAE encoder (ignored by the decoder loader).
+        fp8_scaled: ComfyUI `scaled_fp8` marker present.
+        metadata: the header's `__metadata__` strings.
+    """
+
+    path: str
+    kind: str
+    tensors: dict[str, TensorInfo] = field(repr=False)
+    dit_prefix: str | None
+    vae_decoder_prefix: str | None
+    has_vae_encoder: bool
+    fp8_scaled: bool
+    metadata: dict[str, str] = field(repr=False)
+
+    def describe(self) -> str:
+        """One phrase for error messages, e.g. 'a Mochi VAE (decoder + encoder, 405 tensors, BF16)'."""
+        counts = Counter(t.dtype for t in self.tensors.values())
+        dtypes = "/".join(name for name, _ in counts.most_common(2))
+        size = f"{len(self.tensors)} tensors, {dtypes}" if self.tensors else "no tensors"
+        if self.kind == "dit":
+            blocks = {m.group(1) for k in self.tensors if (m := re.match(rf"{re.escape(self.dit_prefix)}blocks\.(\d+)\.", k))}
+            extra = ", fp8_scaled" if self.fp8_scaled else ""
+            return f"a Mochi DiT / diffusion model ({len(blocks)} blocks, {size}{extra})"
+        if self.kind == "vae":
+            parts = " + ".join(p for p, present in (("decoder", self.vae_decoder_prefix is not None),
+                                                     ("encoder", self.has_vae_encoder)) if present)
+            return f"a Mochi VAE ({parts}, {size})"
+        if self.kind == "t5":
+            blocks = {m.group(1) for k in self.tensors if (m := re.search(r"encoder\.block\.(\d+)\.", k))}
+            return f"a T5 text encoder ({len(blocks)} blocks, {size})"
+        first = ", ".join(sorted(self.tensors)[:3])
+        return f"an unrecognised safetensors file ({size}; first keys: {first or 'none'})"
+
+
+def _refuse_pickle(path: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} {reason}. Pickle checkpoints can run arbitrary code when loaded and are not "
+        "supported: use the .safetensors version of this model (e.g. mochi_preview_bf16.safetensors "
+        "for the DiT, mochi_vae.safetensors for the VAE)."
+    )
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header without touching tensor data.
+
+    Raises CheckpointError for a missing path, a directory, a pickle file, a non-safetensors file
+    and a truncated file (a tensor's bytes reach past the end of the file).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; check the path (models go in ComfyUI's models/ folders)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a file (a directory?); give the path of a .safetensors file")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise _refuse_pickle(path, f"is a pickle checkpoint ({os.path.splitext(path)[1]})")
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)):
+            raise _refuse_pickle(path, "is a pickle / torch.save file, not safetensors")
+        if len(head) < 9:
+            raise CheckpointError(f"{path} is only {file_size} bytes: not a safetensors file (empty or truncated)")
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if head[8:9] != b"{" or header_len > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a safetensors file (no JSON header); give a .safetensors file")
+        if 8 + header_len > file_size:
+            raise CheckpointError(
+                f"{path} is truncated: its header needs {8 + header_len} bytes but the file has {file_size} "
+                "(an incomplete download or copy?); download the file again"
+            )
+        f.seek(8)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({error}); download the file again") from None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    data_end = 0
+    for name, entry in header.items():
+        tensors[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]))
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + header_len + data_end > file_size:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has "
+            f"{file_size} (an incomplete download or copy?); download the file again"
+        )
+    return tensors, metadata
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Classify a safetensors file from its header: DiT, VAE, T5 or unknown (see CheckpointInfo)."""
+    tensors, metadata = read_safetensors_header(path)
+    names = list(tensors)
+
+    dit_prefix = None
+    for prefix in DIT_PREFIXES + ("",):
+        if any(n.startswith(prefix) and _DIT_KEY.search(n[len(prefix):]) for n in names):
+            dit_prefix = prefix
+            break
+    vae_decoder_prefix = None
+    for prefix in VAE_DECODER_PREFIXES + ("",):
+        if any(n.startswith(prefix) and _VAE_DECODER_KEY.match(n[len(prefix):]) and ".stack." in n or
+               n == f"{prefix}output_proj.weight" for n in names):
+            vae_decoder_prefix = prefix
+            break
+    has_vae_encoder = any(_VAE_ENCODER_KEY.search(n) for n in names)
+    is_t5 = any(_T5_KEY.search(n) for n in names)
+    if dit_prefix is not None:
+        kind = "dit"
+        # a DiT's own `blocks.N...` keys also look like a bare decoder's: only report a VAE beside it
+        if vae_decoder_prefix == "":
+            vae_decoder_prefix = None
+    elif vae_decoder_prefix is not None or has_vae_encoder:
+        kind = "vae"
+    elif is_t5:
+        kind = "t5"
+    else:
+        kind = "unknown"
+    return CheckpointInfo(
+        path=os.fspath(path), kind=kind, tensors=tensors, dit_prefix=dit_prefix,
+        vae_decoder_prefix=vae_decoder_prefix, has_vae_encoder=has_vae_encoder,
+        fp8_scaled=FP8_MARKER in tensors, metadata=metadata,
+    )
+
+
+def _check_keys(path: str, what: str, got: dict[str, TensorInfo], expected: dict[str, torch.Size], hint: str):
+    """Strict key and shape check with a message listing the first offenders."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+
+    def listing(keys):
+        return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+    if missing:
+        raise CheckpointError(
+            f"{path} looks like {what} but is missing {len(missing)} tensor(s): {listing(missing)}. "
+            f"The file is incomplete or from a different model; {hint}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{path} has {len(unexpected)} unexpected tensor(s) for {what}: {listing(unexpected)}. "
+            f"It is a different model or a modified file; {hint}"
+        )
+    for name, size in expected.items():
+        if tuple(got[name].shape) != tuple(size):
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(got[name].shape)}, but the sizes inferred from "
+                f"the rest of the file need {list(size)}; the file is inconsistent or modified; {hint}"
+            )
+
+
+def _split_aux(names: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Separate fp8_scaled extras (`<linear>.scale_weight`; `scale_input` is unused) from weights.
+    names: stripped -> full key. Returns (weights, scale_weight keys by Linear weight name)."""
+    weights, scales = {}, {}
+    for short, full in names.items():
+        if short.endswith(".scale_weight"):
+            scales[short[: -len(".scale_weight")] + ".weight"] = full
+        elif short.endswith(".scale_input") or short == FP8_MARKER:
+            continue
+        else:
+            weights[short] = full
+    return weights, scales
+
+
+def _quantise_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax scaling into float8_e4m3fn (as ComfyUI's fp8_scaled files are made)."""
+    scale = (weight.float().abs().max() / FP8_MAX).clamp(min=1e-12)
+    return (weight.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
+
+
+def _load_into(
+    model: torch.nn.Module,
+    path: str,
+    weights: dict[str, str],
+    scales: dict[str, str],
+    weight_dtype: str,
+    device: torch.device,
+) -> None:
+    """Read tensors from the mapped file, convert by the dtype policy and assign them into `model`
+    (built on the meta device). A tensor already in the target dtype on CPU stays a view of the file."""
+    from safetensors import safe_open  # the only reader; keeps import of this module light
+
+    linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+    high = torch.bfloat16 if weight_dtype == "fp8" else WEIGHT_DTYPES[weight_dtype]
+    state, fp8_scales = {}, {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name, full in weights.items():
+            tensor = f.get_tensor(full).to(device)
+            scale = f.get_tensor(scales[name]).to(device).float().reshape(()) if name in scales else None
+            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale is None:
+                scale = torch.ones((), device=device)  # plain fp8 file: scale 1
+            if weight_dtype == "fp8" and name in linear_weights:
+                if tensor.dtype != torch.float8_e4m3fn:
+                    tensor, scale = _quantise_fp8(tensor if scale is None else tensor.float() * scale)
+                fp8_scales[name] = scale
+            elif scale is not None:
+                tensor = (tensor.float() * scale).to(high)  # dequantise fp8_scaled
+            elif name in FP32_ONLY:
+                tensor = tensor.float()
+            elif tensor.is_floating_point():
+                tensor = tensor.to(high)
+            state[name] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    modules = dict(model.named_modules())
+    for name, scale in fp8_scales.items():
+        modules[name[: -len(".weight")]].scale_weight = scale
+    model.requires_grad_(False)
+    model.eval()
+
+
+def _check_dtype(weight_dtype: str, allowed: tuple[str, ...]) -> None:
+    if weight_dtype not in allowed:
+        raise ValueError(f"weight_dtype={weight_dtype!r}; use one of {', '.join(allowed)}")
+
+
+def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | torch.device = "cpu") -> MochiDiT:
+    """Load a Mochi DiT of any size from safetensors (genmo names, optional ComfyUI prefix, fp8_scaled).
+
+    Args:
+        path: the .safetensors file.
+        weight_dtype: "bf16", "fp16", "fp32", or "fp8" (Linear weights stored as float8_e4m3fn with
+            a per-tensor scale, cast at call time; everything else bf16). `pos_frequencies` is
+            always fp32.
+        device: where the weights live; on CPU, weights already in the target dtype stay memory-mapped.
+
+    Returns:
+        MochiDiT in eval mode without gradients; `model.config` holds the inferred size.
+    """
+    _check_dtype(weight_dtype, tuple(WEIGHT_DTYPES))
+    path = os.fspath(path)
+    info = inspect_checkpoint(path)
+    hint = "use a Mochi DiT file such as mochi_preview_bf16.safetensors (ComfyUI models/diffusion_models)."
+    if info.kind != "dit":
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi DiT was expected; {hint}")
+    prefix = info.dit_prefix
+    names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
+    weights, scales = _split_aux(names)
+    shapes = {name: info.tensors[full].shape for name, full in weights.items()}
+    try:
+        config = DiTConfig.from_shapes(shapes)
+    except KeyError as error:
+        raise CheckpointError(
+            f"{path} looks like {info.describe()} but is missing tensor {error.args[0]!r}, which sizes "
+            f"the model; the file is incomplete or from a different model; {hint}"
+        ) from None
+    except (ValueError, IndexError) as error:
+        raise CheckpointError(f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}") from None
+    with torch.device("meta"):
+        model = MochiDiT(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in weights.items()}, expected, hint)
+    _load_into(model, path, weights, scales, weight_dtype, torch.device(device))
+    return model
+
+
+def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """Load Mochi's VAE decoder from a bare decoder file or a full VAE (`decoder.` prefix; the
+    encoder's tensors are ignored).
+
+    Args:
+        path: the .safetensors file (genmo decoder.safetensors or ComfyUI mochi_vae.safetensors).
+        weight_dtype: "fp32" (CPU), "bf16" or "fp16".
+        device: where the weights live.
+
+    Returns:
+        MochiVAEDecoder in eval mode without gradients.
+    """
+    from .vae import MochiVAEDecoder, VAEDecoderConfig
+
+    _check_dtype(weight_dtype, ("bf16", "fp16", "fp32"))
+    path = os.fspath(path)
+    info = inspect_checkpoint(path)
+    hint = "use Mochi's VAE file such as mochi_vae.safetensors (ComfyUI models/vae) or genmo's decoder.safetensors."
+    if info.kind == "vae" and info.vae_decoder_prefix is None:
+        raise CheckpointError(f"{path} looks like {info.describe()}: it has no decoder; {hint}")
+    if info.kind != "vae":
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected; {hint}")
+    prefix = info.vae_decoder_prefix
+    if prefix:
+        names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
+    else:  # bare decoder: everything except a possible encoder
+        names = {k: k for k in info.tensors if not _VAE_ENCODER_KEY.search(k)}
+    shapes = {name: info.tensors[full].shape for name, full in names.items()}
+    try:
+        config = VAEDecoderConfig.from_shapes(shapes)
+    except KeyError as error:
+        raise CheckpointError(
+            f"{path} looks like {info.describe()} but is missing tensor {error.args[0]!r}, which sizes "
+            f"the decoder; the file is incomplete or from a different model; {hint}"
+        ) from None
+    except (ValueError, IndexError) as error:
+        raise CheckpointError(f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}") from None
+    with torch.device("meta"):
+        model = MochiVAEDecoder(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in names.items()}, expected, hint)
+    _load_into(model, path, names, {}, weight_dtype, torch.device(device))
+    return model
