@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -128,13 +128,19 @@ class Counter(TorchDispatchMode):
             args = (args[0], [self._substitute_mask(i) for i in args[1]])
         out = func(*args, **kwargs)
         self._count(func, args, kwargs, out)
+        inputs = None
         for tensor in _tensors(out):
+            if tensor.untyped_storage()._cdata not in self._storages:
+                if inputs is None:  # views and in-place results share an input's storage: not new
+                    inputs = {t.untyped_storage()._cdata for t in _tensors(list(args) + list(kwargs.values()))}
+                if tensor.untyped_storage()._cdata in inputs:
+                    continue
             self._track(tensor, func)
         return out
 
     def _substitute_mask(self, index):
-        if index is None or index.dtype != torch.bool:
-            return index
+        if index is None or index.dtype != torch.bool or not isinstance(index, FakeTensor):
+            return index  # real masks index for real
         if self.mask_true is None or self.fake_mode is None:
             raise ValueError("boolean indexing on fake tensors needs Counter(fake_mode, mask_true=<count>)")
         if index.dim() != 1:
