@@ -11,6 +11,7 @@ Anything else is refused with a message that says what the file looks like.
 """
 
 import json
+import logging
 import os
 import re
 import struct
@@ -21,6 +22,8 @@ import torch
 
 from .dit import DiTConfig, MochiDiT
 from .layers import Linear
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {
     "bf16": torch.bfloat16,
@@ -246,10 +249,15 @@ def _load_into(
     scales: dict[str, str],
     weight_dtype: str,
     device: torch.device,
+    metadata: dict[str, str],
 ) -> None:
     """Read tensors from the mapped file, convert by the dtype policy and assign them into `model`
     (built on the meta device). A tensor already in the target dtype on CPU stays a view of the file."""
     from safetensors import safe_open  # the only reader; keeps import of this module light
+
+    if "mochi_xdit_demo" in metadata:  # written by demo.demo_checkpoints
+        bar = "!" * 100
+        logger.warning("\n%s\n!!! %s (%s)\n%s", bar, metadata.get("notice", "demo weights"), path, bar)
 
     linear_weights = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
     high = torch.bfloat16 if weight_dtype == "fp8" else WEIGHT_DTYPES[weight_dtype]
@@ -320,7 +328,7 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
         model = MochiDiT(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in weights.items()}, expected, hint)
-    _load_into(model, path, weights, scales, weight_dtype, torch.device(device))
+    _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model
 
 
@@ -365,5 +373,5 @@ def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
         model = MochiVAEDecoder(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in names.items()}, expected, hint)
-    _load_into(model, path, names, {}, weight_dtype, torch.device(device))
+    _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
     return model

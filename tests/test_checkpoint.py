@@ -246,3 +246,22 @@ def test_wrong_files_get_clear_errors(tmp_path, dit_state):
     save_file({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="unrecognised safetensors file.*something.else"):
         load_dit(tmp_path / "other.safetensors")
+
+
+def test_demo_files_are_written_once_deterministically_and_load_loudly(tmp_path, monkeypatch, caplog):
+    from mochi_xdit.mochi.demo import (DEMO_DIT_CONFIG, DEMO_NOTICE, DEMO_SEED, DEMO_VAE_CONFIG, demo_checkpoints,
+                                       load_demo_models)
+
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "cache"))  # read at call time
+    dit_path, vae_path = demo_checkpoints()
+    assert dit_path.parent == tmp_path / "cache" and dit_path.is_file() and vae_path.is_file()
+    stamp = (dit_path.stat().st_mtime_ns, vae_path.stat().st_mtime_ns)
+    with caplog.at_level("WARNING"):
+        dit, vae = load_demo_models()
+    assert (dit_path.stat().st_mtime_ns, vae_path.stat().st_mtime_ns) == stamp, "demo files rewritten"
+    assert sum(DEMO_NOTICE in record.getMessage() for record in caplog.records) == 2  # DiT and VAE
+    assert dit.config == DEMO_DIT_CONFIG and vae.config == DEMO_VAE_CONFIG
+    expected = random_dit_state_dict(DEMO_DIT_CONFIG, DEMO_SEED)
+    assert all(torch.equal(dit.state_dict()[k], v) for k, v in expected.items())
+    expected = random_vae_state_dict(DEMO_VAE_CONFIG, DEMO_SEED)
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in expected.items())

@@ -207,3 +207,22 @@ def test_request_validation_names_the_fix(model):
     wide = TextCondition(torch.zeros(1, 4, 4096), torch.ones(1, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="4096 wide but this DiT takes 32"):
         DenoiseLoop(model, SampleRequest(wide, negative, latent_shape=(1, 12, 1, 2, 2)))
+
+
+def test_generate_then_decode_frames_gives_comfy_images(model):
+    from mochi_xdit.mochi.demo import DEMO_VAE_CONFIG, random_vae_state_dict
+    from mochi_xdit.mochi.pipeline import decode_frames
+    from mochi_xdit.mochi.vae import MochiVAEDecoder
+
+    vae = MochiVAEDecoder(DEMO_VAE_CONFIG)
+    vae.load_state_dict(random_vae_state_dict(DEMO_VAE_CONFIG, seed=1))
+    progress = []
+    request = SampleRequest(text(3, 1), text(0, 2), latent_shape=(2, 12, 2, 2, 4), steps=2, schedule="simple")
+    latent = generate(model, request, callback=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 2), (2, 2)]
+    frames = decode_frames(vae.eval(), latent)
+    assert frames.shape == (2 * 7, 16, 32, 3) and frames.dtype == torch.float32  # 6T - 5 = 7 per video
+    assert frames.min().item() >= 0.0 and frames.max().item() <= 1.0
+    video = vae.decode(latent)  # [2, 3, 7, 16, 32], nominally in [-1, 1]
+    expected = ((video.permute(0, 2, 3, 4, 1).reshape(14, 16, 32, 3) + 1) / 2).clamp(0, 1)
+    assert (frames - expected).abs().max().item() <= 1e-6
