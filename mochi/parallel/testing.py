@@ -71,7 +71,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, collective_t
     Raises:
         RuntimeError naming the failed rank with its traceback, or the ranks that missed the deadline.
     """
-    target = (fn.__module__, inspect.getfile(fn), fn.__qualname__)
+    target = (fn.__module__, inspect.getfile(sys.modules[fn.__module__]), fn.__qualname__)
     spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="mochi_ranks_") as tmp:
         store_path = os.path.join(tmp, "store")
