@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from .protocol import PoolSpec, RankInfo, StepReport
+from .protocol import LOOPBACK, PoolSpec, RankInfo, StepReport
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -23,6 +23,18 @@ def _node_id_and_ip() -> tuple[str, str]:
     except ImportError:
         pass
     return "local", "127.0.0.1"
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
 
 
 class RankWorker:
@@ -89,6 +101,9 @@ class RankWorker:
                                         timeout=timedelta(seconds=self.spec.timeouts.collective_s))
         elif self._store is None:
             raise RuntimeError("rank 0: join_group() before open_store(); call open_store() on rank 0 first")
+        _, node_ip = _node_id_and_ip()
+        if node_ip == LOOPBACK:  # a loopback-only Ray: keep gloo's sockets there too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         timeout = timedelta(seconds=self.spec.timeouts.collective_s)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=world, timeout=timeout)
@@ -161,6 +176,19 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank}: decode_tiles() without a VAE; give vae_path when building the pool")
         latent = latent.to(self.device)
         return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]
+
+    def auto_tiles(self, latent_shape: tuple[int, ...]):
+        """A TileSpec sized to this rank's free memory (every rank of a pool has the same kind of device)."""
+        from ..mochi.vae_tiling import TileSpec
+
+        if self.vae is None:
+            raise RuntimeError(f"rank {self.rank}: auto_tiles() without a VAE; give vae_path when building the pool")
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:  # ranks of a CPU pool share the machine's memory
+            available = _available_host_bytes() // self.spec.world_size
+        dtype = next(self.vae.parameters()).dtype
+        return TileSpec.auto(available, self.vae.config, dtype, latent_frames=int(latent_shape[2]))
 
     def shutdown(self) -> None:
         """Leave the process group (the driver kills the actor afterwards)."""

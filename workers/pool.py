@@ -159,13 +159,15 @@ class Pool:
             return self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
 
     def decode(self, latent: torch.Tensor, tiles=None) -> torch.Tensor:
-        """Decode a VAE-space latent [B, 12, T, H, W] into video [B, 3, 6T-5, 8H, 8W] in [-1, 1]:
-        the tiles are dealt round-robin to the ranks and assembled here, so the result equals the
-        single-rank tiled decode.
+        """Decode a VAE-space latent [B, 12, T, H, W] into video [B, 3, 6T-5, 8H, 8W] fp32 in [-1, 1].
+
+        The tile plan is dealt round-robin to the ranks and the tiles are blended here in plan order,
+        so the video equals the single-rank tiled decode (`mochi.vae_tiling.decode_tiled`) exactly,
+        for any world size.
 
         Args:
-            latent: VAE-space latent.
-            tiles: a `mochi.vae_tiling.TileSpec`, or None for the automatic choice.
+            latent: VAE-space latent (a LATENT's samples).
+            tiles: a `mochi.vae_tiling.TileSpec`, or None to let rank 0 size tiles to its free memory.
         """
         from ..mochi.vae_tiling import assemble_tiles, plan_tiles
 
@@ -173,16 +175,19 @@ class Pool:
             self._check_usable()
             if self.spec.vae_path is None:
                 raise ValueError("this pool has no VAE; build it with vae_path to decode")
+            timeouts = self.spec.timeouts
+            latent = latent.detach().to("cpu", torch.float32)
+            if tiles is None:
+                tiles = self._gather("auto_tiles", [self._actors[0].auto_tiles.remote(tuple(latent.shape))],
+                                     timeouts.call_s)[0]
             plan = plan_tiles(tuple(latent.shape), tiles)
             world = len(self._actors)
-            latent_ref = ray.put(latent.detach().cpu())
             shares = [plan[rank::world] for rank in range(world)]
-            parts = self._gather("decode_tiles", [a.decode_tiles.remote(latent_ref, shares[rank])
-                                                  for rank, a in enumerate(self._actors)], self.spec.timeouts.decode_s)
-            decoded = [None] * len(plan)
-            for rank in range(world):
-                decoded[rank::world] = parts[rank]
-            return assemble_tiles(tuple(latent.shape), plan, decoded)
+            latent_ref = ray.put(latent)
+            parts = self._gather("decode_tiles", [actor.decode_tiles.remote(latent_ref, shares[rank])
+                                                  for rank, actor in enumerate(self._actors)], timeouts.decode_s)
+            decoded = [(tile, pixels) for rank in range(world) for tile, pixels in zip(shares[rank], parts[rank])]
+            return assemble_tiles(plan, decoded)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 
 from ..mochi.parallel.config import ParallelConfig
 
+LOOPBACK = "127.0.0.1"
 WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 DEVICES = ("cpu", "cuda")
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import ray
 
+from .protocol import LOOPBACK
+
 PACKAGE_NAME = "mochi_xdit"
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set before a private Ray starts (DESIGN.md section 5): token auth on, node addresses on loopback.
-LOOPBACK = "127.0.0.1"
 PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _STAGE_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "*.safetensors", "*.mp4", ".pytest_cache")
 
@@ -103,19 +104,19 @@ def _copy_stage() -> str:
     return target
 
 
-def actor_runtime_env(private: bool, importable: bool) -> dict | None:
-    """runtime_env for our actors: how they import `mochi_xdit`, and loopback gloo on a private Ray."""
-    env_vars = {"GLOO_SOCKET_IFNAME": "lo"} if private else {}
-    runtime_env: dict = {}
-    if not importable:
-        if private:
-            python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
-        else:
-            runtime_env["py_modules"] = [_copy_stage()]
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    return runtime_env or None
+def actor_runtime_env(importable: bool) -> dict | None:
+    """Per-actor runtime_env on a private Ray: a PYTHONPATH entry that provides `mochi_xdit` (None
+    when workers import it already)."""
+    if importable:
+        return None
+    python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(python_path)}}
+
+
+def job_runtime_env(importable: bool) -> dict | None:
+    """Job-level runtime_env when joining a cluster: ship a staged copy with `py_modules` (Ray only
+    uploads local directories at the job level, i.e. in `ray.init`)."""
+    return None if importable else {"py_modules": [_copy_stage()]}
 
 
 def ensure_ray(address: str | None = None) -> RayRuntime:
@@ -132,9 +133,14 @@ def ensure_ray(address: str | None = None) -> RayRuntime:
                 return _runtime
             _shutdown_locked()
         elif ray.is_initialized():
-            # Someone else (the user's own code) connected this process: use it as a cluster.
-            _runtime = RayRuntime(address=wanted or "existing", private=False,
-                                  actor_env=actor_runtime_env(False, package_importable_here()))
+            # The user's own code connected this process: use that connection as it is.
+            if not package_importable_here():
+                raise RuntimeError(
+                    "Ray was already initialised by other code in this process, and Ray workers cannot import "
+                    f"{PACKAGE_NAME!r} from {PACK_ROOT}; install the pack on every node (pip install -e <pack>) "
+                    "or let the pack connect to Ray itself (do not call ray.init first)"
+                )
+            _runtime = RayRuntime(address=wanted or "existing", private=False, actor_env=None)
             return _runtime
         importable = package_importable_here()
         if wanted is None:
@@ -145,12 +151,17 @@ def ensure_ray(address: str | None = None) -> RayRuntime:
             _set_loopback_only(True)
             # _node_ip_address: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, which
             # may have happened before us; naming the loopback address keeps every Ray address on it.
-            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
-                     _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=True)
+            try:
+                ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
+                         _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=True)
+            except BaseException:
+                _shutdown_locked()  # restores the environment
+                raise
+            _runtime = RayRuntime(address=None, private=True, actor_env=actor_runtime_env(importable))
         else:
-            ray.init(address=wanted, logging_level="WARNING", log_to_driver=True)
-        _runtime = RayRuntime(address=wanted, private=wanted is None,
-                              actor_env=actor_runtime_env(wanted is None, importable))
+            ray.init(address=wanted, runtime_env=job_runtime_env(importable), logging_level="WARNING",
+                     log_to_driver=True)
+            _runtime = RayRuntime(address=wanted, private=False, actor_env=None)
         return _runtime
 
 

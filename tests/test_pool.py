@@ -1,0 +1,281 @@
+"""The Ray rank pool on real Ray (loopback only): lockstep sampling equals the single-process loop,
+interrupts, a SIGKILLed rank, tiled decode across ranks, placement on a 2-node cluster, imports from
+a ComfyUI custom_nodes copy, and nothing left behind after shutdown.
+
+Ray starts once for the module (it costs seconds); pools are shared where the test allows.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+import torch
+from safetensors.torch import save_file
+
+from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder
+from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
+from mochi_xdit.mochi.parallel.config import ParallelConfig
+from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
+from mochi_xdit.mochi.text import TextCondition
+from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
+from mochi_xdit.workers import ray_runtime
+from mochi_xdit.workers.actor import RankWorker
+from mochi_xdit.workers.pool import Pool, PoolCache
+from mochi_xdit.workers.protocol import PoolError, PoolSpec, RunInterrupted, Timeouts
+
+HEADS = DEMO_DIT_CONFIG.num_heads
+TOLERANCE = 1e-5
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    dit, vae = str(folder / "dit.safetensors"), str(folder / "vae.safetensors")
+    save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), dit)
+    save_file(random_vae_state_dict(DEMO_VAE_CONFIG, seed=0), vae)
+    return dit, vae
+
+
+@pytest.fixture(scope="module")
+def request_6_steps():
+    generator = torch.Generator().manual_seed(1)
+    positive = TextCondition(torch.randn(1, 16, 4096, generator=generator), torch.tensor([[1] * 9 + [0] * 7]))
+    return SampleRequest(positive, TextCondition.empty(16), latent_shape=(1, 12, 2, 8, 12), seed=7, steps=6, cfg=4.5)
+
+
+@pytest.fixture(scope="module")
+def oracle(model_files, request_6_steps):
+    """The single-process loop: same weights, same request, no Ray."""
+    loop = DenoiseLoop(load_dit(model_files[0], "fp32", "cpu"), request_6_steps)
+    loop.begin()
+    for i in range(loop.num_steps):
+        loop.step(i)
+    return loop.finish()
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    ray_runtime.ensure_ray(None)
+    yield
+    ray_runtime.shutdown_ray()
+
+
+def spec_for(model_files, cfg=1, ulysses=2, ring=1, **kwargs) -> PoolSpec:
+    parallel = ParallelConfig(cfg * ulysses * ring, cfg, ulysses, ring, num_heads=HEADS)
+    timeouts = Timeouts(start_s=120, load_s=120, step_s=60, call_s=60, decode_s=120, collective_s=30)
+    return PoolSpec(model_files[0], model_files[1], "fp32", parallel, device="cpu", cpu_threads=1,
+                    timeouts=timeouts, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(ray_up):
+    pools = PoolCache()
+    yield pools
+    pools.shutdown()
+
+
+def test_private_ray_stays_on_loopback_with_token_auth(ray_up):
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
+    assert all(node["NodeManagerAddress"] == "127.0.0.1" for node in ray.nodes())
+
+
+def test_two_rank_pool_matches_single_process(cache, model_files, request_6_steps, oracle):
+    pool = cache.acquire(spec_for(model_files))
+    assert [info.rank for info in pool.ranks] == [0, 1]
+    assert {info.node_ip for info in pool.ranks} == {"127.0.0.1"}
+    reports = []
+    latent = pool.sample(request_6_steps, on_step=reports.append, preview=True)
+    assert [r.index for r in reports] == list(range(6)) and all(r.total == 6 for r in reports)
+    assert reports[-1].preview.shape == (1, 12, 1, 8, 12)
+    assert latent.shape == oracle.shape
+    assert (latent - oracle).abs().max().item() <= TOLERANCE
+
+
+def test_interrupt_after_step_2_of_6_then_full_run_matches(cache, model_files, request_6_steps, oracle):
+    pool = cache.acquire(spec_for(model_files))
+    seen = []
+
+    def stop_after_two(report):
+        seen.append(report.index)
+        return report.index < 1  # False after the second step
+
+    with pytest.raises(RunInterrupted, match="after step 2 of 6"):
+        pool.sample(request_6_steps, on_step=stop_after_two)
+    assert seen == [0, 1]
+
+    class UserCancel(Exception):
+        pass
+
+    def raise_at_step_3(report):
+        if report.index == 2:
+            raise UserCancel("cancel pressed")
+
+    with pytest.raises(UserCancel):
+        pool.sample(request_6_steps, on_step=raise_at_step_3)
+    assert cache.acquire(spec_for(model_files)) is pool  # still alive, reused
+    latent = pool.sample(request_6_steps)
+    assert (latent - oracle).abs().max().item() <= TOLERANCE
+
+
+def test_verbs_out_of_order_raise_with_the_fix(model_files):
+    worker = RankWorker(2, spec_for(model_files, ulysses=4))
+    with pytest.raises(RuntimeError, match=r"rank 2: step\(\) before begin\(\); call begin\(request\) first"):
+        worker.step(0)
+    with pytest.raises(RuntimeError, match=r"rank 2: finish\(\) before begin\(\)"):
+        worker.finish()
+    with pytest.raises(RuntimeError, match=r"rank 2: load\(\) before join_group\(\)"):
+        worker.load()
+    with pytest.raises(RuntimeError, match="open_store\\(\\) is rank 0's job"):
+        worker.open_store()
+
+
+def test_parallel_tiled_decode_on_2_ranks_equals_single_rank_tiled_decode(cache, model_files):
+    pool = cache.acquire(spec_for(model_files))
+    latent = torch.randn(1, 12, 3, 10, 14, generator=torch.Generator().manual_seed(3))
+    tiles = TileSpec(tile_height=6, tile_width=6, overlap=2, frame_chunk=2)  # 3 x 3 tiles, chunks of 2
+    video = pool.decode(latent, tiles)
+    expected = decode_tiled(load_vae_decoder(model_files[1], "fp32", "cpu"), latent, tiles)
+    assert video.shape == (1, 3, 13, 80, 112)
+    assert torch.equal(video, expected)
+
+
+def test_pool_reused_for_same_spec_rebuilt_for_new_degrees(cache, model_files, request_6_steps, oracle):
+    first = cache.acquire(spec_for(model_files))
+    assert cache.acquire(spec_for(model_files)) is first
+    second = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))  # CFG-parallel pool
+    assert second is not first and first.dead
+    assert not any(psutil.pid_exists(info.pid) and psutil.Process(info.pid).status() != "zombie"
+                   for info in first.ranks)
+    latent = second.sample(request_6_steps)
+    assert (latent - oracle).abs().max().item() <= TOLERANCE
+
+
+def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache, model_files, request_6_steps, oracle):
+    spec = spec_for(model_files, cfg=2, ulysses=1)
+    pool = cache.acquire(spec)
+    victim = pool.ranks[1].pid
+    killed_at = []
+
+    def kill_during_step_3(report):
+        if report.index == 1:  # rank 1 dies while step 3 runs
+            def kill():
+                time.sleep(0.05)
+                killed_at.append(time.monotonic())
+                os.kill(victim, signal.SIGKILL)
+            threading.Thread(target=kill).start()
+
+    with pytest.raises(PoolError) as raised:
+        pool.sample(request_6_steps, on_step=kill_during_step_3)
+    elapsed = time.monotonic() - killed_at[0]
+    assert elapsed <= 15.0, f"the dead rank was noticed after {elapsed:.1f} s"
+    error = raised.value
+    assert error.rank == 1 and error.verb == "step"
+    assert "rank 1" in str(error) and "died" in str(error)
+    assert pool.dead
+    for info in pool.ranks:  # every actor of the poisoned group is gone
+        assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == "zombie"
+    rebuilt = cache.acquire(spec)
+    assert rebuilt is not pool
+    latent = rebuilt.sample(request_6_steps)
+    assert (latent - oracle).abs().max().item() <= TOLERANCE
+
+
+def _our_ray_processes() -> list[psutil.Process]:
+    me = psutil.Process()
+    return [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_shutdown_leaves_no_actor_or_ray_process(cache, model_files):
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))  # the pool the previous test rebuilt
+    pids = [info.pid for info in pool.ranks]
+    assert _our_ray_processes(), "a private Ray runs as children of this process"
+    ray_runtime.shutdown_ray()  # stops the cached pool through the shutdown hook, then Ray
+    assert pool.dead
+    deadline = time.monotonic() + 10
+    while _our_ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _our_ray_processes() == []
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    assert not ray.is_initialized()
+
+
+CLUSTER_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys
+    # Hide the editable install, as in a ComfyUI that only has the folder in custom_nodes.
+    sys.meta_path = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
+    pack, dit = sys.argv[1], sys.argv[2]
+    spec = importlib.util.spec_from_file_location("ComfyUI-Mochi-xDiT", os.path.join(pack, "__init__.py"),
+                                                  submodule_search_locations=[pack])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ComfyUI-Mochi-xDiT"] = module
+    spec.loader.exec_module(module)  # registers the folder as `mochi_xdit` (root __init__.py)
+    from ray.cluster_utils import Cluster
+    from mochi_xdit.mochi.parallel.config import ParallelConfig
+    from mochi_xdit.workers import ray_runtime
+    from mochi_xdit.workers.pool import Pool
+    from mochi_xdit.workers.protocol import PoolSpec
+    assert ray_runtime.PACK_ROOT == pack, ray_runtime.PACK_ROOT
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1",
+                                                           "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        # 4 ranks as 2 Ulysses pairs; a node has room for one pair only (3 CPUs).
+        pool = Pool(PoolSpec(dit, None, "fp32", ParallelConfig(4, 2, 2, 1, num_heads=4), ray_address=cluster.address))
+        print("RANKS", json.dumps([[i.rank, i.node_id, i.node_ip, i.package_dir] for i in pool.ranks]))
+        pool.shutdown()
+    finally:
+        ray_runtime.shutdown_ray()
+        cluster.shutdown()
+    # The default ComfyUI path: a private Ray on this machine (the pack is found through a symlink).
+    pool = Pool(PoolSpec(dit, None, "fp32", ParallelConfig(1, num_heads=4)))
+    print("PRIVATE", pool.ranks[0].package_dir)
+    ray_runtime.shutdown_ray()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def comfyui_copy_on_cluster(model_files, tmp_path_factory):
+    """Run a 4-rank pool from a copy of the pack in custom_nodes/ComfyUI-Mochi-xDiT (editable install
+    hidden) against a 2-node loopback cluster, in a fresh process; returns (pack dir, rank rows)."""
+    pack = str(tmp_path_factory.mktemp("comfyui") / "custom_nodes" / "ComfyUI-Mochi-xDiT")
+    shutil.copytree(REPO_ROOT, pack, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # what the README asks of clusters
+    result = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, pack, model_files[0]], capture_output=True,
+                            text=True, timeout=400, env=env, cwd=os.path.dirname(pack))
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    ranks = json.loads([l for l in lines if l.startswith("RANKS ")][0].split(" ", 1)[1])
+    private = [l for l in lines if l.startswith("PRIVATE ")][0].split(" ", 1)[1]
+    return pack, ranks, private
+
+
+def test_cluster_placement_keeps_each_ulysses_group_on_one_node(comfyui_copy_on_cluster):
+    _, ranks, _ = comfyui_copy_on_cluster
+    nodes = [node for _, node, _, _ in ranks]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # each Ulysses pair inside one node
+    assert nodes[0] != nodes[2]  # and the pairs did not fit on one node
+    assert {ip for _, _, ip, _ in ranks} == {"127.0.0.1"}
+
+
+def test_actors_import_the_pack_from_a_comfyui_custom_nodes_copy(comfyui_copy_on_cluster):
+    pack, ranks, private = comfyui_copy_on_cluster
+    # private Ray: the copy itself, through a `mochi_xdit` symlink on the actors' PYTHONPATH
+    assert os.path.realpath(private) == os.path.realpath(pack)
+    # cluster: shipped to the cluster as a staged copy named mochi_xdit (py_modules), not the editable install
+    assert all(os.path.realpath(package_dir) != os.path.realpath(REPO_ROOT) for *_, package_dir in ranks)
+    assert all(os.path.basename(package_dir) == "mochi_xdit" for *_, package_dir in ranks)
