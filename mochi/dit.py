@@ -107,21 +107,32 @@ class DiTConfig:
 
 
 def modulated_rmsnorm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """rmsnorm(x) * (1 + scale), fp32 inside. x [B, S, D], scale [B, D]."""
-    return (rms_norm(x, NORM_EPS) * (1.0 + scale.float()[:, None])).to(x.dtype)
+    """rmsnorm(x) * (1 + scale), fp32 inside. x [B, S, D], scale [B, D].
+
+    Written to allocate one [B, S, D] buffer (the fused norm's output, then scaled in place): on
+    CPU every fresh large temporary costs page faults that cost as much as the arithmetic."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)  # fresh fp32 [B, S, D]
+    return normed.mul_(1.0 + scale.float()[:, None]).to(x.dtype)
 
 
 def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + rmsnorm(residual) * tanh(gate). x, residual [B, S, D], gate [B, D]."""
-    normed = rms_norm(residual, NORM_EPS) * torch.tanh(gate.float())[:, None]
+    """x + rmsnorm(residual) * tanh(gate). x, residual [B, S, D], gate [B, D]. One [B, S, D]
+    allocation in fp32 (normalise, gate and add in place)."""
+    normed = F.rms_norm(residual.float(), (residual.shape[-1],), eps=NORM_EPS)  # fresh fp32 [B, S, D]
+    normed.mul_(torch.tanh(gate.float())[:, None])
+    if x.dtype == torch.float32:
+        return normed.add_(x)
     return x + normed.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs as one complex multiply, in fp32.
-    x [B, S, H, Dh], rope [S, H, Dh/2] complex64 (cos + i sin of the angles)."""
+    x [B, S, H, Dh] (contiguous pairs), rope [S, H, Dh/2] complex64 (cos + i sin of the angles).
+    inplace=True may overwrite x (pass it only a fresh temporary)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, Dh/2] complex64
-    return torch.view_as_real(pairs * rope).flatten(-2).to(x.dtype)  # [B, S, H, Dh]
+    # x.float() of a narrower x is a fresh copy, so rotating it in place is always safe
+    rotated = pairs.mul_(rope) if inplace or x.dtype != torch.float32 else pairs * rope
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [B, S, H, Dh]
 
 
 def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
@@ -208,7 +219,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.w1(x).chunk(2, dim=-1)  # [B, S, hidden] each
-        return self.w2(F.silu(x) * gate)
+        return self.w2(F.silu(x).mul_(gate))  # gate in place: one [B, S, hidden] temporary
 
 
 class JointAttention(nn.Module):
@@ -245,8 +256,8 @@ class JointAttention(nn.Module):
         L = y.shape[1]
         H, Dh = self.num_heads, self.head_dim
         q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
-        q_x = apply_rope(self.q_norm_x(q_x), rope)
-        k_x = apply_rope(self.k_norm_x(k_x), rope)
+        q_x = apply_rope(self.q_norm_x(q_x), rope, inplace=True)  # the norm's output is a fresh tensor
+        k_x = apply_rope(self.k_norm_x(k_x), rope, inplace=True)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
         q_y = self.q_norm_y(q_y)
         k_y = self.k_norm_y(k_y)
@@ -306,12 +317,13 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.mod(F.silu(c)).chunk(2, dim=1)  # [B, Dx] each
         x = F.layer_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)
-        x = (x * (1.0 + scale.float()[:, None]) + shift.float()[:, None]).to(c.dtype)
+        x = torch.addcmul(shift.float()[:, None], x, 1.0 + scale.float()[:, None]).to(c.dtype)
         return self.linear(x)  # [B, S, p*p*C]
 
 
 class MochiDiT(nn.Module):
-    """Mochi-1 DiT (genmo `AsymmDiTJoint`), any size.
+    """Mochi-1 DiT (genmo `AsymmDiTJoint`), any size. Inference only: run it under torch.no_grad()
+    (temporaries are updated in place to save memory traffic).
 
     Args:
         config: DiTConfig (use `DiTConfig.from_shapes` for a checkpoint).
