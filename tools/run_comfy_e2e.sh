@@ -84,6 +84,12 @@ run invalid_degrees 0 "$WORKFLOW" --reuse "${SMALL[@]}" --set 5.world_size=4 --s
     --set 5.ring_degree=1 --set 5.cfg_degree=1 --expect invalid --json-out "$OUT/invalid.json"
 run after_interrupt 0 "$WORKFLOW" --reuse "${SMALL[@]}" --set 6.seed=8 --json-out "$OUT/after_interrupt.json"
 
+echo "== run: websocket trace (progress messages and latent previews)"
+SET_ARGS=()
+for ((i = 1; i < ${#SMALL[@]}; i += 2)); do SET_ARGS+=(--set "${SMALL[$i]}"); done
+"$VENV_PY" "$HERE/tools/comfy_ws_trace.py" "$WORKFLOW" --port "$PORT" "${SET_ARGS[@]}" --set 6.seed=9 \
+    | tee "$OUT/ws_trace.json" || FAIL=1
+
 echo "== 5. stop the server (pid ${SERVER_PID:-?})"
 if [ -n "${SERVER_PID:-}" ]; then kill -TERM -- "-$SERVER_PID" 2>/dev/null; sleep 5; fi
 rm -f "$LINK"
