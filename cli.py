@@ -119,13 +119,13 @@ def _parallel_config(args, num_heads: int, num_tokens: int, use_cfg: bool):
 
 def _check_output(path: str) -> str:
     path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"--output {path} is a directory; give a file name ending in .mp4")
     if not path.lower().endswith(".mp4"):
         raise InputError(f"--output {path}: the video is written as mp4; give a path ending in .mp4")
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise InputError(f"--output {path}: folder {folder} does not exist; create it or choose another path")
-    if os.path.isdir(path):
-        raise InputError(f"--output {path} is a directory; give a file name ending in .mp4")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise InputError(f"--output {path}: cannot write there (permissions); choose a writable path")
     return path

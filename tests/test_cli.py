@@ -1,0 +1,87 @@
+"""The command line: a 2-rank CPU run of the demo model writes a playable mp4 of the right size and
+frame count; bad inputs are refused before Ray or any actor starts, with a message naming the fix."""
+
+import os
+import re
+import subprocess
+import sys
+
+import av
+import pytest
+import ray
+
+from mochi_xdit import cli
+from mochi_xdit.workers import ray_runtime
+
+
+def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
+    output = tmp_path / "fox.mp4"
+    env = dict(os.environ, MOCHI_XDIT_DEMO_DIR=str(tmp_path / "demo"))
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "mochi_xdit", "generate", "--prompt", "a red fox running through snow",
+               "--world-size", "2", "--width", "64", "--height", "48", "--frames", "7", "--steps", "3",
+               "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DEMO model" in result.stderr  # says loudly that the output is noise
+    assert "starting 2 rank(s)" in result.stderr
+    with av.open(str(output)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        assert stream.codec_context.name == "h264"
+    assert len(frames) == 7
+    assert all(frame.shape == (48, 64, 3) for frame in frames)
+    assert max(frame.std() for frame in frames) > 0  # decoded pixels, not a blank video
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--frames", "30"], r"--frames=30: Mochi makes 6k\+1 frames; use 25 or 31"),
+        (["--width", "100"], r"--width=100 must be a multiple of 16; use 96 or 112"),
+        (["--height", "8"], r"--height=8 must be a multiple of 16"),
+        (["--world-size", "2", "--ulysses", "3"], r"ulysses=3 does not divide 4 heads"),
+        (["--world-size", "3", "--cfg-parallel", "2"], r"but world_size is 3"),
+        (["--world-size", "2", "--cfg-parallel", "2", "--cfg", "1"], r"--cfg-parallel 2 needs a cfg above 1"),
+        (["--ulysses", "two"], r"--ulysses='two': give a positive integer or 'auto'"),
+        (["--steps", "0"], r"--steps=0: need at least 1 step"),
+        (["--dit", "/nonexistent/dit.safetensors"], r"give all of --dit, --vae and --t5 \(missing: --t5, --vae\)"),
+        (["--dit", "/nonexistent/d.safetensors", "--vae", "/nonexistent/v.safetensors", "--t5", "/nonexistent/t5"],
+         r"--dit /nonexistent/d.safetensors: no such file"),
+        (["--output", "/nonexistent/folder/out.mp4"], r"folder /nonexistent/folder does not exist"),
+        (["--output", "{tmp}"], r"is a directory; give a file name ending in .mp4"),
+        (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
+    ],
+)
+def test_bad_input_is_refused_before_any_actor_starts(arguments, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    if "--output" not in arguments:
+        arguments += ["--output", str(tmp_path / "out.mp4")]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--prompt", "a fox", *arguments])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert not ray.is_initialized() and ray_runtime.current_runtime() is None
+
+
+def test_wrong_weight_file_is_refused_before_any_actor_starts(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from mochi_xdit.mochi.demo import demo_checkpoints
+
+    dit, vae = demo_checkpoints(tmp_path / "demo")
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    with pytest.raises(SystemExit):  # the VAE file given as the DiT
+        cli.main(["generate", "--prompt", "x", "--dit", str(vae), "--vae", str(vae), "--t5", str(t5),
+                  "--output", str(tmp_path / "o.mp4")])
+    assert "give the Mochi DiT file" in capsys.readouterr().err
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(SystemExit):  # a single T5 file without its tokenizer
+        cli.main(["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae),
+                  "--t5", str(tmp_path / "t5.safetensors"), "--output", str(tmp_path / "o.mp4")])
+    assert "also give --t5-tokenizer" in capsys.readouterr().err
+    assert not ray.is_initialized()
