@@ -19,7 +19,8 @@ class GPU:
     Args:
         name: the name users type ("H100", "A100-80", ...).
         bf16_tflops: peak dense bf16 tensor throughput, TFLOP/s.
-        memory_gb: device memory, GB (decimal).
+        memory_gb: total device memory in decimal GB, as torch reports it (a "24 GB" RTX 4090 has
+            24564 MiB = 25.8 GB; the planner compares counted bytes against this).
         nvlink_gbps: NVLink bandwidth per direction, GB/s, or None when the GPU has no NVLink.
         pcie_gbps: PCIe x16 bandwidth per direction, GB/s.
     """
@@ -39,18 +40,21 @@ PCIE4 = 32.0
 PCIE5 = 64.0
 ETHERNET_GBPS = 12.5  # 100 Gb/s
 
+MIB = 2**20
+
 GPUS: dict[str, GPU] = {
     gpu.name: gpu
     for gpu in (
-        GPU("H100", 989.0, 80.0, 450.0, PCIE5),
-        GPU("H200", 989.0, 141.0, 450.0, PCIE5),
-        GPU("H20", 148.0, 96.0, 450.0, PCIE5),
-        GPU("A100-80", 312.0, 80.0, 300.0, PCIE4),
-        GPU("A100-40", 312.0, 40.0, 300.0, PCIE4),
-        GPU("L40", 181.0, 48.0, None, PCIE4),
-        GPU("L40S", 362.0, 48.0, None, PCIE4),
-        GPU("L20", 119.5, 48.0, None, PCIE4),
-        GPU("RTX4090", 165.0, 24.0, None, PCIE4),
+        # memory: the total torch / nvidia-smi report (MiB), in decimal GB; "80GB" cards hold ~85 GB.
+        GPU("H100", 989.0, 81559 * MIB / GB, 450.0, PCIE5),
+        GPU("H200", 989.0, 143771 * MIB / GB, 450.0, PCIE5),
+        GPU("H20", 148.0, 97871 * MIB / GB, 450.0, PCIE5),
+        GPU("A100-80", 312.0, 81920 * MIB / GB, 300.0, PCIE4),
+        GPU("A100-40", 312.0, 40960 * MIB / GB, 300.0, PCIE4),
+        GPU("L40", 181.0, 46068 * MIB / GB, None, PCIE4),
+        GPU("L40S", 362.0, 46068 * MIB / GB, None, PCIE4),
+        GPU("L20", 119.5, 46068 * MIB / GB, None, PCIE4),
+        GPU("RTX4090", 165.0, 24564 * MIB / GB, None, PCIE4),
     )
 }
 _ALIASES = {"A100": "A100-80", "4090": "RTX4090", "RTX-4090": "RTX4090", "RTX 4090": "RTX4090"}
@@ -93,3 +97,36 @@ def link_bandwidth(link: str | float, gpu: GPU) -> float:
     if name == "ethernet":
         return ETHERNET_GBPS
     raise ValueError(f"unknown link {link!r}; use one of {', '.join(LINK_CLASSES)} or a number of GB/s")
+
+
+# Substrings of torch.cuda.get_device_name() per table entry, most specific first.
+_DEVICE_NAME_KEYS = (
+    ("H200", "H200"), ("H100", "H100"), ("H800", "H100"), ("H20", "H20"), ("L40S", "L40S"), ("L40", "L40"),
+    ("L20", "L20"), ("RTX 4090", "RTX4090"), ("A100", "A100"),
+)
+UNKNOWN_GPU_TFLOPS = 100.0  # a deliberately modest guess for GPUs not in the table
+
+
+def gpu_from_device_name(device_name: str, memory_bytes: int | None = None) -> GPU:
+    """The table entry for a CUDA device name such as "NVIDIA H100 80GB HBM3" (what
+    `torch.cuda.get_device_name()` returns), so `auto` can plan for the GPUs it actually has.
+
+    Args:
+        device_name: the device's name.
+        memory_bytes: `torch.cuda.get_device_properties(i).total_memory`; picks the A100 size, and
+            for a GPU not in the table gives the memory of a stand-in entry (100 TFLOP/s, PCIe 4,
+            no NVLink) so planning still works.
+    """
+    upper = device_name.upper()
+    for key, name in _DEVICE_NAME_KEYS:
+        if key in upper:
+            if name == "A100":
+                small = "40GB" in upper.replace(" ", "") or (memory_bytes is not None and memory_bytes < 60 * GB)
+                name = "A100-40" if small else "A100-80"
+            return GPUS[name]
+    if memory_bytes is None:
+        raise ValueError(
+            f"GPU {device_name!r} is not in the planner's table ({', '.join(GPUS)}); pass memory_bytes "
+            "(torch.cuda.get_device_properties(i).total_memory) to plan with a stand-in entry"
+        )
+    return GPU(device_name, UNKNOWN_GPU_TFLOPS, memory_bytes / GB, None, PCIE4)

@@ -179,7 +179,7 @@ def _choose(mixes: tuple[MixEstimate, ...], gpu: GPU, weight_dtype: str, link) -
         hint = "use fp8 weights or " if weight_dtype == "bf16" else ""
         return best, (
             f"nothing fits: the leanest mix {best.label} needs {need:.1f} GB per rank, a {gpu.name} has "
-            f"{gpu.memory_gb:.0f} GB; {hint}more sequence-parallel ranks (they split activations, "
+            f"{gpu.memory_gb:.1f} GB; {hint}more sequence-parallel ranks (they split activations, "
             f"not the {best.step.weight_bytes / GB:.0f} GB of DiT weights every rank holds), or a shorter video"
         )
     fastest = min(m.step_s for m in fitting)
@@ -188,7 +188,7 @@ def _choose(mixes: tuple[MixEstimate, ...], gpu: GPU, weight_dtype: str, link) -
     best = min(near, key=lambda m: (m.step.total_sent, -m.parallel.cfg_degree, -m.parallel.ulysses_degree))
     why = _why(best, fitting, link)
     return best, (
-        f"{best.label}: fits ({(best.peak_bytes / GB) + RESERVE_GB:.1f} of {gpu.memory_gb:.0f} GB per rank) "
+        f"{best.label}: fits ({(best.peak_bytes / GB) + RESERVE_GB:.1f} of {gpu.memory_gb:.1f} GB per rank) "
         f"and has the lowest bound, {best.step_s:.2f} s/step ({best.total_s:.0f} s total); {why}"
     )
 
@@ -255,6 +255,43 @@ def format_table(result: Plan, title: str = "") -> str:
     return "\n".join(lines)
 
 
+SUMMARY_GPUS = ("H100", "A100-40", "L40", "RTX4090")
+
+
+def summary_table(
+    width: int = 848,
+    height: int = 480,
+    frames_list: tuple[int, ...] = (49, 163),
+    world_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    gpus: tuple[str, ...] = SUMMARY_GPUS,
+    steps: int = 64,
+) -> str:
+    """The README's "Will it fit?" table: per video and GPU count, the recommended mix on H100s
+    over NVLink, its per-rank peak (bf16 / fp8 weights), its latency bound, and on which GPUs
+    some mix fits (bf16 / fp8; the best mix per GPU may differ)."""
+    lines = [
+        f"| video | GPUs | mix on H100 (NVLink) | rank peak GB bf16 / fp8 | bound, {steps} steps on H100 | "
+        + " | ".join(f"fits {g} bf16 / fp8" for g in gpus) + " |",
+        "|---|---|---|---|---|" + "---|" * len(gpus),
+    ]
+    for frames in frames_list:
+        for world in world_sizes:
+            best = plan(world, width, height, frames, "H100", "bf16", "nvlink", steps).best
+            fp8 = estimate(best.parallel, width, height, frames, get_gpu("H100"), 450.0, "fp8", steps)
+            fits = []
+            for name in gpus:
+                gpu = get_gpu(name)
+                link = "nvlink" if gpu.nvlink_gbps else "pcie"
+                marks = ["yes" if plan(world, width, height, frames, gpu, dtype, link, steps).best.fits else "no"
+                         for dtype in WEIGHT_DTYPES]
+                fits.append(" / ".join(marks))
+            lines.append(
+                f"| {width}x{height}x{frames} | {world} | {best.label} | {best.peak_bytes / GB:.1f} / "
+                f"{fp8.peak_bytes / GB:.1f} | {best.total_s:.0f} s | " + " | ".join(fits) + " |"
+            )
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mochi-xdit plan",
@@ -271,6 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--link", default="nvlink", help=f"{', '.join(LINK_CLASSES)} or GB/s")
     parser.add_argument("--no-cfg", action="store_true", help="cfg = 1 (no unconditional pass)")
     parser.add_argument("--goals", action="store_true", help="also print the single-rank memory goals")
+    parser.add_argument("--summary", action="store_true",
+                        help="print only the compact README table (several GPUs, bf16 and fp8)")
     return parser
 
 
@@ -306,6 +345,9 @@ def plan_main(argv: list[str] | None = None) -> int:
     """`mochi-xdit plan ...`: print the table for each world size and frame count."""
     args = _parser().parse_args(argv)
     gpu = get_gpu(args.gpu)
+    if args.summary:
+        print(summary_table(args.width, args.height, tuple(args.frames), tuple(args.world_size), steps=args.steps))
+        return 0
     for frames in args.frames:
         for world in args.world_size:
             result = plan(
