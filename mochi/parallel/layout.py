@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ParallelConfig
+from .xfuser_backend import XFuserAttention, check_attention_backend
 
 
 class ParallelContext:
@@ -22,13 +23,21 @@ class ParallelContext:
         config: a validated ParallelConfig; its world_size must equal the default group's.
         device: where tensors live; the backend follows it (NCCL on CUDA, gloo on CPU).
         timeout: collective timeout for the new groups (None: the default group's).
+        attention_backend: "usp" (ours, everywhere) or "xfuser" (optional, CUDA with the gpu extra).
 
     Every rank of the default group must construct the same layouts in the same order (group
     creation is collective). Groups of size one are not created: their degree is 1 and no
     collective runs on them.
     """
 
-    def __init__(self, config: ParallelConfig, device: torch.device | str = "cpu", timeout: timedelta | None = None):
+    def __init__(
+        self,
+        config: ParallelConfig,
+        device: torch.device | str = "cpu",
+        timeout: timedelta | None = None,
+        attention_backend: str = "usp",
+    ):
+        check_attention_backend(attention_backend, torch.device(device))
         if not dist.is_initialized():
             raise RuntimeError(
                 "ParallelContext needs an initialised default process group; call "
@@ -67,6 +76,8 @@ class ParallelContext:
         self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
+        self.attention_backend = attention_backend
+        self.xfuser_attention = XFuserAttention(self) if attention_backend == "xfuser" else None
 
     def _new_groups(self, rank_lists: list[list[int]], timeout):
         """Create every group of one kind (collective on all ranks); return this rank's group and its
@@ -104,7 +115,9 @@ class ParallelContext:
             pad_shape = list(t.shape)
             pad_shape[dim] = S_local - valid
             shard = torch.cat([shard, t.new_zeros(pad_shape)], dim=dim)  # [.., S_local, ..]
-        return shard.contiguous()
+            return shard
+        # A copy, not a view: a view (even a contiguous one) would keep the whole sequence alive.
+        return shard.clone(memory_format=torch.contiguous_format)
 
     def gather_sequence(self, t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
         """All-gather the shards over the sequence group and drop the padding:
