@@ -2,6 +2,7 @@
 names the valid choices, before any process group exists."""
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
@@ -66,3 +67,26 @@ def test_auto_refuses_more_sequence_ranks_than_tokens():
 
 def test_sp_degree_is_ulysses_times_ring():
     assert ParallelConfig(world_size=12, cfg_degree=2, ulysses_degree=3, ring_degree=2).sp_degree == 6
+
+
+def test_xfuser_backend_on_cpu_is_a_clear_error_before_any_group():
+    with pytest.raises(ValueError, match="runs on CUDA GPUs only.*use attention_backend='usp'"):
+        ParallelContext(ParallelConfig(world_size=2, ulysses_degree=2), device="cpu", attention_backend="xfuser")
+    assert not dist.is_initialized()
+
+
+def test_xfuser_backend_without_xfuser_installed_names_the_extra():
+    from mochi_xdit.mochi.parallel.xfuser_backend import check_attention_backend
+
+    import importlib.util
+
+    if importlib.util.find_spec("xfuser") is not None:  # a GPU machine with the extra: nothing to refuse
+        check_attention_backend("xfuser", torch.device("cuda"))
+        return
+    with pytest.raises(ValueError, match=r"needs the xfuser and yunchang packages \(pip install"):
+        check_attention_backend("xfuser", torch.device("cuda"))
+
+
+def test_unknown_attention_backend_lists_the_choices():
+    with pytest.raises(ValueError, match="use one of usp, xfuser"):
+        ParallelContext(ParallelConfig(world_size=1), attention_backend="flash")

@@ -39,6 +39,8 @@ def usp_joint_attention(
     """
     if video_len is None:
         raise ValueError("usp_joint_attention needs video_len (the global number of real video tokens)")
+    if ctx.xfuser_attention is not None:  # optional GPU backend, see xfuser_backend.py
+        return ctx.xfuser_attention(video_q, video_k, video_v, text_q, text_k, text_v, ctx, video_len, need_text)
     B, S_l, H, Dh = video_q.shape
     U, R = ctx.ulysses_degree, ctx.ring_degree
     if S_l * ctx.sp_degree < video_len:
