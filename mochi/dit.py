@@ -188,7 +188,13 @@ class TimestepEmbedder(nn.Module):
 
 class AttentionPool(nn.Module):
     """Pools the valid T5 tokens into one vector: the masked mean is the query of one attention
-    over [mean, tokens] (8 heads). With no valid token the mean is zero and attends to itself."""
+    over [mean, tokens] (8 heads). With no valid token the mean is zero and attends to itself.
+
+    With a single query the key and value projections fold into the query side (`to_kv` is linear):
+    score_j = (Wk t_j + bk) . q = t_j . (Wk^T q) + bk . q, and sum_j p_j (Wv t_j + bv) =
+    Wv (sum_j p_j t_j) + bv since the p_j sum to 1. So the [L, 4096] x [4096, 8192] projection of
+    every token is never formed; the cost drops from L x 4096 x 8192 to about (L + 1024) x 4096 x 8.
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -200,13 +206,21 @@ class AttentionPool(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, L, D = tokens.shape  # valid tokens only
         heads = ATTENTION_POOL_HEADS
+        head_dim = D // heads
         mean = tokens.sum(dim=1, keepdim=True) / max(L, 1)  # [B, 1, D]
         sequence = torch.cat([mean, tokens], dim=1)  # [B, 1+L, D]
-        kv = self.to_kv(sequence).unflatten(2, (2, heads, D // heads))  # [B, 1+L, 2, h, D/h]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, 1+L, D/h] each
-        q = self.to_q(mean).unflatten(2, (heads, D // heads)).transpose(1, 2)  # [B, h, 1, D/h]
-        pooled = F.scaled_dot_product_attention(q, k, v)  # [B, h, 1, D/h]
-        return self.to_out(pooled.transpose(1, 2).flatten(1))  # [B, Dx]
+        q = self.to_q(mean).view(B, heads, head_dim)  # [B, h, D/h]
+        w_k, w_v = self.to_kv.weight_as(tokens.dtype).view(2, heads, head_dim, D).unbind(0)  # [h, D/h, D]
+        b_k, b_v = self.to_kv.bias.to(tokens.dtype).view(2, heads, head_dim).unbind(0)  # [h, D/h]
+        q_folded = torch.einsum("bhe,hed->bhd", q, w_k)  # [B, h, D] = Wk^T q per head
+        # scores, softmax and the weighted token sum in fp32 (a few MB), as an attention kernel would
+        sequence32 = sequence.float()
+        bias_score = (q.float() * b_k.float()).sum(-1, keepdim=True)  # [B, h, 1]
+        scores = torch.einsum("bsd,bhd->bhs", sequence32, q_folded.float()) + bias_score  # [B, h, 1+L]
+        probs = torch.softmax(scores / math.sqrt(head_dim), dim=-1)
+        mixed = torch.einsum("bhs,bsd->bhd", probs, sequence32).to(tokens.dtype)  # [B, h, D] = sum_j p_j t_j
+        pooled = torch.einsum("bhd,hed->bhe", mixed, w_v) + b_v  # [B, h, D/h]
+        return self.to_out(pooled.flatten(1))  # [B, Dx]
 
 
 class FeedForward(nn.Module):

@@ -18,12 +18,16 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("scale_weight", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype)
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The effective weight [out, in] in `dtype` (fp8 storage: cast, then times scale_weight)."""
+        weight = self.weight.to(dtype)
         if self.scale_weight is not None:
-            weight = weight * self.scale_weight.to(x.dtype)
+            weight = weight * self.scale_weight.to(dtype)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.weight_as(x.dtype), bias)
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
