@@ -23,6 +23,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..constants import NUM_HEADS
+from ..dit import DiTConfig
 from ..parallel.config import ParallelConfig
 from .hardware import GB, GPU, LINK_CLASSES, get_gpu, link_bandwidth
 from .simulate import WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode
@@ -90,9 +91,10 @@ def estimate(
     use_cfg: bool = True,
     text_tokens: int = 256,
     tiles=None,
+    config: DiTConfig = DiTConfig(),
 ) -> MixEstimate:
     """Count one mix (cached per shape) and apply the latency model."""
-    step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg)
+    step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg, config)
     decode = count_tiled_decode(width, height, frames, tiles)
     peak = step.weight_bytes + decode.weight_bytes + max(step.activation_peak_bytes, decode.activation_peak_bytes)
     flops_per_s = gpu.bf16_tflops * 1e12
@@ -137,11 +139,12 @@ def plan(
     frames: int = 163,
     gpu: str | GPU = "H100",
     weight_dtype: str = "bf16",
-    link: str | float = "nvlink",
+    link: str | float | None = None,
     steps: int = 64,
     use_cfg: bool = True,
     text_tokens: int = 256,
     tiles=None,
+    config: DiTConfig = DiTConfig(),
 ) -> Plan:
     """Estimate every degree mix for `world_size` ranks and pick one.
 
@@ -150,11 +153,13 @@ def plan(
         width, height, frames: video size (multiples of 16; frames = 6k + 1).
         gpu: a name from `hardware.GPUS` or a GPU.
         weight_dtype: "bf16" or "fp8" (DiT Linear weights in float8 with a per-tensor scale).
-        link: "nvlink", "pcie", "ethernet" or GB/s between the ranks.
+        link: "nvlink", "pcie", "ethernet" or GB/s between the ranks; None: NVLink when the GPU
+            has it, else PCIe.
         steps: sampling steps.
         use_cfg: False for cfg = 1 (no unconditional pass; no CFG degree).
         text_tokens: valid tokens of the positive prompt (256 is the worst case).
         tiles: a `vae_tiling.TileSpec` for the decode (default TileSpec()).
+        config: DiT size (default the 10B model; degrees follow its head count).
 
     Returns:
         Plan with the ranking and a one-line reason.
@@ -162,10 +167,12 @@ def plan(
     gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype={weight_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
+    if link is None:
+        link = "nvlink" if gpu.nvlink_gbps else "pcie"
     bandwidth = link_bandwidth(link, gpu)
     mixes = tuple(
-        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles)
-        for p in degree_mixes(world_size, use_cfg)
+        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles, config)
+        for p in degree_mixes(world_size, use_cfg, config.num_heads)
     )
     best, reason = _choose(mixes, gpu, weight_dtype, link)
     return Plan(mixes, best, reason)
@@ -215,9 +222,10 @@ def recommend(
     frames: int = 163,
     gpu: str | GPU = "H100",
     weight_dtype: str = "bf16",
-    link: str | float = "nvlink",
+    link: str | float | None = None,
     steps: int = 64,
     use_cfg: bool = True,
+    config: DiTConfig = DiTConfig(),
 ) -> ParallelConfig:
     """The degree mix `auto` should use: the fastest that fits (see `plan`).
 
@@ -226,14 +234,15 @@ def recommend(
         width, height, frames: video size.
         gpu: GPU name ("H100", "H200", "H20", "A100-80", "A100-40", "L40", "L40S", "L20", "RTX4090").
         weight_dtype: "bf16" or "fp8".
-        link: "nvlink", "pcie", "ethernet" or GB/s.
+        link: "nvlink", "pcie", "ethernet" or GB/s; None: NVLink when the GPU has it, else PCIe.
         steps: sampling steps.
         use_cfg: False when cfg is 1 at every step (no unconditional pass).
+        config: DiT size (e.g. `DiTConfig.from_shapes` of the loaded checkpoint).
 
     Returns:
         A validated ParallelConfig (even when nothing fits: the leanest mix; `plan(...)` says why).
     """
-    return plan(world_size, width, height, frames, gpu, weight_dtype, link, steps, use_cfg).best.parallel
+    return plan(world_size, width, height, frames, gpu, weight_dtype, link, steps, use_cfg, config=config).best.parallel
 
 
 def format_table(result: Plan, title: str = "") -> str:
@@ -305,7 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to plan for")
     parser.add_argument("--gpu", default="H100", help="H100, H200, H20, A100-80, A100-40, L40, L40S, L20, RTX4090")
     parser.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="bf16")
-    parser.add_argument("--link", default="nvlink", help=f"{', '.join(LINK_CLASSES)} or GB/s")
+    parser.add_argument("--link", default=None,
+                        help=f"{', '.join(LINK_CLASSES)} or GB/s (default: nvlink when the GPU has it, else pcie)")
     parser.add_argument("--no-cfg", action="store_true", help="cfg = 1 (no unconditional pass)")
     parser.add_argument("--goals", action="store_true", help="also print the single-rank memory goals")
     parser.add_argument("--summary", action="store_true",
@@ -345,18 +355,19 @@ def plan_main(argv: list[str] | None = None) -> int:
     """`mochi-xdit plan ...`: print the table for each world size and frame count."""
     args = _parser().parse_args(argv)
     gpu = get_gpu(args.gpu)
+    link = args.link or ("nvlink" if gpu.nvlink_gbps else "pcie")
     if args.summary:
         print(summary_table(args.width, args.height, tuple(args.frames), tuple(args.world_size), steps=args.steps))
         return 0
     for frames in args.frames:
         for world in args.world_size:
             result = plan(
-                world, args.width, args.height, frames, gpu, args.weight_dtype, args.link, args.steps,
+                world, args.width, args.height, frames, gpu, args.weight_dtype, link, args.steps,
                 not args.no_cfg,
             )
             title = (
                 f"\n{args.width}x{args.height}x{frames}, {args.steps} steps, {world} x {gpu.name} "
-                f"({args.weight_dtype}, {args.link})"
+                f"({args.weight_dtype}, {link})"
             )
             print(format_table(result, title))
     if args.goals:
