@@ -191,13 +191,34 @@ def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache,
     assert (latent - oracle).abs().max().item() <= TOLERANCE
 
 
+def test_rank_that_stops_answering_gives_pool_error_after_the_step_deadline(cache, model_files, request_6_steps):
+    hang_spec = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(2, 2, 1, 1, num_heads=HEADS),
+                         timeouts=Timeouts(start_s=120, load_s=120, step_s=3, call_s=10, collective_s=30))
+    pool = cache.acquire(hang_spec)
+    victim = pool.ranks[1].pid
+    stopped_at = []
+
+    def freeze_rank_1(report):
+        if report.index == 1:
+            os.kill(victim, signal.SIGSTOP)  # alive but silent: only the deadline can catch it
+            stopped_at.append(time.monotonic())
+
+    with pytest.raises(PoolError, match=r"failed in step\(\): ranks 0, 1 gave no answer within 3 s") as raised:
+        pool.sample(request_6_steps, on_step=freeze_rank_1)
+    assert time.monotonic() - stopped_at[0] <= 15.0
+    assert raised.value.verb == "step" and pool.dead
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"  # SIGKILL beats SIGSTOP
+    assert cache.acquire(hang_spec) is not pool
+
+
 def _our_ray_processes() -> list[psutil.Process]:
     me = psutil.Process()
     return [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_shutdown_leaves_no_actor_or_ray_process(cache, model_files):
-    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))  # the pool the previous test rebuilt
+    pool = cache.current  # the pool the previous test rebuilt
+    assert pool is not None
     pids = [info.pid for info in pool.ranks]
     assert _our_ray_processes(), "a private Ray runs as children of this process"
     ray_runtime.shutdown_ray()  # stops the cached pool through the shutdown hook, then Ray

@@ -115,9 +115,11 @@ class Pool:
             self._kill()
             raise PoolError(rank, verb, failures[rank][1])
         if pending:
-            rank = min(pending.values())
+            silent = sorted(pending.values())
             self._kill()
-            raise PoolError(rank, verb, f"no answer within {timeout_s:.0f} s (the rank hangs or is overloaded)")
+            who = f"rank {silent[0]} gave" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))} gave"
+            raise PoolError(silent[0], verb, f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a "
+                            "collective for one that does; raise the Timeouts if the work is just slow)")
         return results
 
     # -- requests ------------------------------------------------------------------------------
@@ -250,6 +252,12 @@ class PoolCache:
             self._pool = Pool(spec)
             self._key = key
             return self._pool
+
+    @property
+    def current(self) -> Pool | None:
+        """The live pool, if any (None after a failure or shutdown)."""
+        pool = self._pool
+        return pool if pool is not None and not pool.dead else None
 
     def shutdown(self) -> None:
         with self._lock:

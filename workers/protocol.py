@@ -109,9 +109,10 @@ class PoolSpec:
 
     def reuse_key(self) -> tuple:
         """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
-        device, threads and cluster."""
+        device, threads, cluster and timeouts."""
         files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
-        return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address)
+        return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
+                self.timeouts)
 
 
 @dataclass(frozen=True)
