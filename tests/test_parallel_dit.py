@@ -50,8 +50,9 @@ def model_config(world: int, t5_feat_dim: int):
 
 
 def build_model(config) -> MochiDiT:
-    model = MochiDiT(config)
-    model.load_state_dict(random_dit_state_dict(config, seed=0))
+    with torch.device("meta"):  # skip a second random init of the 50M-parameter T5 pool
+        model = MochiDiT(config)
+    model.load_state_dict(random_dit_state_dict(config, seed=0), assign=True)
     return model.eval()
 
 
