@@ -47,7 +47,7 @@ _MAX_HEADER_BYTES = 100 * 2**20
 _DIT_KEY = re.compile(r"(^|\.)(x_embedder|t5_yproj|t5_y_embedder|t_embedder|pos_frequencies|final_layer)(\.|$)"
                       r"|\.attn\.qkv_x\.|\.mod_x\.")
 _VAE_DECODER_KEY = re.compile(r"(^|\.)(output_proj\.|blocks\.\d+\.(\d+|blocks\.\d+|proj)\.)")
-_VAE_ENCODER_KEY = re.compile(r"(^|\.)encoder\.layers\.")
+_VAE_ENCODER_KEY = re.compile(r"(^|\.)encoder\.layers\.|^layers\.\d+\.layers\.\d+\.|\.attn_block\.")
 _T5_KEY = re.compile(r"(^|\.)(encoder\.block\.\d+\.layer\.|shared\.weight$|encoder\.final_layer_norm\.)")
 
 
@@ -192,7 +192,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(
         path=os.fspath(path), kind=kind, tensors=tensors, dit_prefix=dit_prefix,
         vae_decoder_prefix=vae_decoder_prefix, has_vae_encoder=has_vae_encoder,
-        fp8_scaled=FP8_MARKER in tensors, metadata=metadata,
+        fp8_scaled=any(n == FP8_MARKER or n.endswith("." + FP8_MARKER) for n in names), metadata=metadata,
     )
 
 

@@ -196,6 +196,11 @@ def test_wrong_files_get_clear_errors(tmp_path, dit_state):
     with pytest.raises(CheckpointError, match=r"looks like a Mochi DiT / diffusion model \(2 blocks.*a Mochi VAE was expected"):
         load_vae_decoder(tmp_path / "dit.safetensors")
 
+    encoder_only = {"layers.0.weight": torch.zeros(8, 12), "layers.4.layers.1.attn_block.attn.qkv.weight": torch.zeros(24, 8)}
+    save_file(encoder_only, tmp_path / "encoder.safetensors")
+    with pytest.raises(CheckpointError, match=r"looks like a Mochi VAE \(encoder, .*it has no decoder"):
+        load_vae_decoder(tmp_path / "encoder.safetensors")
+
     t5 = {"shared.weight": torch.zeros(8, 4), "encoder.final_layer_norm.weight": torch.zeros(4)}
     for i in range(2):
         t5[f"encoder.block.{i}.layer.0.SelfAttention.q.weight"] = torch.zeros(4, 4)
