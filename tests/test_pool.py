@@ -261,9 +261,11 @@ CLUSTER_SCRIPT = textwrap.dedent(
         ray_runtime.shutdown_ray()
         cluster.shutdown()
     # The default ComfyUI path: a private Ray on this machine (the pack is found through a symlink).
+    import psutil
     pool = Pool(PoolSpec(dit, None, "fp32", ParallelConfig(1, num_heads=4)))
     print("PRIVATE", pool.ranks[0].package_dir)
-    ray_runtime.shutdown_ray()
+    # No shutdown: process exit (atexit) must stop the actor and the private Ray.
+    print("LEFT_AT_EXIT", json.dumps(sorted({pool.ranks[0].pid} | {p.pid for p in psutil.Process().children(recursive=True)})))
     """
 )
 
@@ -282,11 +284,12 @@ def comfyui_copy_on_cluster(model_files, tmp_path_factory):
     lines = result.stdout.splitlines()
     ranks = json.loads([l for l in lines if l.startswith("RANKS ")][0].split(" ", 1)[1])
     private = [l for l in lines if l.startswith("PRIVATE ")][0].split(" ", 1)[1]
-    return pack, ranks, private
+    left_at_exit = json.loads([l for l in lines if l.startswith("LEFT_AT_EXIT ")][0].split(" ", 1)[1])
+    return pack, ranks, private, left_at_exit
 
 
 def test_cluster_placement_keeps_each_ulysses_group_on_one_node(comfyui_copy_on_cluster):
-    _, ranks, _ = comfyui_copy_on_cluster
+    _, ranks, _, _ = comfyui_copy_on_cluster
     nodes = [node for _, node, _, _ in ranks]
     assert nodes[0] == nodes[1] and nodes[2] == nodes[3]  # each Ulysses pair inside one node
     assert nodes[0] != nodes[2]  # and the pairs did not fit on one node
@@ -294,9 +297,20 @@ def test_cluster_placement_keeps_each_ulysses_group_on_one_node(comfyui_copy_on_
 
 
 def test_actors_import_the_pack_from_a_comfyui_custom_nodes_copy(comfyui_copy_on_cluster):
-    pack, ranks, private = comfyui_copy_on_cluster
+    pack, ranks, private, _ = comfyui_copy_on_cluster
     # private Ray: the copy itself, through a `mochi_xdit` symlink on the actors' PYTHONPATH
     assert os.path.realpath(private) == os.path.realpath(pack)
     # cluster: shipped to the cluster as a staged copy named mochi_xdit (py_modules), not the editable install
     assert all(os.path.realpath(package_dir) != os.path.realpath(REPO_ROOT) for *_, package_dir in ranks)
     assert all(os.path.basename(package_dir) == "mochi_xdit" for *_, package_dir in ranks)
+
+
+def test_process_exit_without_shutdown_leaves_no_actor_or_ray_process(comfyui_copy_on_cluster):
+    *_, left_at_exit = comfyui_copy_on_cluster
+    assert len(left_at_exit) >= 3  # the actor plus Ray's own processes (gcs_server, raylet, ...)
+    deadline = time.monotonic() + 10
+    alive = left_at_exit
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in left_at_exit if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        time.sleep(0.2)
+    assert alive == [], [psutil.Process(pid).cmdline() for pid in alive]
