@@ -46,7 +46,7 @@ _MAX_HEADER_BYTES = 100 * 2**20
 
 _DIT_KEY = re.compile(r"(^|\.)(x_embedder|t5_yproj|t5_y_embedder|t_embedder|pos_frequencies|final_layer)(\.|$)"
                       r"|\.attn\.qkv_x\.|\.mod_x\.")
-_VAE_DECODER_KEY = re.compile(r"(^|\.)(output_proj\.|blocks\.\d+\.(\d+|blocks\.\d+|proj)\.)")
+_VAE_DECODER_KEY = re.compile(r"^(output_proj\.|blocks\.\d+\.(\d+\.|blocks\.\d+\.stack\.|proj\.))")  # after the prefix
 _VAE_ENCODER_KEY = re.compile(r"(^|\.)encoder\.layers\.|^layers\.\d+\.layers\.\d+\.|\.attn_block\.")
 _T5_KEY = re.compile(r"(^|\.)(encoder\.block\.\d+\.layer\.|shared\.weight$|encoder\.final_layer_norm\.)")
 
@@ -172,8 +172,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             break
     vae_decoder_prefix = None
     for prefix in VAE_DECODER_PREFIXES + ("",):
-        if any(n.startswith(prefix) and _VAE_DECODER_KEY.match(n[len(prefix):]) and ".stack." in n or
-               n == f"{prefix}output_proj.weight" for n in names):
+        if any(n.startswith(prefix) and _VAE_DECODER_KEY.match(n[len(prefix):]) for n in names):
             vae_decoder_prefix = prefix
             break
     has_vae_encoder = any(_VAE_ENCODER_KEY.search(n) for n in names)
