@@ -34,7 +34,7 @@ def _describe(error: BaseException) -> tuple[int, str]:
     if isinstance(error, RayTaskError):
         cause = error.cause if getattr(error, "cause", None) is not None else error
         text = str(cause).strip().splitlines()
-        line = text[-1] if text and not isinstance(cause, RayTaskError) else (text[0] if text else "")
+        line = text[0] if text else ""
         collective = any(word in str(cause) for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out"))
         return (2 if collective else 1), f"{type(cause).__name__}: {line[:500]}"
     return 1, f"{type(error).__name__}: {error}"
@@ -89,7 +89,7 @@ class Pool:
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
-        failures: dict[int, tuple[int, str]] = {}
+        failures: dict[int, tuple[int, str, BaseException]] = {}
         deadline = time.monotonic() + timeout_s
         grace_end = None
         try:
@@ -104,7 +104,7 @@ class Pool:
                     try:
                         results[rank] = ray.get(ref, timeout=0)
                     except (RayActorError, RayTaskError, GetTimeoutError) as error:
-                        failures[rank] = _describe(error)
+                        failures[rank] = (*_describe(error), error)
                         if grace_end is None:
                             grace_end = time.monotonic() + ROOT_CAUSE_GRACE_S
         except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
@@ -113,7 +113,8 @@ class Pool:
         if failures:
             rank = min(failures, key=lambda r: (failures[r][0], r))
             self._kill()
-            raise PoolError(rank, verb, failures[rank][1])
+            _, cause, error = failures[rank]
+            raise PoolError(rank, verb, cause) from error
         if pending:
             silent = sorted(pending.values())
             self._kill()
