@@ -78,6 +78,7 @@ def rank_main(args) -> dict:
         dist.barrier()  # the step ends when the slower rank is done
 
     times = {name: {"base": [], "par": []} for name in LAYOUTS}
+    times["together"] = []
     for name in LAYOUTS:  # warm-up: allocator, gloo connections
         parallel(name)
     if rank == 0:
@@ -89,6 +90,11 @@ def rank_main(args) -> dict:
                 times[name]["base"].append(timed(lambda: baseline(name)))
             dist.barrier()
             times[name]["par"].append(timed(lambda: parallel(name)))
+        # The machine's own ceiling: both ranks run an independent full forward at the same time
+        # (no communication); compared with rank 0's forward alone it shows how much two busy
+        # cores slow each other down (shared caches and memory bandwidth).
+        dist.barrier()
+        times["together"].append(timed(lambda: model(*cond)))
     return times
 
 
@@ -107,6 +113,10 @@ def main() -> None:
           f"{args.text_tokens} text tokens, fp32; load average before: {os.getloadavg()[0]:.1f}")
     per_rank = run_ranks(rank_main, 2, args, timeout_s=3600, collective_timeout_s=1800)
     print(f"load average after: {os.getloadavg()[0]:.1f} (2 cores)")
+    alone_cpu = statistics.median(c for _, c in per_rank[0]["ulysses2"]["base"])
+    together_cpu = statistics.median(max(r["together"][i][1] for r in per_rank) for i in range(args.repeats))
+    print(f"ceiling: one forward alone {alone_cpu:.2f}s CPU, two at once {together_cpu:.2f}s CPU each -> "
+          f"at most {2 * alone_cpu / together_cpu:.2f}x from 2 ranks on this machine")
     print(f"{'layout':10} {'1 rank wall':>12} {'2 ranks wall':>13} {'speedup':>8} {'1 rank CPU':>11} "
           f"{'2 ranks CPU':>12} {'CPU speedup':>12} {'goal':>6}")
     for name in LAYOUTS:

@@ -98,6 +98,10 @@ def rank_main(world: int) -> dict:
         results["world_mismatch"] = str(error)
     for name, (cfg, ulysses, ring) in LAYOUTS[world].items():
         ctx = ParallelContext(ParallelConfig(world, cfg, ulysses, ring, num_heads=HEADS[world]))
+        results[(name, "layout")] = dict(
+            cfg_rank=ctx.cfg_rank, ring_rank=ctx.ring_rank, ulysses_rank=ctx.ulysses_rank, sp_rank=ctx.sp_rank,
+            ulysses=ctx.ulysses_ranks, ring=ctx.ring_ranks, sp=ctx.sp_ranks, cfg=ctx.cfg_ranks,
+        )
         if ring > 1:
             results[(name, "comm_order")] = _comm_order_errors(ctx)
         for case_name, (S, L, need_text) in case_list(world):
@@ -166,6 +170,28 @@ def test_example_49_frames_848x480_on_4_sequence_ranks():
         assert per_rank[(EXAMPLE_LAYOUT, "example_14310_text256")]["shard_len"] == 3578
         for layout in ("ulysses4", "ring4"):
             assert per_rank[(layout, "example_shard_lengths")] == (3578, True)
+
+
+# rank -> (cfg_rank, ring_rank, ulysses_rank, ulysses group, ring group, cfg group), by hand from
+# rank = cfg_rank * SP + ring_rank * U + ulysses_rank.
+EXPECTED_LAYOUT = {
+    "ulysses2_ring2": {0: (0, 0, 0, [0, 1], [0, 2], [0]), 1: (0, 0, 1, [0, 1], [1, 3], [1]),
+                       2: (0, 1, 0, [2, 3], [0, 2], [2]), 3: (0, 1, 1, [2, 3], [1, 3], [3])},
+    "cfg2_ring2": {0: (0, 0, 0, [0], [0, 1], [0, 2]), 1: (0, 1, 0, [1], [0, 1], [1, 3]),
+                   2: (1, 0, 0, [2], [2, 3], [0, 2]), 3: (1, 1, 0, [3], [2, 3], [1, 3])},
+    "cfg2_ulysses2": {0: (0, 0, 0, [0, 1], [0], [0, 2]), 1: (0, 0, 1, [0, 1], [1], [1, 3]),
+                      2: (1, 0, 0, [2, 3], [2], [0, 2]), 3: (1, 0, 1, [2, 3], [3], [1, 3])},
+}
+
+
+@pytest.mark.parametrize("layout", EXPECTED_LAYOUT)
+def test_rank_layout_puts_ulysses_adjacent_and_cfg_farthest(layout):
+    results = launch(4)
+    for rank, per_rank in enumerate(results):
+        got = per_rank[(layout, "layout")]
+        assert (got["cfg_rank"], got["ring_rank"], got["ulysses_rank"], got["ulysses"], got["ring"], got["cfg"]) == (
+            EXPECTED_LAYOUT[layout][rank]
+        ), f"{layout} rank {rank}"
 
 
 def test_ring_comm_verbs_out_of_order_raise():
