@@ -392,13 +392,14 @@ class MochiDiT(nn.Module):
         y = self.t5_yproj(text)  # [1, Lv, Dy]
 
         x = self.x_embedder(latent)  # [1, S, Dx]
-        angles = torch.einsum(
-            "sd,dhf->shf", rope_positions(T, pH, pW, latent.device), self.pos_frequencies.float()
-        )  # [S, H, Dh/2] fp32
-        rope = torch.complex(torch.cos(angles), torch.sin(angles))  # [S, H, Dh/2] complex64
+        positions = rope_positions(T, pH, pW, latent.device)  # [S, 3]
         if ctx is not None:
             x = ctx.shard_sequence(x, dim=1)  # [1, S_local, Dx], padded to a multiple of the SP degree
-            rope = ctx.shard_sequence(rope, dim=0)  # [S_local, H, Dh/2]
+            # RoPE for this shard only (padded rows get angle 0; padded tokens are dropped in attention)
+            positions = ctx.shard_sequence(positions, dim=0)  # [S_local, 3]
+        angles = torch.einsum("sd,dhf->shf", positions, self.pos_frequencies.float())  # [S(_local), H, Dh/2] fp32
+        rope = torch.complex(torch.cos(angles), torch.sin(angles))  # [S(_local), H, Dh/2] complex64
+        del angles  # not needed by the blocks (273 MB at 848x480x163)
 
         for block in self.blocks:
             x, y = block(x, c, y, rope, ctx=ctx, video_len=video_len)
