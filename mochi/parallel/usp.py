@@ -43,6 +43,11 @@ def usp_joint_attention(
         return ctx.xfuser_attention(video_q, video_k, video_v, text_q, text_k, text_v, ctx, video_len, need_text)
     B, S_l, H, Dh = video_q.shape
     U, R = ctx.ulysses_degree, ctx.ring_degree
+    if H % U:
+        raise ValueError(
+            f"ulysses={U} does not divide this model's {H} heads; build the ParallelConfig with "
+            f"num_heads={H} so it is checked up front, and put the factor on ring"
+        )
     if S_l * ctx.sp_degree < video_len:
         raise ValueError(
             f"video shard of {S_l} tokens x {ctx.sp_degree} ranks cannot hold {video_len} tokens; shard the "
