@@ -4,8 +4,8 @@ checkpoints and a real 2-rank Ray pool on loopback. Core nodes that need ComfyUI
 in for by what they return (COMFY_FACTS.md): CLIPTextEncode's CONDITIONING, EmptyMochiLatentVideo's
 zero LATENT; CreateVideo/SaveVideo receive the IMAGE.
 
-Oracle: the single-process pipeline on the same files (`DenoiseLoop` over `load_dit`, then the
-VAE decoder's `decode`), fp32.
+Oracle: the single-process pipeline on the same files (`mochi.pipeline.generate` over `load_dit`,
+then `decode_frames` with the same tiles), fp32.
 """
 
 import json
@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from mochi_xdit import NODE_CLASS_MAPPINGS
 from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
-from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
+from mochi_xdit.mochi.pipeline import decode_frames, generate
+from mochi_xdit.mochi.sampler import SampleRequest
 from mochi_xdit.mochi.text import TextCondition
+from mochi_xdit.mochi.vae_tiling import plan_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_WORKFLOW = os.path.join(ROOT, "workflows", "api", "mochi_xdit_text_to_video_api.json")
@@ -198,16 +200,13 @@ def test_api_workflow_chain_matches_single_process_pipeline(comfy_env):
         negative=TextCondition(negative[0], negative[1]["attention_mask"]),
         init_latent=torch.zeros(1, 12, 2, 4, 6), seed=prompt["6"]["inputs"]["seed"], steps=3,
         cfg=prompt["6"]["inputs"]["cfg"], schedule=prompt["6"]["inputs"]["schedule"], denoise=1.0)
-    loop = DenoiseLoop(load_dit(str(folders["diffusion_models"] / "demo_dit.safetensors"), "fp32"), request)
-    loop.begin()
-    for i in range(request.steps):
-        loop.step(i)
-    expected_latent = loop.finish()
+    expected_latent = generate(load_dit(str(folders["diffusion_models"] / "demo_dit.safetensors"), "fp32"), request)
     from mochi_xdit.nodes.decode import tile_spec
 
     vae = load_vae_decoder(str(folders["vae"] / "demo_vae.safetensors"), "fp32")
-    video = vae.decode(expected_latent, tile_spec("manual", 32, 8, 1, (1, 12, 2, 4, 6)))  # [1, 3, 7, 32, 48]
-    expected_images = ((video + 1) / 2).clamp(0, 1)[0].permute(1, 2, 3, 0)  # [7, 32, 48, 3]
+    tiles = tile_spec("manual", 32, 8, 1, (1, 12, 2, 4, 6))  # 4x4 latent tiles, overlap 1, 1 frame per chunk
+    assert len(plan_tiles((1, 12, 2, 4, 6), tiles)) == 2  # the two ranks decode one tile each
+    expected_images = decode_frames(vae, expected_latent, tiles)  # [7, 32, 48, 3]
 
     assert latent.shape == (1, 12, 2, 4, 6)
     assert (latent - expected_latent).abs().max().item() <= TOLERANCE
