@@ -86,12 +86,14 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 300.0, collective_t
             process.start()
             processes.append(process)
         deadline = time.monotonic() + timeout_s
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-        for rank in hung:
-            processes[rank].kill()
-            processes[rank].join()
+        try:
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        finally:  # also when the caller is interrupted (e.g. by pytest-timeout): leave no rank behind
+            hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+            for rank in hung:
+                processes[rank].kill()
+                processes[rank].join()
         results, errors = [], []
         for rank, path in enumerate(paths):
             if not os.path.exists(path):
