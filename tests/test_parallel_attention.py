@@ -8,6 +8,7 @@ holding only padding), text lengths 0, short and 256, and the issue's example: 4
 """
 
 import functools
+import time
 
 import pytest
 import torch
@@ -210,3 +211,20 @@ def test_context_rejects_config_for_another_world_size():
     for per_rank in results:
         assert "ParallelConfig is for 8 ranks but the process group has 4" in per_rank["world_mismatch"]
     assert not dist.is_initialized()  # nothing leaked into the test process
+
+
+def fail_on_rank_one() -> None:
+    """Rank 1 dies before a collective that rank 0 enters: rank 0 must time out, not hang."""
+    if dist.get_rank() == 1:
+        raise ValueError("rank one broke on purpose")
+    dist.barrier()
+
+
+def test_a_failing_rank_fails_the_launch_fast_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as error:
+        run_ranks(fail_on_rank_one, 2, timeout_s=120, collective_timeout_s=5)
+    message = str(error.value)
+    assert "rank 1 failed" in message and "rank one broke on purpose" in message
+    assert "rank 0 failed" in message  # its barrier timed out (or saw the peer close) instead of hanging
+    assert time.monotonic() - start < 100
