@@ -226,3 +226,36 @@ def test_cancel_during_sampling_stops_the_pool_and_the_next_run_works(comfy_env)
     assert comfy_env.utils.updates[-1] == (2, 6)
     outputs = run_api_workflow(small_workflow())  # same pool, reused
     assert outputs["7"][0].shape == (7, 32, 48, 3)
+
+
+def test_rank_killed_mid_run_gives_an_error_naming_the_rank_and_the_next_run_rebuilds(comfy_env):
+    import signal
+    import time
+
+    from mochi_xdit.workers.pool import acquire_pool
+
+    prompt = small_workflow()
+    prompt["6"]["inputs"]["steps"] = 6
+    handle = run_api_workflow({"5": prompt["5"]})["5"][0]
+    pool = acquire_pool(handle.spec)
+    victim = pool.ranks[1].pid
+    bar = comfy_env.utils.ProgressBar
+    real_update = bar.update_absolute
+
+    def update_then_kill(self, value, total=None, preview=None):
+        real_update(self, value, total, preview)
+        if value == 2:
+            os.kill(victim, signal.SIGKILL)
+
+    bar.update_absolute = update_then_kill
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"Mochi xDiT pool: rank 1 failed in step\(\).*died"):
+            run_api_workflow(prompt)
+    finally:
+        bar.update_absolute = real_update
+    assert time.monotonic() - started < 15.0
+    assert pool.dead
+    outputs = run_api_workflow(small_workflow())  # the cached loader handle still works: a fresh pool
+    assert outputs["7"][0].shape == (7, 32, 48, 3)
+    assert acquire_pool(handle.spec) is not pool
