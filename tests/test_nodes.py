@@ -388,3 +388,27 @@ def test_requests_the_pool_layout_cannot_run_are_refused_before_the_pool_is_used
     assert layout_problem(cfg_split, 4.5, (1, 12, 2, 4, 6)) is None
     ring8 = PoolHandle(types.SimpleNamespace(parallel=ParallelConfig(8, ring_degree=8)))
     assert "4 tokens" in layout_problem(ring8, 4.5, (1, 12, 1, 4, 4))
+
+
+def test_pack_loads_from_a_custom_nodes_folder_with_another_name(tmp_path, fake_comfy):
+    """ComfyUI imports the folder under its own name (here with dashes); the nodes are ours."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    link = tmp_path / "ComfyUI-Mochi-xDiT"
+    link.symlink_to(root, target_is_directory=True)
+    spec = importlib.util.spec_from_file_location("ComfyUI-Mochi-xDiT", str(link / "__init__.py"),
+                                                  submodule_search_locations=[str(link)])
+    module = importlib.util.module_from_spec(spec)
+    saved = {name: mod for name, mod in sys.modules.items() if name == "mochi_xdit" or name.startswith("mochi_xdit.")}
+    sys.modules["ComfyUI-Mochi-xDiT"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:  # the pack may have loaded itself again as `mochi_xdit`: give the other tests theirs back
+        del sys.modules["ComfyUI-Mochi-xDiT"]
+        for name in [n for n in sys.modules if n == "mochi_xdit" or n.startswith("mochi_xdit.")]:
+            if name not in saved:
+                del sys.modules[name]
+        sys.modules.update(saved)
+    assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
+    assert module.NODE_CLASS_MAPPINGS["MochiXDiTSampler"].__module__ == "mochi_xdit.nodes.sampler"
