@@ -102,6 +102,8 @@ def ring_attention(
             values = torch.cat([values, text_v], dim=2)
         if q.shape[2] and keys.shape[2]:
             block_out, block_lse = attention_with_lse(q, keys, values)  # [B, h, Sq, Dh], [B, h, Sq]
+            if ring_degree == 1:
+                return block_out  # one block: nothing to merge (saves a fp32 copy of the output)
             out, lse = merge_attention_partials(out, lse, block_out, block_lse)
         if not last:
             comm.wait()

@@ -68,7 +68,7 @@ def usp_joint_attention(
     q = qkv[0, :, :, :n_q]  # [B, h, n_q, Dh], padded queries dropped too
     if need_text:
         q = torch.cat([q, text_q.transpose(1, 2)], dim=2)  # [B, h, n_q + L, Dh]
-    kv = qkv[1:].contiguous()  # [2, B, h, S_blk, Dh]
+    kv = qkv[1:].contiguous() if R > 1 else qkv[1:]  # [2, B, h, S_blk, Dh]; only a sent block needs a copy
     comm = RingComm(ctx.ring_group, ctx.ring_ranks, ctx.ring_rank, ctx.sent_bytes) if R > 1 else None
     out = ring_attention(
         q, kv, text_k.transpose(1, 2), text_v.transpose(1, 2), valid_keys, comm, ctx.ring_rank, R
