@@ -91,7 +91,8 @@ class CheckpointInfo:
         dtypes = "/".join(name for name, _ in counts.most_common(2))
         size = f"{len(self.tensors)} tensors, {dtypes}" if self.tensors else "no tensors"
         if self.kind == "dit":
-            blocks = {m.group(1) for k in self.tensors if (m := re.match(rf"{re.escape(self.dit_prefix)}blocks\.(\d+)\.", k))}
+            pattern = re.compile(rf"{re.escape(self.dit_prefix)}blocks\.(\d+)\.")
+            blocks = {m.group(1) for k in self.tensors if (m := pattern.match(k))}
             extra = ", fp8_scaled" if self.fp8_scaled else ""
             return f"a Mochi DiT / diffusion model ({len(blocks)} blocks, {size}{extra})"
         if self.kind == "vae":
@@ -145,7 +146,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({error}); download the file again") from None
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header ({error}); download the file again"
+            ) from None
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
     data_end = 0
@@ -322,7 +325,9 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
             f"the model; the file is incomplete or from a different model; {hint}"
         ) from None
     except (ValueError, IndexError) as error:
-        raise CheckpointError(f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}") from None
+        raise CheckpointError(
+            f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}"
+        ) from None
     with torch.device("meta"):
         model = MochiDiT(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
@@ -367,7 +372,9 @@ def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
             f"the decoder; the file is incomplete or from a different model; {hint}"
         ) from None
     except (ValueError, IndexError) as error:
-        raise CheckpointError(f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}") from None
+        raise CheckpointError(
+            f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}"
+        ) from None
     with torch.device("meta"):
         model = MochiVAEDecoder(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}

@@ -193,10 +193,12 @@ def test_wrong_files_get_clear_errors(tmp_path, dit_state):
         load_dit(tmp_path / "vae.safetensors")
 
     save_file(dit_state, tmp_path / "dit.safetensors")
-    with pytest.raises(CheckpointError, match=r"looks like a Mochi DiT / diffusion model \(2 blocks.*a Mochi VAE was expected"):
+    dit_as_vae = r"looks like a Mochi DiT / diffusion model \(2 blocks.*a Mochi VAE was expected"
+    with pytest.raises(CheckpointError, match=dit_as_vae):
         load_vae_decoder(tmp_path / "dit.safetensors")
 
-    encoder_only = {"layers.0.weight": torch.zeros(8, 12), "layers.4.layers.1.attn_block.attn.qkv.weight": torch.zeros(24, 8)}
+    encoder_only = {"layers.0.weight": torch.zeros(8, 12),
+                    "layers.4.layers.1.attn_block.attn.qkv.weight": torch.zeros(24, 8)}
     save_file(encoder_only, tmp_path / "encoder.safetensors")
     with pytest.raises(CheckpointError, match=r"looks like a Mochi VAE \(encoder, .*it has no decoder"):
         load_vae_decoder(tmp_path / "encoder.safetensors")
