@@ -272,6 +272,8 @@ class JointAttention(nn.Module):
         q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
         q_x = apply_rope(self.q_norm_x(q_x), rope, inplace=True)  # the norm's output is a fresh tensor
         k_x = apply_rope(self.k_norm_x(k_x), rope, inplace=True)
+        if ctx is not None:  # v alone would keep the whole [B, Sx, 3 * inner] projection alive through USP
+            v_x = v_x.contiguous()
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
         q_y = self.q_norm_y(q_y)
         k_y = self.k_norm_y(k_y)
