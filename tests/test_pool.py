@@ -94,6 +94,7 @@ def test_two_rank_pool_matches_single_process(cache, model_files, request_6_step
     pool = cache.acquire(spec_for(model_files))
     assert [info.rank for info in pool.ranks] == [0, 1]
     assert {info.node_ip for info in pool.ranks} == {"127.0.0.1"}
+    assert all(info.niceness == 0 for info in pool.ranks)  # not Ray's default nice 15
     reports = []
     latent = pool.sample(request_6_steps, on_step=reports.append, preview=True)
     assert [r.index for r in reports] == list(range(6)) and all(r.total == 6 for r in reports)

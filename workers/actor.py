@@ -22,7 +22,7 @@ def _node_id_and_ip() -> tuple[str, str]:
             return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     except ImportError:
         pass
-    return "local", "127.0.0.1"
+    return "local", LOOPBACK
 
 
 def _available_host_bytes() -> int:
@@ -70,7 +70,8 @@ class RankWorker:
         from .. import __file__ as package_init
 
         node_id, node_ip = _node_id_and_ip()
-        return RankInfo(self.rank, node_id, node_ip, os.getpid(), os.path.dirname(os.path.abspath(package_init)))
+        return RankInfo(self.rank, node_id, node_ip, os.getpid(), os.path.dirname(os.path.abspath(package_init)),
+                        os.nice(0))
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: open the rendezvous store on a free port of this node and return (host, port)."""
@@ -174,8 +175,8 @@ class RankWorker:
 
         if self.vae is None:
             raise RuntimeError(f"rank {self.rank}: decode_tiles() without a VAE; give vae_path when building the pool")
-        latent = latent.to(self.device)
-        return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]
+        latent = latent.to(self.device, next(self.vae.parameters()).dtype)  # [B, 12, T, H, W] in the VAE's dtype
+        return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]  # each [B, 3, 6T-5, 8h, 8w]
 
     def auto_tiles(self, latent_shape: tuple[int, ...]):
         """A TileSpec sized to this rank's free memory (every rank of a pool has the same kind of device)."""

@@ -124,6 +124,7 @@ class RankInfo:
     node_ip: str
     pid: int
     package_dir: str  # where `mochi_xdit` was imported from inside the actor
+    niceness: int  # CPU priority of the rank's process (0: normal)
 
 
 @dataclass(frozen=True)

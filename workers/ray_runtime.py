@@ -41,12 +41,12 @@ class RayRuntime:
     Args:
         address: the cluster address joined, or None for our private local Ray.
         private: True when this module started Ray (and must stop it).
-        actor_env: runtime_env for every actor (imports, loopback gloo), or None.
+        actor_env: runtime_env for every actor (priority, imports).
     """
 
     address: str | None
     private: bool
-    actor_env: dict | None
+    actor_env: dict
 
 
 _lock = threading.Lock()
@@ -104,13 +104,15 @@ def _copy_stage() -> str:
     return target
 
 
-def actor_runtime_env(importable: bool) -> dict | None:
-    """Per-actor runtime_env on a private Ray: a PYTHONPATH entry that provides `mochi_xdit` (None
-    when workers import it already)."""
-    if importable:
-        return None
-    python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"env_vars": {"PYTHONPATH": os.pathsep.join(python_path)}}
+def actor_runtime_env(private: bool, importable: bool) -> dict:
+    """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
+    starves the ranks on a busy machine), and on a private Ray a PYTHONPATH entry that provides
+    `mochi_xdit` when workers cannot import it already."""
+    env_vars = {"RAY_worker_niceness": "0"}
+    if private and not importable:
+        python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
+    return {"env_vars": env_vars}
 
 
 def job_runtime_env(importable: bool) -> dict | None:
@@ -140,7 +142,7 @@ def ensure_ray(address: str | None = None) -> RayRuntime:
                     f"{PACKAGE_NAME!r} from {PACK_ROOT}; install the pack on every node (pip install -e <pack>) "
                     "or let the pack connect to Ray itself (do not call ray.init first)"
                 )
-            _runtime = RayRuntime(address=wanted or "existing", private=False, actor_env=None)
+            _runtime = RayRuntime(address=wanted or "existing", private=False, actor_env=actor_runtime_env(False, True))
             return _runtime
         importable = package_importable_here()
         if wanted is None:
@@ -157,11 +159,11 @@ def ensure_ray(address: str | None = None) -> RayRuntime:
             except BaseException:
                 _shutdown_locked()  # restores the environment
                 raise
-            _runtime = RayRuntime(address=None, private=True, actor_env=actor_runtime_env(importable))
+            _runtime = RayRuntime(address=None, private=True, actor_env=actor_runtime_env(True, importable))
         else:
             ray.init(address=wanted, runtime_env=job_runtime_env(importable), logging_level="WARNING",
                      log_to_driver=True)
-            _runtime = RayRuntime(address=wanted, private=False, actor_env=None)
+            _runtime = RayRuntime(address=wanted, private=False, actor_env=actor_runtime_env(False, importable))
         return _runtime
 
 
