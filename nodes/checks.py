@@ -173,3 +173,37 @@ def latent_problem(latent) -> str | None:
     if not samples.is_floating_point() or not bool(torch.isfinite(samples).all()):
         return "the latent contains non-finite values (NaN/inf); check the node that produced it"
     return None
+
+
+# The video `auto` plans for when the loader runs (the loader does not see the video size): the
+# largest Mochi-1 video, so the chosen mix fits every smaller one too.
+PLAN_WIDTH, PLAN_HEIGHT, PLAN_FRAMES = 848, 480, 163
+
+
+def planned_parallel_config(parallel, dit_path: str, weight_dtype: str, device: str, ray_address: str):
+    """`auto` degrees on a local GPU machine: the planner's recommendation (fastest mix that fits
+    this GPU at 848x480x163, counted on fake tensors, a few seconds); explicit degrees, CPU ranks
+    and remote clusters (GPU model unknown here) keep `parallel` (`config.auto` for auto).
+
+    Args:
+        parallel: the ParallelConfig from `parallel_config`.
+        dit_path: the DiT file (its size sets the planner's model).
+        weight_dtype: resolved dtype ("bf16", "fp8", "fp32").
+        device: "cuda" or "cpu".
+        ray_address: "" for a private local Ray.
+    """
+    import torch
+
+    if device != "cuda" or ray_address.strip() or weight_dtype not in ("bf16", "fp8"):
+        return parallel
+    from ..mochi.checkpoint import inspect_checkpoint
+    from ..mochi.dit import DiTConfig
+    from ..mochi.planner.hardware import gpu_from_device_name
+    from ..mochi.planner.plan import recommend
+
+    info = inspect_checkpoint(dit_path)
+    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
+    properties = torch.cuda.get_device_properties(0)
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), properties.total_memory)
+    return recommend(parallel.world_size, PLAN_WIDTH, PLAN_HEIGHT, PLAN_FRAMES, gpu=gpu, weight_dtype=weight_dtype,
+                     config=DiTConfig.from_shapes(shapes))

@@ -3,7 +3,7 @@
 import re
 
 from . import checks
-from .pool_bridge import POOL_TYPE, open_pool
+from .pool_bridge import POOL_TYPE, open_pool, pool_device, resolve_weight_dtype
 
 RAY_ADDRESS_PATTERN = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5})$")
 
@@ -68,8 +68,9 @@ class MochiXDiTLoader:
                 "ulysses_degree": ("INT", {
                     "default": 0, "min": 0, "max": checks.MAX_WORLD_SIZE, "step": 1,
                     "tooltip": "Ranks splitting attention heads by all-to-all (must divide the 24 heads: 1, 2, 3, "
-                               "4, 6, 8, 12, 24). Best inside one machine with fast links. 0 = automatic "
-                               "(then all three degrees must be 0)."}),
+                               "4, 6, 8, 12, 24). Best inside one machine with fast links. 0 on all three "
+                               "degrees = automatic: on a GPU machine the planner's fastest mix that fits "
+                               "848x480x163 on this GPU, otherwise CFG split first, then Ulysses, then Ring."}),
                 "ring_degree": ("INT", {
                     "default": 0, "min": 0, "max": checks.MAX_WORLD_SIZE, "step": 1,
                     "tooltip": "Ranks passing key/value blocks around a ring (any number). Use it for factors "
@@ -121,4 +122,8 @@ class MochiXDiTLoader:
         if problem:
             raise ValueError(problem)
         dit_path, vae_path, parallel = plan
+        if (ulysses_degree, ring_degree, cfg_degree) == (checks.AUTO_DEGREE,) * 3:
+            device = pool_device()
+            parallel = checks.planned_parallel_config(parallel, dit_path, resolve_weight_dtype(weight_dtype, device),
+                                                      device, ray_address)
         return (open_pool(dit_path, vae_path, weight_dtype, parallel, ray_address.strip() or None),)

@@ -39,7 +39,8 @@ class PoolHandle:
         return f"MochiXDiTPool({spec.parallel}, {spec.weight_dtype}, {spec.device})"
 
 
-def _device() -> str:
+def pool_device() -> str:
+    """Where the ranks run: one GPU each when this machine has CUDA, else CPU ranks."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -54,7 +55,7 @@ def open_pool(dit_path: str, vae_path: str, weight_dtype: str, parallel, ray_add
     from ..workers.pool import acquire_pool
     from ..workers.protocol import PoolSpec
 
-    device = _device()
+    device = pool_device()
     spec = PoolSpec(dit_path=dit_path, vae_path=vae_path, weight_dtype=resolve_weight_dtype(weight_dtype, device),
                     parallel=parallel, device=device, ray_address=ray_address)
     with user_errors():

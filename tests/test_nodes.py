@@ -412,3 +412,30 @@ def test_pack_loads_from_a_custom_nodes_folder_with_another_name(tmp_path, fake_
         sys.modules.update(saved)
     assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
     assert module.NODE_CLASS_MAPPINGS["MochiXDiTSampler"].__module__ == "mochi_xdit.nodes.sampler"
+
+
+def test_auto_degrees_on_a_gpu_machine_follow_the_planner(models_dir, monkeypatch):
+    """The planner (tested in its own file) gets this GPU, the dtype and the checkpoint's size."""
+    from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
+    import importlib
+
+    from mochi_xdit.nodes.checks import planned_parallel_config
+
+    plan = importlib.import_module("mochi_xdit.mochi.planner.plan")  # the module (the package exports a function `plan`)
+
+    dit = os.path.join(models_dir, "diffusion_models", "tiny_dit.safetensors")
+    cpu_choice = auto(4, num_heads=4)
+    assert planned_parallel_config(cpu_choice, dit, "fp32", "cpu", "") is cpu_choice
+    assert planned_parallel_config(cpu_choice, dit, "bf16", "cuda", "ray://head:10001") is cpu_choice
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: types.SimpleNamespace(total_memory=80 * 2**30))
+    calls = []
+
+    def recommend(world_size, width, height, frames, gpu, weight_dtype, config):
+        calls.append((world_size, width, height, frames, gpu.name, weight_dtype, config))
+        return ParallelConfig(world_size, ring_degree=world_size, num_heads=config.num_heads)
+
+    monkeypatch.setattr(plan, "recommend", recommend)
+    planned = planned_parallel_config(cpu_choice, dit, "fp8", "cuda", "")
+    assert planned == ParallelConfig(4, ring_degree=4, num_heads=4)
+    assert calls == [(4, 848, 480, 163, "H100", "fp8", DEMO_DIT_CONFIG)]
