@@ -23,41 +23,51 @@ def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str) -> torc
     return out
 
 
-def sequence_to_heads(qkv: torch.Tensor, group, degree: int, sent: Counter | None = None) -> torch.Tensor:
-    """Scatter heads, gather sequence, for q, k and v in one all-to-all.
+def sequence_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, degree: int,
+                      sent: Counter | None = None) -> torch.Tensor:
+    """Scatter heads, gather sequence, for q, k and v in one all-to-all; the result comes out in the
+    attention kernel's layout (heads before sequence), so no further copy is needed.
 
     Args:
-        qkv: [3, B, S_l, H, Dh] this rank's sequence shard, all heads.
+        q, k, v: [B, S_l, H, Dh] this rank's sequence shard, all heads.
         group: the Ulysses process group (degree U ranks, ordered by ulysses_rank).
         degree: U.
         sent: optional byte counter (key "ulysses").
 
     Returns:
-        [3, B, U*S_l, H/U, Dh]: all U shards in rank order, this rank's head slice.
+        [3, B, H/U, U*S_l, Dh]: q, k, v of all U shards in rank order, this rank's head slice.
     """
-    N, B, S_l, H, Dh = qkv.shape
-    U = degree
-    x = qkv.view(N, B, S_l, U, H // U, Dh).permute(3, 0, 1, 2, 4, 5)  # [U(dest), 3, B, S_l, H/U, Dh]
-    x = _all_to_all(x, group, sent, "ulysses")  # [U(src), 3, B, S_l, H/U, Dh]
-    return x.permute(1, 2, 0, 3, 4, 5).reshape(N, B, U * S_l, H // U, Dh)  # [3, B, U*S_l, H/U, Dh]
+    B, S_l, H, Dh = q.shape
+    U, h = degree, H // degree
+    send = q.new_empty(U, 3, B, S_l, h, Dh)
+    for i, x in enumerate((q, k, v)):
+        send[:, i] = x.view(B, S_l, U, h, Dh).permute(2, 0, 1, 3, 4)  # [U(dest), B, S_l, H/U, Dh]
+    received = _all_to_all(send, group, sent, "ulysses")  # [U(src), 3, B, S_l, H/U, Dh]
+    return received.permute(1, 2, 4, 0, 3, 5).reshape(3, B, h, U * S_l, Dh)  # [3, B, H/U, U*S_l, Dh]
 
 
-def heads_to_sequence(out: torch.Tensor, group, degree: int, sent: Counter | None = None) -> torch.Tensor:
-    """The inverse: scatter sequence, gather heads.
+def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: Counter | None = None) -> torch.Tensor:
+    """The inverse, from the kernel's layout: scatter sequence, gather heads.
 
     Args:
-        out: [B, U*S_l, H/U, Dh] attention output for the ring block, this rank's head slice.
+        out: [B, H/U, n, Dh] attention output for the first n <= U*S_l tokens of the ring block
+            (the rest is padding and comes back as zeros).
+        length: U*S_l, the ring block's padded length.
         group, degree, sent: as in `sequence_to_heads`.
 
     Returns:
         [B, S_l, H, Dh]: this rank's sequence shard, all heads.
     """
-    B, S, h, Dh = out.shape
+    B, h, n, Dh = out.shape
     U = degree
-    S_l = S // U
-    x = out.view(B, U, S_l, h, Dh).transpose(0, 1)  # [U(dest), B, S_l, H/U, Dh]
-    x = _all_to_all(x, group, sent, "ulysses")  # [U(src = head slice), B, S_l, H/U, Dh]
-    return x.permute(1, 2, 0, 3, 4).reshape(B, S_l, U * h, Dh)  # [B, S_l, H, Dh]
+    S_l = length // U
+    send = out.new_empty(U, B, S_l, h, Dh)
+    for u in range(U):  # shard u of the block goes to Ulysses rank u
+        valid = max(0, min(n - u * S_l, S_l))
+        send[u, :, :valid] = out[:, :, u * S_l : u * S_l + valid].transpose(1, 2)  # [B, valid, H/U, Dh]
+        send[u, :, valid:] = 0
+    received = _all_to_all(send, group, sent, "ulysses")  # [U(src = head slice), B, S_l, H/U, Dh]
+    return received.permute(1, 2, 0, 3, 4).reshape(B, S_l, U * h, Dh)  # [B, S_l, H, Dh]
 
 
 def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = None) -> torch.Tensor:

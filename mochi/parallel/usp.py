@@ -53,33 +53,35 @@ def usp_joint_attention(
             f"video shard of {S_l} tokens x {ctx.sp_degree} ranks cannot hold {video_len} tokens; shard the "
             "sequence with ctx.shard_sequence"
         )
-    qkv = torch.stack([video_q, video_k, video_v])  # [3, B, S_l, H, Dh]
     if U > 1:
-        qkv = sequence_to_heads(qkv, ctx.ulysses_group, U, ctx.sent_bytes)  # [3, B, S_blk, H/U, Dh]
+        qkv = sequence_to_heads(video_q, video_k, video_v, ctx.ulysses_group, U, ctx.sent_bytes)  # [3, B, H/U, S_blk, Dh]
         heads = slice(ctx.ulysses_rank * (H // U), (ctx.ulysses_rank + 1) * (H // U))
         text_q, text_k, text_v = text_q[:, :, heads], text_k[:, :, heads], text_v[:, :, heads]  # [B, L, H/U, Dh]
-    S_blk = qkv.shape[2]  # U * S_l tokens: ring block ring_rank covers [ring_rank * S_blk, (ring_rank+1) * S_blk)
+    else:
+        qkv = video_q.new_empty(3, B, H, S_l, Dh)
+        for i, x in enumerate((video_q, video_k, video_v)):
+            qkv[i] = x.transpose(1, 2)  # [B, H, S_l, Dh]: the kernel's layout, one copy
+    S_blk = qkv.shape[3]  # U * S_l tokens: ring block j covers [j * S_blk, (j + 1) * S_blk)
 
     def valid_keys(ring_rank: int) -> int:
         return max(0, min(video_len - ring_rank * S_blk, S_blk))
 
-    qkv = qkv.transpose(2, 3)  # [3, B, h, S_blk, Dh]
     n_q = valid_keys(ctx.ring_rank)
     q = qkv[0, :, :, :n_q]  # [B, h, n_q, Dh], padded queries dropped too
     if need_text:
         q = torch.cat([q, text_q.transpose(1, 2)], dim=2)  # [B, h, n_q + L, Dh]
-    kv = qkv[1:].contiguous() if R > 1 else qkv[1:]  # [2, B, h, S_blk, Dh]; only a sent block needs a copy
+    kv = qkv[1:]  # [2, B, h, S_blk, Dh], contiguous
     comm = RingComm(ctx.ring_group, ctx.ring_ranks, ctx.ring_rank, ctx.sent_bytes) if R > 1 else None
     out = ring_attention(
         q, kv, text_k.transpose(1, 2), text_v.transpose(1, 2), valid_keys, comm, ctx.ring_rank, R
     )  # [B, h, n_q (+ L), Dh]
 
-    h = qkv.shape[2]
-    video_out = out.new_zeros(B, S_blk, h, Dh)
-    video_out[:, :n_q] = out[:, :, :n_q].transpose(1, 2)  # [B, S_blk, h, Dh], zeros where padded
     text_out = out[:, :, n_q:].transpose(1, 2) if need_text else None  # [B, L, h, Dh]
     if U > 1:
-        video_out = heads_to_sequence(video_out, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, S_l, H, Dh]
+        video_out = heads_to_sequence(out[:, :, :n_q], S_blk, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, S_l, H, Dh]
         if need_text:
             text_out = gather_heads(text_out, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, L, H, Dh]
+    else:
+        video_out = out.new_zeros(B, S_blk, H, Dh)
+        video_out[:, :n_q] = out[:, :, :n_q].transpose(1, 2)  # [B, S_l, H, Dh], zeros where padded
     return video_out, text_out
