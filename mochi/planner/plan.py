@@ -29,7 +29,7 @@ from .hardware import GB, GPU, LINK_CLASSES, get_gpu, link_bandwidth
 from .simulate import WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode
 
 RESERVE_GB = 1.0  # CUDA context (~0.5 GB) and allocator fragmentation, not counted by the tracker
-NEAR_TIE = 0.02  # mixes within 2 % of the fastest bound are ranked by bytes sent instead
+NEAR_TIE = 0.05  # mixes within 5 % of the fastest bound (the model is not finer than that) rank by bytes sent
 
 
 def _divisors(n: int) -> list[int]:
