@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import ray
 import torch
@@ -38,6 +39,15 @@ def _describe(error: BaseException) -> tuple[int, str]:
         collective = any(word in str(cause) for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out"))
         return (2 if collective else 1), f"{type(cause).__name__}: {line[:500]}"
     return 1, f"{type(error).__name__}: {error}"
+
+
+def _valid_tokens_only(text):
+    """A TextCondition without its padded positions. Exact: the DiT keeps only mask == 1 tokens
+    (genmo's packing), and it ships ~1 MB instead of 4 MB per 256-token prompt (0 for an empty one)."""
+    from ..mochi.text import TextCondition
+
+    valid = text.mask[0].bool()  # [L]
+    return TextCondition(text.features[:, valid].contiguous(), text.mask[:, valid].contiguous())  # [1, Lv, 4096]
 
 
 class Pool:
@@ -133,6 +143,10 @@ class Pool:
     def sample(self, request, on_step=None, preview: bool = False) -> torch.Tensor:
         """Run one generation on every rank in lockstep; return the VAE-space latent [B, 12, T, H, W] fp32.
 
+        Every rank runs the same step i at the same time. Step i + 1 is already queued on the ranks
+        while the driver waits for step i and runs the callback, so no rank idles for a driver round
+        trip; a stop therefore takes effect after at most one more step.
+
         Args:
             request: a `mochi.sampler.SampleRequest`.
             on_step: called with a `StepReport` after every step. Returning False stops the run
@@ -143,23 +157,34 @@ class Pool:
         with self._lock:
             self._check_usable()
             timeouts = self.spec.timeouts
-            request_ref = ray.put(request)
-            self._gather("begin", [a.begin.remote(request_ref) for a in self._actors], timeouts.call_s)
             total = request.steps
+            request_ref = ray.put(replace(request, positive=_valid_tokens_only(request.positive),
+                                          negative=_valid_tokens_only(request.negative)))
+            begun = [a.begin.remote(request_ref) for a in self._actors]
+            queued = [a.step.remote(0, preview) for a in self._actors]
+            self._gather("begin", begun, timeouts.call_s)
             for i in range(total):
-                reports = self._gather("step", [a.step.remote(i, preview) for a in self._actors], timeouts.step_s)
+                current = queued
+                queued = [a.step.remote(i + 1, preview) for a in self._actors] if i + 1 < total else None
+                reports = self._gather("step", current, timeouts.step_s)
                 report = StepReport(i, total, max(r.seconds for r in reports), reports[0].preview)
                 if on_step is None:
                     continue
                 try:
                     keep_going = on_step(report)
                 except BaseException:
-                    self._gather("cancel", [a.cancel.remote() for a in self._actors], timeouts.call_s)
+                    self._cancel(queued)
                     raise
                 if keep_going is False:
-                    self._gather("cancel", [a.cancel.remote() for a in self._actors], timeouts.call_s)
+                    self._cancel(queued)
                     raise RunInterrupted(f"stopped by the progress callback after step {i + 1} of {total}")
             return self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
+
+    def _cancel(self, queued: list | None) -> None:
+        """Let the already queued step finish, then drop the run on every rank."""
+        if queued is not None:
+            self._gather("step", queued, self.spec.timeouts.step_s)
+        self._gather("cancel", [a.cancel.remote() for a in self._actors], self.spec.timeouts.call_s)
 
     def decode(self, latent: torch.Tensor, tiles=None) -> torch.Tensor:
         """Decode a VAE-space latent [B, 12, T, H, W] into video [B, 3, 6T-5, 8H, 8W] fp32 in [-1, 1].
