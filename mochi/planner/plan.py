@@ -123,7 +123,8 @@ class Plan:
 
     Attributes:
         mixes: one MixEstimate per valid degree mix.
-        best: the recommended mix (the fastest that fits; the smallest if none fits).
+        best: the recommended mix: among mixes that fit, the least traffic within NEAR_TIE of the
+            fastest bound; the leanest in memory if none fits.
         reason: one line saying why.
     """
 
@@ -193,14 +194,21 @@ def _choose(mixes: tuple[MixEstimate, ...], gpu: GPU, weight_dtype: str, link) -
     near = [m for m in fitting if m.step_s <= fastest * (1 + NEAR_TIE)]
     # Near-ties: fewer bytes on the wire is more robust to slow links; then prefer CFG, then Ulysses.
     best = min(near, key=lambda m: (m.step.total_sent, -m.parallel.cfg_degree, -m.parallel.ulysses_degree))
-    why = _why(best, fitting, link)
+    why = _why(best, link)
+    if best.step_s == fastest:
+        speed = f"has the lowest bound, {best.step_s:.2f} s/step ({best.total_s:.0f} s total)"
+    else:
+        speed = (
+            f"is within {NEAR_TIE:.0%} of the lowest bound ({best.step_s:.2f} vs {fastest:.2f} s/step, "
+            f"{best.total_s:.0f} s total) with the least traffic ({best.step.total_sent / GB:.1f} GB/step)"
+        )
     return best, (
         f"{best.label}: fits ({(best.peak_bytes / GB) + RESERVE_GB:.1f} of {gpu.memory_gb:.1f} GB per rank) "
-        f"and has the lowest bound, {best.step_s:.2f} s/step ({best.total_s:.0f} s total); {why}"
+        f"and {speed}; {why}"
     )
 
 
-def _why(best: MixEstimate, fitting: list[MixEstimate], link) -> str:
+def _why(best: MixEstimate, link) -> str:
     p = best.parallel
     if p.world_size == 1:
         return "one GPU, nothing to split"
@@ -227,7 +235,8 @@ def recommend(
     use_cfg: bool = True,
     config: DiTConfig = DiTConfig(),
 ) -> ParallelConfig:
-    """The degree mix `auto` should use: the fastest that fits (see `plan`).
+    """The degree mix `auto` should use: the fastest that fits, preferring less traffic among
+    near-ties (see `plan`).
 
     Args:
         world_size: GPUs (one rank each).
