@@ -50,3 +50,87 @@ def random_dit_state_dict(config: DiTConfig, seed: int = 0) -> dict[str, torch.T
             value = 0.02 * torch.randn(shape, generator=generator)
         state[name] = value.contiguous()
     return state
+
+
+# --- Demo checkpoint files ------------------------------------------------------------------------
+
+import logging  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+DEMO_DIR_ENV = "MOCHI_XDIT_DEMO_DIR"  # overrides the cache folder; read at call time
+DEMO_SEED = 0
+_DEMO_FILE_VERSION = "1"  # bump when the demo configs or weight recipes change
+_DEMO_METADATA = {"mochi_xdit_demo": _DEMO_FILE_VERSION, "notice": DEMO_NOTICE}
+
+logger = logging.getLogger(__name__)
+
+
+def demo_dir() -> Path:
+    """Where the demo safetensors live: $MOCHI_XDIT_DEMO_DIR, else ~/.cache/mochi_xdit/demo."""
+    override = os.environ.get(DEMO_DIR_ENV)
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "mochi_xdit" / "demo"
+
+
+def _write_once(path: Path, make_state) -> None:
+    """Write a safetensors file unless an up-to-date one is there; atomic (temp file + rename), so
+    several processes (Ray actors) creating it at once all end up reading a complete file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("mochi_xdit_demo") == _DEMO_FILE_VERSION:
+                    return
+        except Exception as error:  # a damaged file from an interrupted write: replace it
+            logger.warning("rewriting damaged demo file %s (%s)", path, error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(make_state(), str(temporary), metadata=_DEMO_METADATA)
+    os.replace(temporary, path)
+
+
+def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write (first time only) and return the demo DiT and VAE decoder files.
+
+    Deterministic: fixed configs (`DEMO_DIT_CONFIG`, `DEMO_VAE_CONFIG`) and seed, fp32, genmo key
+    names (the VAE with ComfyUI's `decoder.` prefix), so they load through the same
+    `checkpoint.load_dit` / `load_vae_decoder` code as real weights.
+
+    Args:
+        directory: target folder; default `demo_dir()`.
+
+    Returns:
+        (dit_path, vae_path).
+    """
+    folder = Path(directory) if directory is not None else demo_dir()
+    dit_path = folder / f"mochi_demo_dit_v{_DEMO_FILE_VERSION}.safetensors"
+    vae_path = folder / f"mochi_demo_vae_v{_DEMO_FILE_VERSION}.safetensors"
+    _write_once(dit_path, lambda: random_dit_state_dict(DEMO_DIT_CONFIG, DEMO_SEED))
+    _write_once(vae_path, lambda: {f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, DEMO_SEED).items()})
+    return dit_path, vae_path
+
+
+def is_demo_checkpoint(metadata: dict[str, str]) -> bool:
+    """True for a file written by `demo_checkpoints` (its safetensors metadata says so)."""
+    return "mochi_xdit_demo" in (metadata or {})
+
+
+def announce_demo() -> None:
+    """Say loudly that the output will be noise (logged as a warning, framed so it stands out)."""
+    bar = "!" * 100
+    logger.warning("\n%s\n!!! %s\n%s", bar, DEMO_NOTICE, bar)
+
+
+def load_demo_models(weight_dtype: str = "fp32", device: str = "cpu", directory: str | os.PathLike | None = None):
+    """The demo DiT and VAE decoder, loaded from their files like real weights. Output is noise.
+
+    Returns:
+        (MochiDiT, MochiVAEDecoder).
+    """
+    from .checkpoint import load_dit, load_vae_decoder
+
+    dit_path, vae_path = demo_checkpoints(directory)  # the loaders shout DEMO_NOTICE for these files
+    vae_dtype = "fp32" if weight_dtype in ("fp32", "fp8") else weight_dtype
+    return load_dit(dit_path, weight_dtype, device), load_vae_decoder(vae_path, vae_dtype, device)
