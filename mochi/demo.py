@@ -52,6 +52,43 @@ def random_dit_state_dict(config: DiTConfig, seed: int = 0) -> dict[str, torch.T
     return state
 
 
+# --- VAE decoder ------------------------------------------------------------------------------
+
+from .vae import MochiVAEDecoder, VAEDecoderConfig, default_norm_groups  # noqa: E402
+
+# The real decoder's structure (3 upsampling blocks: 8x space, 6x time) at 1/8 of its widths;
+# GroupNorm groups follow `default_norm_groups` (16 here), as `VAEDecoderConfig.from_shapes` does.
+_DEMO_VAE_CHANNELS = (16, 32, 64, 96)
+DEMO_VAE_CONFIG = VAEDecoderConfig(
+    channels=_DEMO_VAE_CHANNELS,
+    num_res_blocks=(1, 1, 2, 2, 1),
+    temporal_expansions=(1, 2, 3),
+    norm_groups=default_norm_groups(_DEMO_VAE_CHANNELS),
+)
+
+
+def random_vae_state_dict(config: VAEDecoderConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp32 weights for a VAE decoder of this size, keyed by genmo names (no prefix).
+
+    Convs and projections are drawn with 1/sqrt(fan_in) scale, norm weights around 1 and biases
+    small, so every parameter matters and activations stay O(1) through the residual stacks.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in MochiVAEDecoder(config).state_dict().items()}
+    state = {}
+    for name, shape in shapes.items():
+        if len(shape) >= 2:
+            fan_in = shape[1:].numel()
+            value = torch.randn(shape, generator=generator) / fan_in**0.5
+        elif ".stack.0." in name or ".stack.3." in name:  # GroupNorm affine
+            value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            value = 0.02 * torch.randn(shape, generator=generator)
+        state[name] = value.contiguous()
+    return state
+
+
 # --- Demo checkpoint files ------------------------------------------------------------------------
 
 import logging  # noqa: E402
