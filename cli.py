@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 SCHEDULES = ("linear_quadratic", "simple")
@@ -276,22 +277,32 @@ def run(args) -> int:
         bar = "!" * 78
         print(f"{bar}\n!!! {DEMO_NOTICE}\n{bar}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
-    request = SampleRequest(positive, negative, latent_shape=plan.latent_shape, seed=args.seed, steps=args.steps,
-                            cfg=args.cfg, schedule=args.schedule)
     spec = PoolSpec(plan.dit_path, plan.vae_path, plan.weight_dtype, plan.parallel, device=plan.device,
                     cpu_threads=args.cpu_threads, ray_address=args.ray_address, timeouts=Timeouts())
     p = plan.parallel
     print(f"starting {p.world_size} rank(s) on {plan.device} (cfg {p.cfg_degree} x ulysses {p.ulysses_degree} x "
           f"ring {p.ring_degree}), {plan.weight_dtype} weights", file=sys.stderr, flush=True)
-    pool = Pool(spec)
+    pool = None
     try:
+        if plan.device == "cpu":  # encode while the ranks start (on GPU, T5 first: it needs GPU memory)
+            with ThreadPoolExecutor(max_workers=1) as background:
+                encoded = background.submit(encode_prompts, plan, args.prompt, args.negative_prompt)
+                try:
+                    pool = Pool(spec)
+                finally:
+                    positive, negative = encoded.result()
+        else:
+            positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
+            pool = Pool(spec)
+        request = SampleRequest(positive, negative, latent_shape=plan.latent_shape, seed=args.seed,
+                                steps=args.steps, cfg=args.cfg, schedule=args.schedule)
         with tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr) as progress:
             latent = pool.sample(request, on_step=lambda report: progress.update(1))
         print("decoding (tiles spread over the ranks)", file=sys.stderr, flush=True)
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         shutdown_ray()
     write_mp4(video[0], plan.output, args.fps)
     _, _, F, H, W = video.shape

@@ -189,7 +189,7 @@ class RankWorker:
         else:  # ranks of a CPU pool share the machine's memory
             available = _available_host_bytes() // self.spec.world_size
         dtype = next(self.vae.parameters()).dtype
-        return TileSpec.auto(available, self.vae.config, dtype, latent_frames=int(latent_shape[2]))
+        return TileSpec.auto(available, self.vae.config, dtype, latent_shape=tuple(latent_shape))
 
     def shutdown(self) -> None:
         """Leave the process group (the driver kills the actor afterwards)."""
