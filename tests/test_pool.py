@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
 from mochi_xdit.mochi.parallel.config import ParallelConfig
-from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
+from mochi_xdit.mochi.pipeline import generate
+from mochi_xdit.mochi.sampler import SampleRequest
 from mochi_xdit.mochi.text import TextCondition
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
 from mochi_xdit.workers import ray_runtime
@@ -55,12 +56,8 @@ def request_6_steps():
 
 @pytest.fixture(scope="module")
 def oracle(model_files, request_6_steps):
-    """The single-process loop: same weights, same request, no Ray."""
-    loop = DenoiseLoop(load_dit(model_files[0], "fp32", "cpu"), request_6_steps)
-    loop.begin()
-    for i in range(loop.num_steps):
-        loop.step(i)
-    return loop.finish()
+    """The single-process pipeline: same weights, same request, no Ray."""
+    return generate(load_dit(model_files[0], "fp32", "cpu"), request_6_steps)
 
 
 @pytest.fixture(scope="module")
