@@ -111,14 +111,17 @@ def rank_main(world: int) -> dict:
                 continue
             video_q, video_k, video_v, text_q, text_k, text_v = make_inputs(S, L, HEADS[world], seed=S + L)
             shards = [ctx.shard_sequence(t, dim=1) for t in (video_q, video_k, video_v)]  # [1, S_l, H, Dh]
+            before = dict(ctx.sent_bytes)
             video_out, text_out = joint_attention(
                 *shards, text_q, text_k, text_v, ctx=ctx, video_len=S, need_text=need_text
             )
+            sent = {kind: n - before.get(kind, 0) for kind, n in ctx.sent_bytes.items() if n != before.get(kind, 0)}
             results[(name, case_name)] = {
                 "shard_len": shards[0].shape[1],
                 "video": ctx.gather_sequence(video_out, dim=1, length=S),
                 "text": text_out,
                 "roundtrip": torch.equal(ctx.gather_sequence(shards[0], dim=1, length=S), video_q),
+                "sent": sent,
             }
         ctx.close()
     return results
@@ -193,6 +196,23 @@ def test_rank_layout_puts_ulysses_adjacent_and_cfg_farthest(layout):
         assert (got["cfg_rank"], got["ring_rank"], got["ulysses_rank"], got["ulysses"], got["ring"], got["cfg"]) == (
             EXPECTED_LAYOUT[layout][rank]
         ), f"{layout} rank {rank}"
+
+
+@pytest.mark.parametrize("layout", ["ulysses4", "ring4", "ulysses2_ring2", "cfg2_ulysses2", "cfg2_ring2"])
+def test_bytes_sent_per_attention_match_theory(layout):
+    """S = 48 tokens (no padding), D = 4 heads x 8, fp32: Ulysses 4(U-1)/U^2 x S/R x D, Ring
+    2(R-1)/R x S x D/U, and the text output's head slices (L x D/U from each of U-1 peers)."""
+    _, U, R = LAYOUTS[4][layout]
+    S, L, D, b = 48, 256, 4 * HEAD_DIM, 4
+    expected = {
+        "ulysses": 4 * (U - 1) * (S // R) * D * b // U**2,
+        "ring": 2 * (R - 1) * S * (D // U) * b // R,
+        "text_gather": (U - 1) * L * (D // U) * b,
+    }
+    for rank, per_rank in enumerate(launch(4)):
+        sent = per_rank[(layout, "s48_text256")]["sent"]
+        assert {kind: sent.get(kind, 0) for kind in expected} == expected, f"{layout} rank {rank}"
+        assert set(sent) <= set(expected), f"{layout} rank {rank} sent {sent}"
 
 
 def test_ring_comm_verbs_out_of_order_raise():
