@@ -295,7 +295,8 @@ def summary_table(
     for frames in frames_list:
         for world in world_sizes:
             best = plan(world, width, height, frames, "H100", "bf16", "nvlink", steps).best
-            fp8 = estimate(best.parallel, width, height, frames, get_gpu("H100"), 450.0, "fp8", steps)
+            h100 = get_gpu("H100")
+            fp8 = estimate(best.parallel, width, height, frames, h100, h100.nvlink_gbps, "fp8", steps)
             fits = []
             for name in gpus:
                 gpu = get_gpu(name)
