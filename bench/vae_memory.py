@@ -130,9 +130,10 @@ def main() -> None:
             result = measure(args, scale, tiled)
             results[tiled, scale] = result
             side = args.size * scale * 8
+            kind = "tiled  " if tiled else "untiled"
             print(
-                f"{'tiled  ' if tiled else 'untiled'} {4 ** (scale - 1)}x ({side}x{side} px, {result['shape'][2]} frames, "
-                f"{result['tiles']} tiles): decode peak {result['decode_peak_mib']:8.1f} MiB "
+                f"{kind} {4 ** (scale - 1)}x ({side}x{side} px, {result['shape'][2]} frames, {result['tiles']} tiles): "
+                f"decode peak {result['decode_peak_mib']:8.1f} MiB "
                 f"(process {result['process_peak_mib']:.0f} MiB, output {result['output_mib']:.1f} MiB, "
                 f"weights {result['weights_mib']:.1f} MiB) in {result['seconds']:.1f} s"
             )

@@ -401,7 +401,8 @@ class MochiVAEDecoder(nn.Module):
         n = config.num_up_blocks
         blocks: list[nn.Module] = [FirstBlock(config.latent_channels, ch[-1], res[-1], groups)]
         for i in range(n):  # coarse -> fine, as genmo builds them
-            blocks.append(UpsampleBlock(ch[-i - 1], ch[-i - 2], res[-i - 2], config.temporal_expansions[-i - 1], groups))
+            expansion = config.temporal_expansions[-i - 1]
+            blocks.append(UpsampleBlock(ch[-i - 1], ch[-i - 2], res[-i - 2], expansion, groups))
         blocks.append(LastBlock(ch[0], res[0], groups))
         self.blocks = nn.ModuleList(blocks)
         self.output_proj = Linear(ch[0], config.out_channels)

@@ -7,8 +7,9 @@ before (`MochiVAEDecoder.decode_chunk`), gives the same 6T - 5 frames as one pas
 Space is approximate. GroupNorm statistics are taken over a whole frame, and convs replicate
 the edge pixels of whatever they are given, so a tile sees slightly different numbers than the
 full frame. Tiles therefore overlap, and every output pixel is a weighted mean of the tiles that
-cover it: weights ramp linearly across each overlap and are normalised by their sum, so any grid
-(odd sizes, a last tile that overlaps more) blends to exactly 8H x 8W pixels.
+cover it: weights ramp linearly across the middle of each overlap (a tile's own cut edge gets no
+weight) and are normalised by their sum, so any grid (odd sizes, a last tile that overlaps more)
+blends to exactly 8H x 8W pixels.
 
 Everything is planned up front by absolute latent positions: `plan_tiles` is a pure function of
 the latent shape and the `TileSpec`, each `Tile` decodes on its own (`decode_tile`) from the full
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .vae import MochiVAEDecoder, VAEDecoderConfig
+from .vae import SPATIAL_EXPANSION, MochiVAEDecoder, VAEDecoderConfig
 
 OVERLAP_FRACTION = 4  # TileSpec.auto: overlap = tile side / 4
+EDGE_SKIP = 4  # blend: across an overlap of O px, a tile's outermost O / 4 px get no weight
 TILE_CANDIDATES = (128, 96, 80, 64, 48, 40, 32, 24, 16, 12, 8)  # latent px, largest first
 CHUNK_CANDIDATES = (4, 3, 2, 1)  # latent frames, largest first
 MEMORY_HEADROOM = 0.8  # share of the available bytes TileSpec.auto plans to use
@@ -118,7 +120,7 @@ def estimate_tile_peak_bytes(
     and in an upsampling projection (input, its channel-last copy, output, depth-to-space copy),
     plus the two frames every causal conv carries to the next chunk.
     """
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     area = tile_height * tile_width
     frames, side = frame_chunk, 1  # frames per chunk and pixels per latent px side at this level
     context = 0
@@ -135,9 +137,9 @@ def estimate_tile_peak_bytes(
         context += res_blocks * 2 * 2 * width * pixels  # 2 convs per block, 2 frames each
         if level < n:
             expansion = config.temporal_expansions[n - level - 1]
-            projected = config.channels[n - level - 1] * expansion * 4 * frames * pixels
+            projected = config.channels[n - level - 1] * expansion * SPATIAL_EXPANSION**2 * frames * pixels
             peak = max(peak, 2 * width * frames * pixels + 2 * projected)
-            frames, side = frames * expansion, side * 2
+            frames, side = frames * expansion, side * SPATIAL_EXPANSION
     final = config.channels[0] * frames * area * side * side
     peak = max(peak, 2 * final + config.out_channels * frames * area * side * side)
     output = config.out_channels * config.video_frames(latent_frames) * area * side * side  # tile buffer
@@ -218,22 +220,21 @@ def decode_tile(decoder: MochiVAEDecoder, latent: torch.Tensor, tile: Tile) -> t
     (y0, y1), (x0, x1) = tile.rows, tile.cols
     scale = decoder.config.spatial_compression
     patch = latent[:, :, :, y0:y1, x0:x1]  # [B, 12, T, h, w]
-    out = latent.new_empty(B, decoder.config.out_channels, decoder.config.video_frames(T), (y1 - y0) * scale, (x1 - x0) * scale)
+    config = decoder.config
+    out = latent.new_empty(B, config.out_channels, config.video_frames(T), (y1 - y0) * scale, (x1 - x0) * scale)
     carried = None
     written = 0
-    with torch.no_grad():
-        for t0 in range(0, T, tile.frame_chunk):
-            frames, carried = decoder.decode_chunk(patch[:, :, t0 : t0 + tile.frame_chunk], carried)
-            out[:, :, written : written + frames.shape[2]] = frames  # first chunk 6k-5 frames, then 6k
-            written += frames.shape[2]
-            del frames
+    for t0 in range(0, T, tile.frame_chunk):
+        frames, carried = decoder.decode_chunk(patch[:, :, t0 : t0 + tile.frame_chunk], carried)
+        out[:, :, written : written + frames.shape[2]] = frames  # first chunk 6k-5 frames, then 6k
+        written += frames.shape[2]
+        del frames  # not alive during the next chunk
     return out
 
 
-EDGE_SKIP = 4  # across an overlap of O px, a tile's outermost O / 4 px get no weight
-
-
-def ramp_weights(spans: tuple[tuple[int, int], ...], scale: int, dtype=torch.float32, device=None) -> list[torch.Tensor]:
+def ramp_weights(
+    spans: tuple[tuple[int, int], ...], scale: int, dtype: torch.dtype = torch.float32, device=None
+) -> list[torch.Tensor]:
     """Normalised 1-D blend weights of every tile along one axis, in output pixels.
 
     Inside a tile the weight is 1. Across an overlap of O px with a neighbour it is 0 on the
@@ -295,7 +296,7 @@ class TileAssembler:
 
     def add(self, tile: Tile, pixels: torch.Tensor) -> None:
         """Add one decoded tile ([B, 3, F, 8h, 8w] from `decode_tile`)."""
-        if tile != self.tiles[tile.index]:
+        if not 0 <= tile.index < len(self.tiles) or tile != self.tiles[tile.index]:
             raise ValueError(f"tile {tile.index} is not from this plan")
         if tile.index < self.next_index or tile.index in self.waiting:
             raise ValueError(f"tile {tile.index} was added twice")
