@@ -15,9 +15,9 @@ CANONICAL_NAME = "mochi_xdit"
 if __name__ == CANONICAL_NAME:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 else:
-    _here = os.path.dirname(os.path.abspath(__file__))
+    _here = os.path.dirname(os.path.realpath(__file__))
     _canonical = sys.modules.get(CANONICAL_NAME)
-    if _canonical is None or os.path.dirname(os.path.abspath(_canonical.__file__)) != _here:
+    if _canonical is None or os.path.dirname(os.path.realpath(_canonical.__file__)) != _here:
         _spec = importlib.util.spec_from_file_location(
             CANONICAL_NAME, os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
         )

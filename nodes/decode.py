@@ -27,8 +27,8 @@ def decode_problem(tiling, tile_size, tile_overlap, frame_chunk) -> str | None:
         if tile_size % PIXELS_PER_LATENT or tile_overlap % PIXELS_PER_LATENT:
             return (f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of "
                     f"{PIXELS_PER_LATENT} pixels (one latent cell)")
-        if tile_overlap >= tile_size:
-            return (f"tile_overlap={tile_overlap} must be smaller than tile_size={tile_size}; lower the overlap "
+        if 2 * tile_overlap > tile_size:
+            return (f"tile_overlap={tile_overlap} must be at most half of tile_size={tile_size}; lower the overlap "
                     f"(a quarter of the tile, {tile_size // 4 // PIXELS_PER_LATENT * PIXELS_PER_LATENT}, works well) "
                     "or raise the tile size")
     return None
@@ -80,7 +80,7 @@ class MochiTiledVAEDecode:
                 "tile_overlap": ("INT", {
                     "default": 64, "min": 0, "max": MAX_OVERLAP, "step": PIXELS_PER_LATENT,
                     "tooltip": "manual: output pixels shared by neighbouring tiles and blended (multiple of 8, "
-                               "less than tile_size); more overlap hides seams better and costs time."}),
+                               "at most half of tile_size); more overlap hides seams better and costs time."}),
                 "frame_chunk": ("INT", {
                     "default": 2, "min": 1, "max": MAX_FRAME_CHUNK, "step": 1,
                     "tooltip": "manual: latent frames decoded per chunk (each makes 6 video frames); the causal "

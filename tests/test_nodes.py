@@ -370,7 +370,9 @@ def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_com
     validate = NODE_CLASS_MAPPINGS["MochiTiledVAEDecode"].VALIDATE_INPUTS
     assert validate(tiling="manual", tile_size=256, tile_overlap=64, frame_chunk=2) is True
     assert "multiples of 8" in validate(tiling="manual", tile_size=260, tile_overlap=64, frame_chunk=2)
-    assert "smaller than tile_size" in validate(tiling="manual", tile_size=64, tile_overlap=64, frame_chunk=2)
+    assert "at most half of tile_size" in validate(tiling="manual", tile_size=64, tile_overlap=64, frame_chunk=2)
+    assert "at most half of tile_size" in validate(tiling="manual", tile_size=96, tile_overlap=56, frame_chunk=2)
+    assert validate(tiling="manual", tile_size=96, tile_overlap=48, frame_chunk=2) is True
     assert "frame_chunk=0 is outside" in validate(tiling="auto", tile_size=256, tile_overlap=64, frame_chunk=0)
     spec = tile_spec("manual", 256, 64, 3, (1, 12, 7, 60, 106))
     assert (spec.tile_height, spec.tile_width, spec.overlap, spec.frame_chunk) == (32, 32, 8, 3)
