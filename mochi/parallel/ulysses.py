@@ -4,70 +4,104 @@ with a slice of the heads, and back.
 With U ranks, rank u holds tokens [u*S_l, (u+1)*S_l) of its ring block for all H heads; after
 `sequence_to_heads` it holds all U*S_l tokens for heads [u*H/U, (u+1)*H/U). Every rank sends
 (U-1)/U of its input each way.
+
+The exchanges are asynchronous and may cover a chunk of each rank's heads at a time, so attention
+on one chunk overlaps the exchange of the next (`Pending.wait()` returns the result).
 """
 
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 
-def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str) -> torch.Tensor:
-    """all_to_all_single along dim 0 (chunk j goes to group rank j, chunk j of the result came from j)."""
+class Pending:
+    """An all-to-all in flight; `wait()` blocks until it is done and returns the finished tensor."""
+
+    def __init__(self, work, finish: Callable[[], torch.Tensor]):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is None:
+            raise RuntimeError("Pending.wait() called twice; keep the tensor the first call returned")
+        self._work.wait()
+        self._work = None
+        return self._finish()
+
+
+def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str):
+    """Start all_to_all_single along dim 0 (chunk j goes to group rank j; chunk j of the result
+    comes from j). Returns (result buffer, work handle)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
+    work = dist.all_to_all_single(out, x, group=group, async_op=True)
     if sent is not None:
         world = x.shape[0]
         sent[kind] += (world - 1) * (x.numel() // world) * x.element_size()
-    return out
+    return out, work
 
 
 def sequence_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, degree: int,
-                      sent: Counter | None = None) -> torch.Tensor:
-    """Scatter heads, gather sequence, for q, k and v in one all-to-all; the result comes out in the
-    attention kernel's layout (heads before sequence), so no further copy is needed.
+                      chunk: int = 0, chunks: int = 1, sent: Counter | None = None) -> Pending:
+    """Start scattering heads and gathering the sequence, for q, k and v in one all-to-all. The
+    result comes out in the attention kernel's layout (heads before sequence): no further copy.
 
     Args:
         q, k, v: [B, S_l, H, Dh] this rank's sequence shard, all heads.
         group: the Ulysses process group (degree U ranks, ordered by ulysses_rank).
         degree: U.
+        chunk, chunks: exchange only chunk `chunk` of `chunks` equal parts of each rank's H/U heads.
         sent: optional byte counter (key "ulysses").
 
     Returns:
-        [3, B, H/U, U*S_l, Dh]: q, k, v of all U shards in rank order, this rank's head slice.
+        Pending of [3, B, hc, U*S_l, Dh], hc = H/U/chunks: q, k, v of all U shards in rank order, for
+        this rank's heads [ulysses_rank*H/U + chunk*hc, ... + hc).
     """
     B, S_l, H, Dh = q.shape
-    U, h = degree, H // degree
-    send = q.new_empty(U, 3, B, S_l, h, Dh)
+    U = degree
+    hc = H // U // chunks
+    send = q.new_empty(U, 3, B, S_l, hc, Dh)
     for i, x in enumerate((q, k, v)):
-        send[:, i] = x.view(B, S_l, U, h, Dh).permute(2, 0, 1, 3, 4)  # [U(dest), B, S_l, H/U, Dh]
-    received = _all_to_all(send, group, sent, "ulysses")  # [U(src), 3, B, S_l, H/U, Dh]
-    return received.permute(1, 2, 4, 0, 3, 5).reshape(3, B, h, U * S_l, Dh)  # [3, B, H/U, U*S_l, Dh]
+        heads = x.view(B, S_l, U, chunks, hc, Dh)[:, :, :, chunk]  # [B, S_l, U, hc, Dh]
+        send[:, i] = heads.permute(2, 0, 1, 3, 4)  # [U(dest), B, S_l, hc, Dh]
+    received, work = _all_to_all(send, group, sent, "ulysses")  # [U(src), 3, B, S_l, hc, Dh]
+    return Pending(work, lambda: received.permute(1, 2, 4, 0, 3, 5).reshape(3, B, hc, U * S_l, Dh))
 
 
-def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: Counter | None = None) -> torch.Tensor:
-    """The inverse, from the kernel's layout: scatter sequence, gather heads.
+def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: Counter | None = None) -> Pending:
+    """Start the inverse, from the kernel's layout: scatter the sequence, gather heads.
 
     Args:
-        out: [B, H/U, n, Dh] attention output for the first n <= U*S_l tokens of the ring block
-            (the rest is padding and comes back as zeros).
+        out: [B, hc, n, Dh] attention output for the first n <= U*S_l tokens of the ring block
+            (the rest is padding and comes back as zeros), for one chunk of this rank's heads.
         length: U*S_l, the ring block's padded length.
         group, degree, sent: as in `sequence_to_heads`.
 
     Returns:
-        [B, S_l, H, Dh]: this rank's sequence shard, all heads.
+        Pending of [U, B, S_l, hc, Dh]: this rank's sequence shard; entry u holds Ulysses rank u's
+        heads of the chunk (`join_head_chunks` puts the chunks back in head order).
     """
-    B, h, n, Dh = out.shape
+    B, hc, n, Dh = out.shape
     U = degree
     S_l = length // U
-    send = out.new_empty(U, B, S_l, h, Dh)
+    send = out.new_empty(U, B, S_l, hc, Dh)
     for u in range(U):  # shard u of the block goes to Ulysses rank u
         valid = max(0, min(n - u * S_l, S_l))
-        send[u, :, :valid] = out[:, :, u * S_l : u * S_l + valid].transpose(1, 2)  # [B, valid, H/U, Dh]
+        send[u, :, :valid] = out[:, :, u * S_l : u * S_l + valid].transpose(1, 2)  # [B, valid, hc, Dh]
         send[u, :, valid:] = 0
-    received = _all_to_all(send, group, sent, "ulysses")  # [U(src = head slice), B, S_l, H/U, Dh]
-    return received.permute(1, 2, 0, 3, 4).reshape(B, S_l, U * h, Dh)  # [B, S_l, H, Dh]
+    received, work = _all_to_all(send, group, sent, "ulysses")  # [U(src), B, S_l, hc, Dh]
+    return Pending(work, lambda: received)
+
+
+def join_head_chunks(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[U, B, S_l, hc, Dh] per chunk (from `heads_to_sequence`) -> [B, S_l, H, Dh], head index
+    u * H/U + chunk * hc + j."""
+    U, B, S_l, hc, Dh = parts[0].shape
+    joined = parts[0].new_empty(B, S_l, U, len(parts), hc, Dh)
+    for c, part in enumerate(parts):
+        joined[:, :, :, c] = part.permute(1, 2, 0, 3, 4)  # [B, S_l, U, hc, Dh]
+    return joined.view(B, S_l, U * len(parts) * hc, Dh)  # [B, S_l, H, Dh]
 
 
 def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ gather; only the Ulysses head slices of the text output are all-gathered (L x D/
 import torch
 
 from .ring import RingComm, ring_attention
-from .ulysses import gather_heads, heads_to_sequence, sequence_to_heads
+from .ulysses import gather_heads, heads_to_sequence, join_head_chunks, sequence_to_heads
 
 
 def usp_joint_attention(
@@ -53,35 +53,51 @@ def usp_joint_attention(
             f"video shard of {S_l} tokens x {ctx.sp_degree} ranks cannot hold {video_len} tokens; shard the "
             "sequence with ctx.shard_sequence"
         )
+    h = H // U
+    # With Ulysses, each rank's heads go in two chunks when they split evenly: attention on the first
+    # overlaps the exchange of the second, and the first result travels back during the second's.
+    chunks = 2 if U > 1 and h % 2 == 0 else 1
+    hc = h // chunks
     if U > 1:
-        qkv = sequence_to_heads(video_q, video_k, video_v, ctx.ulysses_group, U, ctx.sent_bytes)  # [3, B, H/U, S_blk, Dh]
-        heads = slice(ctx.ulysses_rank * (H // U), (ctx.ulysses_rank + 1) * (H // U))
-        text_q, text_k, text_v = text_q[:, :, heads], text_k[:, :, heads], text_v[:, :, heads]  # [B, L, H/U, Dh]
+        incoming = [
+            sequence_to_heads(video_q, video_k, video_v, ctx.ulysses_group, U, c, chunks, ctx.sent_bytes)
+            for c in range(chunks)
+        ]  # all posted now; they complete in order
+        S_blk = U * S_l  # ring block j covers tokens [j * S_blk, (j + 1) * S_blk)
     else:
-        qkv = video_q.new_empty(3, B, H, S_l, Dh)
-        for i, x in enumerate((video_q, video_k, video_v)):
-            qkv[i] = x.transpose(1, 2)  # [B, H, S_l, Dh]: the kernel's layout, one copy
-    S_blk = qkv.shape[3]  # U * S_l tokens: ring block j covers [j * S_blk, (j + 1) * S_blk)
+        S_blk = S_l
 
     def valid_keys(ring_rank: int) -> int:
         return max(0, min(video_len - ring_rank * S_blk, S_blk))
 
     n_q = valid_keys(ctx.ring_rank)
-    q = qkv[0, :, :, :n_q]  # [B, h, n_q, Dh], padded queries dropped too
-    if need_text:
-        q = torch.cat([q, text_q.transpose(1, 2)], dim=2)  # [B, h, n_q + L, Dh]
-    kv = qkv[1:]  # [2, B, h, S_blk, Dh], contiguous
     comm = RingComm(ctx.ring_group, ctx.ring_ranks, ctx.ring_rank, ctx.sent_bytes) if R > 1 else None
-    out = ring_attention(
-        q, kv, text_k.transpose(1, 2), text_v.transpose(1, 2), valid_keys, comm, ctx.ring_rank, R
-    )  # [B, h, n_q (+ L), Dh]
+    outgoing, text_parts = [], []
+    for c in range(chunks):
+        if U > 1:
+            qkv = incoming[c].wait()  # [3, B, hc, S_blk, Dh]
+        else:
+            qkv = video_q.new_empty(3, B, H, S_l, Dh)
+            for i, x in enumerate((video_q, video_k, video_v)):
+                qkv[i] = x.transpose(1, 2)  # [B, H, S_l, Dh]: the kernel's layout, one copy
+        first = ctx.ulysses_rank * h + c * hc  # this chunk's heads, for the replicated text
+        text_k_c = text_k[:, :, first : first + hc].transpose(1, 2)  # [B, hc, L, Dh]
+        text_v_c = text_v[:, :, first : first + hc].transpose(1, 2)
+        q = qkv[0, :, :, :n_q]  # [B, hc, n_q, Dh], padded queries dropped too
+        if need_text:
+            q = torch.cat([q, text_q[:, :, first : first + hc].transpose(1, 2)], dim=2)  # [B, hc, n_q + L, Dh]
+        out = ring_attention(q, qkv[1:], text_k_c, text_v_c, valid_keys, comm, ctx.ring_rank, R)  # [B, hc, n_q (+L), Dh]
+        if need_text:
+            text_parts.append(out[:, :, n_q:])  # [B, hc, L, Dh]
+        if U > 1:
+            outgoing.append(heads_to_sequence(out[:, :, :n_q], S_blk, ctx.ulysses_group, U, ctx.sent_bytes))
+        else:
+            video_out = out.new_zeros(B, S_blk, H, Dh)
+            video_out[:, :n_q] = out[:, :, :n_q].transpose(1, 2)  # [B, S_l, H, Dh], zeros where padded
 
-    text_out = out[:, :, n_q:].transpose(1, 2) if need_text else None  # [B, L, h, Dh]
+    text_out = torch.cat(text_parts, dim=1).transpose(1, 2) if need_text else None  # [B, L, h, Dh]
     if U > 1:
-        video_out = heads_to_sequence(out[:, :, :n_q], S_blk, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, S_l, H, Dh]
+        video_out = join_head_chunks([pending.wait() for pending in outgoing])  # [B, S_l, H, Dh]
         if need_text:
             text_out = gather_heads(text_out, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, L, H, Dh]
-    else:
-        video_out = out.new_zeros(B, S_blk, H, Dh)
-        video_out[:, :n_q] = out[:, :, :n_q].transpose(1, 2)  # [B, S_l, H, Dh], zeros where padded
     return video_out, text_out
