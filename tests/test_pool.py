@@ -210,8 +210,21 @@ def test_rank_that_stops_answering_gives_pool_error_after_the_step_deadline(cach
 
 
 def _our_ray_processes() -> list[psutil.Process]:
+    """Live Ray processes (GCS, raylet, workers, actors) descended from this test process.
+
+    Other children are not Ray's: e.g. multiprocessing's resource tracker, which the gloo tests'
+    spawn launcher starts once per pytest process and which lives until pytest exits."""
     me = psutil.Process()
-    return [p for p in me.children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    found = []
+    for child in me.children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if "ray" in " ".join(child.cmdline()).lower() or child.name().lower().startswith("ray"):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def test_shutdown_leaves_no_actor_or_ray_process(cache, model_files):
