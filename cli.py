@@ -29,6 +29,11 @@ class InputError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mochi-xdit", description="Mochi-1 text-to-video on many ranks (Ray).")
     commands = parser.add_subparsers(dest="command", required=True)
+    planner = commands.add_parser(
+        "plan", add_help=False,
+        help="will it fit? per-rank memory, FLOPs and traffic of every degree mix (mochi-xdit plan --help)",
+    )
+    planner.add_argument("rest", nargs=argparse.REMAINDER)
     gen = commands.add_parser("generate", help="generate one video and write it as mp4",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     text = gen.add_argument_group("prompt")
@@ -116,6 +121,29 @@ def _parallel_config(args, num_heads: int, num_tokens: int, use_cfg: bool):
         raise InputError("--cfg-parallel 2 needs a cfg above 1 (with --cfg 1 there is no negative branch); "
                          "use --cfg-parallel 1 and put the ranks on --ulysses or --ring")
     return config
+
+
+def _planned_parallel_config(args, parallel, device: str, weight_dtype: str):
+    """All degrees `auto` on a local GPU: the planner's fastest mix that fits this GPU for this video
+    (counted on fake tensors from our own DiT code, a few seconds). CPU ranks and clusters (GPU model
+    unknown here) keep the plain `auto` layout."""
+    import torch
+
+    degrees = (args.ulysses, args.ring, args.cfg_parallel)
+    if any(str(value).lower() != "auto" for value in degrees):
+        return parallel
+    if device != "cuda" or not torch.cuda.is_available() or args.ray_address or weight_dtype not in ("bf16", "fp8"):
+        return parallel
+    from .mochi.checkpoint import inspect_checkpoint
+    from .mochi.dit import DiTConfig
+    from .mochi.planner.hardware import gpu_from_device_name
+    from .mochi.planner.plan import recommend
+
+    info = inspect_checkpoint(args.dit)
+    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    return recommend(args.world_size, args.width, args.height, args.frames, gpu=gpu, weight_dtype=weight_dtype,
+                     steps=args.steps, use_cfg=args.cfg != 1.0, config=DiTConfig.from_shapes(shapes))
 
 
 def _check_output(path: str) -> str:
@@ -218,6 +246,8 @@ def plan_run(args) -> Plan:
         parallel = _parallel_config(args, num_heads, num_tokens, use_cfg=args.cfg != 1.0)
     except ValueError as error:
         raise InputError(str(error)) from None
+    if not demo:
+        parallel = _planned_parallel_config(args, parallel, device, weight_dtype)
     if demo:
         dit_path, vae_path = (str(p) for p in demo_checkpoints())
     return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, parallel, device,
@@ -313,6 +343,11 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # the planner parses its own options
+        from .mochi.planner import plan_main
+
+        return plan_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -1,6 +1,7 @@
 """The command line: a 2-rank CPU run of the demo model writes a playable mp4 of the right size and
 frame count; bad inputs are refused before Ray or any actor starts, with a message naming the fix."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -85,3 +86,44 @@ def test_wrong_weight_file_is_refused_before_any_actor_starts(tmp_path, capsys):
                   "--t5", str(tmp_path / "t5.safetensors"), "--output", str(tmp_path / "o.mp4")])
     assert "also give --t5-tokenizer" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_plan_subcommand_prints_every_mix_and_a_recommendation(capsys):
+    assert cli.main(["plan", "--width", "128", "--height", "96", "--frames", "13", "--world-size", "2",
+                     "--gpu", "L40"]) == 0
+    out = capsys.readouterr().out
+    for mix in ("cfg2 x U1 x R1", "cfg1 x U2 x R1", "cfg1 x U1 x R2"):
+        assert mix in out
+    assert "Recommended:" in out
+
+
+def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
+    """`auto` on CUDA asks the planner for this video and GPU; explicit degrees never do."""
+    import torch
+
+    from mochi_xdit.mochi.demo import demo_checkpoints
+    from mochi_xdit.mochi.parallel.config import ParallelConfig
+    planner_plan = importlib.import_module("mochi_xdit.mochi.planner.plan")  # the package re-exports a function `plan`
+
+    dit, vae = demo_checkpoints(tmp_path / "demo")
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    asked = []
+
+    def fake_recommend(world_size, width, height, frames, **kwargs):
+        asked.append((world_size, width, height, frames, kwargs["weight_dtype"], kwargs["steps"]))
+        return ParallelConfig(world_size, 1, 1, world_size, num_heads=kwargs["config"].num_heads)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA L40")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index=0: type("Props", (), {"total_memory": 48 * 2**30})())
+    monkeypatch.setattr(planner_plan, "recommend", fake_recommend)
+    common = ["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae), "--t5", str(t5),
+              "--width", "64", "--height", "48", "--frames", "13", "--steps", "5", "--device", "cuda",
+              "--world-size", "2", "--output", str(tmp_path / "o.mp4")]
+    plan = cli.plan_run(cli.build_parser().parse_args(common))
+    assert asked == [(2, 64, 48, 13, "bf16", 5)]
+    assert (plan.parallel.cfg_degree, plan.parallel.ulysses_degree, plan.parallel.ring_degree) == (1, 1, 2)
+    explicit = cli.plan_run(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
+    assert len(asked) == 1 and explicit.parallel.ulysses_degree == 2
