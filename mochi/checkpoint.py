@@ -316,22 +316,7 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     prefix = info.dit_prefix
     names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     weights, scales = _split_aux(names)
-    shapes = {name: info.tensors[full].shape for name, full in weights.items()}
-    try:
-        config = DiTConfig.from_shapes(shapes)
-    except KeyError as error:
-        raise CheckpointError(
-            f"{path} looks like {info.describe()} but is missing tensor {error.args[0]!r}, which sizes "
-            f"the model; the file is incomplete or from a different model; {hint}"
-        ) from None
-    except (ValueError, IndexError) as error:
-        raise CheckpointError(
-            f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}"
-        ) from None
-    with torch.device("meta"):
-        model = MochiDiT(config)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in weights.items()}, expected, hint)
+    model = _build_on_meta(path, info, weights, DiTConfig, MochiDiT, "the model", hint)
     _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model
 
@@ -363,21 +348,34 @@ def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
         names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     else:  # bare decoder: everything except a possible encoder
         names = {k: k for k in info.tensors if not _VAE_ENCODER_KEY.search(k)}
+    model = _build_on_meta(path, info, names, VAEDecoderConfig, MochiVAEDecoder, "the decoder", hint)
+    _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
+    return model
+
+
+def _build_on_meta(path, info, names: dict[str, str], config_class, model_class, what: str, hint: str):
+    """Size a model from the file's shapes and build it on the meta device (no memory), after
+    checking that the file's tensors are exactly the model's.
+
+    Args:
+        names: model key -> key in the file.
+        config_class: has `from_shapes(shapes)` raising KeyError for a missing sizing tensor.
+        what: "the model" / "the decoder", for messages.
+    """
     shapes = {name: info.tensors[full].shape for name, full in names.items()}
     try:
-        config = VAEDecoderConfig.from_shapes(shapes)
+        config = config_class.from_shapes(shapes)
     except KeyError as error:
         raise CheckpointError(
             f"{path} looks like {info.describe()} but is missing tensor {error.args[0]!r}, which sizes "
-            f"the decoder; the file is incomplete or from a different model; {hint}"
+            f"{what}; the file is incomplete or from a different model; {hint}"
         ) from None
     except (ValueError, IndexError) as error:
         raise CheckpointError(
             f"{path} looks like {info.describe()} but its shapes are inconsistent ({error}); {hint}"
         ) from None
     with torch.device("meta"):
-        model = MochiVAEDecoder(config)
+        model = model_class(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     _check_keys(path, info.describe(), {n: info.tensors[f] for n, f in names.items()}, expected, hint)
-    _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
     return model
