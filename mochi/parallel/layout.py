@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .collective import collective
 from .config import ParallelConfig
 from .xfuser_backend import XFuserAttention, check_attention_backend
 
@@ -125,7 +126,8 @@ class ParallelContext:
         if self.sp_degree > 1:
             t = t.contiguous()
             parts = [torch.empty_like(t) for _ in range(self.sp_degree)]
-            dist.all_gather(parts, t, group=self.sp_group)
+            with collective("sequence all_gather"):
+                dist.all_gather(parts, t, group=self.sp_group)
             self.sent_bytes["sequence_gather"] += (self.sp_degree - 1) * t.numel() * t.element_size()
             t = torch.cat(parts, dim=dim)  # [.., SP * S_local, ..]
         return t.narrow(dim, 0, length)
@@ -144,7 +146,8 @@ class ParallelContext:
                                "run both branches locally when cfg_degree is 1")
         pred = pred.contiguous()
         parts = [torch.empty_like(pred) for _ in range(2)]
-        dist.all_gather(parts, pred, group=self.cfg_group)
+        with collective("CFG all_gather"):
+            dist.all_gather(parts, pred, group=self.cfg_group)
         self.sent_bytes["cfg_gather"] += pred.numel() * pred.element_size()
         return parts[0], parts[1]
 

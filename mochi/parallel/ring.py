@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .collective import collective
 from .kernel import attention_with_lse, merge_attention_partials
 
 
@@ -53,15 +54,17 @@ class RingComm:
         """Start the queued exchange."""
         if not self._ops:
             raise RuntimeError("RingComm.commit() with nothing queued; call send_recv(tensor) first")
-        self._requests = dist.batch_isend_irecv(self._ops)
+        with collective("ring exchange"):
+            self._requests = dist.batch_isend_irecv(self._ops)
         self._ops = []
 
     def wait(self) -> None:
         """Block until the committed exchange has finished."""
         if self._requests is None:
             raise RuntimeError("RingComm.wait() without a committed exchange; call send_recv() and commit() first")
-        for request in self._requests:
-            request.wait()
+        with collective("ring exchange"):
+            for request in self._requests:
+                request.wait()
         self._requests = None
 
 

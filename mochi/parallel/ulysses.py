@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .collective import collective
+
 
 class Pending:
     """An all-to-all in flight; `wait()` blocks until it is done and returns the finished tensor."""
@@ -25,7 +27,8 @@ class Pending:
     def wait(self) -> torch.Tensor:
         if self._work is None:
             raise RuntimeError("Pending.wait() called twice; keep the tensor the first call returned")
-        self._work.wait()
+        with collective("all_to_all"):
+            self._work.wait()
         self._work = None
         return self._finish()
 
@@ -35,7 +38,8 @@ def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str):
     comes from j). Returns (result buffer, work handle)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    work = dist.all_to_all_single(out, x, group=group, async_op=True)
+    with collective("all_to_all"):
+        work = dist.all_to_all_single(out, x, group=group, async_op=True)
     if sent is not None:
         world = x.shape[0]
         sent[kind] += (world - 1) * (x.numel() // world) * x.element_size()
@@ -115,7 +119,8 @@ def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = Non
     """
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(degree)]
-    dist.all_gather(parts, x, group=group)
+    with collective("all_gather"):
+        dist.all_gather(parts, x, group=group)
     if sent is not None:
         sent["text_gather"] += (degree - 1) * x.numel() * x.element_size()
     return torch.cat(parts, dim=2)  # [B, L, H, Dh]
