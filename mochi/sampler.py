@@ -169,12 +169,10 @@ class DenoiseLoop:
         self.model = model
         self.request = request
         self.ctx = ctx
+        # Under a CFG split, cfg rank 0 evaluates the conditional branch and rank 1 the unconditional
+        # one. A step with cfg 1 has no unconditional pass: both halves then compute the conditional
+        # one (the same inputs, so the same result) and nothing is exchanged.
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
-        if self.cfg_parallel and not request.uses_cfg:
-            raise ValueError(
-                "cfg is 1 at every step, so there is no unconditional branch for the second CFG rank; "
-                "use cfg_degree 1 (put those ranks on ulysses or ring) or a cfg above 1"
-            )
         self.sigmas = request.sigmas
         self.cfg_scales = request.cfg_scales
         self.num_steps = len(self.sigmas) - 1
@@ -221,10 +219,12 @@ class DenoiseLoop:
         sigma, sigma_next, scale = self.sigmas[i], self.sigmas[i + 1], self.cfg_scales[i]
         for b in range(self._latent.shape[0]):
             latent = self._latent[b : b + 1]  # [1, 12, T, H, W] fp32
-            if self.cfg_parallel:
+            if self.cfg_parallel and scale == 1.0:
+                pred = self._predict(latent, sigma, "cond")  # both CFG halves, no exchange
+            elif self.cfg_parallel:
                 branch = "cond" if self.ctx.cfg_rank == 0 else "uncond"
                 cond, uncond = self.ctx.gather_cfg(self._predict(latent, sigma, branch))
-                pred = cond if scale == 1.0 else uncond + scale * (cond - uncond)
+                pred = uncond + scale * (cond - uncond)  # fp32
             else:
                 cond = self._predict(latent, sigma, "cond")
                 if scale == 1.0:
