@@ -55,7 +55,7 @@ def child(args) -> dict:
 
     from mochi_xdit.mochi.demo import random_vae_state_dict
     from mochi_xdit.mochi.vae import MochiVAEDecoder, VAEDecoderConfig
-    from mochi_xdit.mochi.vae_tiling import TileSpec, plan_tiles
+    from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled, plan_tiles
 
     torch.set_num_threads(args.threads)
     config = VAEDecoderConfig(channels=BENCH_CHANNELS, num_res_blocks=BENCH_RES_BLOCKS)
@@ -75,7 +75,7 @@ def child(args) -> dict:
         method = "ru_maxrss"
     before = resident_kib("VmRSS")
     started = time.perf_counter()
-    video = decoder.decode(latent, tiles=spec)
+    video = decoder.decode(latent) if spec is None else decode_tiled(decoder, latent, spec)
     seconds = time.perf_counter() - started
     peak = resident_kib("VmHWM") if method != "ru_maxrss" else None
     if peak is None:

@@ -20,17 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .constants import WEIGHT_DTYPE_NAMES
 from .dit import DiTConfig, MochiDiT
 from .layers import Linear
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "fp8": torch.float8_e4m3fn,  # Linear weights only, with a per-tensor scale
-}
+# Names in constants.WEIGHT_DTYPE_NAMES order; fp8: Linear weights only, with a per-tensor scale.
+WEIGHT_DTYPES = dict(zip(WEIGHT_DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # else bare genmo names
 VAE_DECODER_PREFIXES = ("decoder.", "vae.decoder.")  # else a bare decoder

@@ -11,6 +11,8 @@ T5_DIM = 4096
 ROPE_TARGET_AREA = 36864  # RoPE positions are scaled to this patch-grid area (192 x 192)
 TIMESTEP_SCALE = 1000.0
 TIMESTEP_FREQ_DIM = 256
+SCHEDULE_NAMES = ("linear_quadratic", "simple")  # genmo's schedule, ComfyUI's flow schedule (shift 6)
+WEIGHT_DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp8")  # DiT weights; fp8: Linear weights only, per-tensor scale
 
 # Per-channel statistics of the VAE latent space (ComfyUI latent_formats.Mochi, genmo vae stats).
 # model space = (vae - mean) / std; VAE space = model * std + mean.
@@ -25,12 +27,3 @@ LATENT_STD = (
     0.881393668867029, 0.9168315692124348, 0.9185249279345552, 0.9274757570805041,
 )
 
-
-def latent_frames(video_frames: int) -> int:
-    """Latent frames T for a video of F = 6T - 5 frames."""
-    return (video_frames - 1) // TEMPORAL_COMPRESSION + 1
-
-
-def video_frames(latent_frames: int) -> int:
-    """Video frames decoded from T latent frames: 6T - 5."""
-    return max(0, TEMPORAL_COMPRESSION * latent_frames - TEMPORAL_COMPRESSION + 1)

@@ -149,17 +149,6 @@ def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, 
     return dit_path, vae_path
 
 
-def is_demo_checkpoint(metadata: dict[str, str]) -> bool:
-    """True for a file written by `demo_checkpoints` (its safetensors metadata says so)."""
-    return "mochi_xdit_demo" in (metadata or {})
-
-
-def announce_demo() -> None:
-    """Say loudly that the output will be noise (logged as a warning, framed so it stands out)."""
-    bar = "!" * 100
-    logger.warning("\n%s\n!!! %s\n%s", bar, DEMO_NOTICE, bar)
-
-
 def load_demo_models(weight_dtype: str = "fp32", device: str = "cpu", directory: str | os.PathLike | None = None):
     """The demo DiT and VAE decoder, loaded from their files like real weights. Output is noise.
 

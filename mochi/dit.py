@@ -21,7 +21,7 @@ from einops import rearrange
 
 from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
 from .joint_attention import joint_attention
-from .layers import Linear, RMSNorm, rms_norm
+from .layers import Linear, RMSNorm
 
 ATTENTION_POOL_HEADS = 8  # genmo's T5 attention pool; not visible in tensor shapes
 NORM_EPS = 1e-6  # modulated / residual RMS norms and the final LayerNorm

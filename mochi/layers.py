@@ -30,12 +30,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight_as(x.dtype), bias)
 
 
-def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) over the last dim, computed in fp32, returned in fp32."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm with a learned weight (Mochi's per-head q/k norms, eps 1e-5); fp32 inside."""
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .sampler import DenoiseLoop, SampleRequest
+from .vae_tiling import decode_tiled
 
 
 def generate(
@@ -56,6 +57,7 @@ def decode_frames(vae_decoder, latent: torch.Tensor, tiles=None, dtype: torch.dt
     if dtype is None:
         dtype = next(vae_decoder.parameters()).dtype
     device = next(vae_decoder.parameters()).device
-    video = vae_decoder.decode(latent.to(device, dtype), tiles=tiles)  # [B, 3, F, 8H, 8W]
+    latent = latent.to(device, dtype)
+    video = vae_decoder.decode(latent) if tiles is None else decode_tiled(vae_decoder, latent, tiles)  # [B, 3, F, 8H, 8W]
     frames = video.float().permute(0, 2, 3, 4, 1).flatten(0, 1)  # [B*F, 8H, 8W, 3]
     return ((frames + 1.0) / 2.0).clamp(0.0, 1.0)

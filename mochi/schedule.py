@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .constants import SCHEDULE_NAMES
+
 COMFY_FLOW_SHIFT = 6.0  # ComfyUI supported_models.GenmoMochi.sampling_settings
 COMFY_FLOW_TIMESTEPS = 1000
 GENMO_THRESHOLD_NOISE = 0.025
-SCHEDULES = ("linear_quadratic", "simple")
+SCHEDULES = SCHEDULE_NAMES
 
 
 def linear_quadratic_schedule(

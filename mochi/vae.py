@@ -40,7 +40,6 @@ decoder runs on meta / fake tensors for memory accounting.
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -48,12 +47,8 @@ import torch.nn.functional as F
 
 from .layers import Linear
 
-if TYPE_CHECKING:
-    from .vae_tiling import TileSpec
-
 NORM_GROUPS = 32  # GroupNorm groups of the real decoder (genmo `norm_fn`)
 NORM_EPS = 1e-5  # torch's GroupNorm default, which genmo and diffusers use
-CAUSAL_CONTEXT = 2  # frames a 3x3x3 causal conv reads before the current one
 SPATIAL_EXPANSION = 2  # every upsampling block doubles height and width (not visible in shapes)
 
 
@@ -434,24 +429,18 @@ class MochiVAEDecoder(nn.Module):
         frames = pointwise(self.output_proj, x)  # [B, 3, F, 8h, 8w]
         return frames, context.saved
 
-    def decode(self, latent: torch.Tensor, tiles: "TileSpec | None" = None) -> torch.Tensor:
-        """Decode a VAE-space latent video.
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode a VAE-space latent video in one untiled pass (bounded-memory tiled decoding is
+        `vae_tiling.decode_tiled`, which calls `decode_chunk`).
 
         Args:
             latent: [B, 12, T, H, W] VAE-space latent (model space x std + mean); its dtype is the
                 compute dtype (weights are cast to it; norms run in fp32).
-            tiles: a `vae_tiling.TileSpec` to decode in spatial tiles and temporal chunks with
-                bounded memory, or None for one untiled pass.
 
         Returns:
-            [B, 3, 6T - 5, 8H, 8W] video, nominally in [-1, 1] (not clamped); in the latent's
-            dtype untiled, fp32 tiled (tiles are blended in fp32).
+            [B, 3, 6T - 5, 8H, 8W] video, nominally in [-1, 1] (not clamped), in the latent's dtype.
         """
         self.check_latent(latent)
-        if tiles is not None:
-            from .vae_tiling import decode_tiled
-
-            return decode_tiled(self, latent, tiles)
         frames, _ = self.decode_chunk(latent, None)
         return frames
 

@@ -151,7 +151,7 @@ def test_tiled_decode_stays_close_to_untiled_at_the_default_overlap(decoder):
     error."""
     z = latent(1, 12, 1, 55, 79, seed=0)
     full = decoder.decode(z)
-    tiled = decoder.decode(z, tiles=TileSpec())
+    tiled = decode_tiled(decoder, z, TileSpec())
     assert len(plan_tiles(z.shape, TileSpec())) == 6
     assert tiled.shape == full.shape == (1, 3, 1, 440, 632)
     diff = (tiled - full).abs()
@@ -232,6 +232,6 @@ def test_tiled_decode_runs_on_meta_tensors():
         demo = MochiVAEDecoder(DEMO_VAE_CONFIG)
         real = MochiVAEDecoder(VAEDecoderConfig())
         z = torch.empty(1, 12, 3, 12, 20)
-    video = demo.decode(z, tiles=TileSpec(tile_height=8, tile_width=8, overlap=2, frame_chunk=2))
+    video = decode_tiled(demo, z, TileSpec(tile_height=8, tile_width=8, overlap=2, frame_chunk=2))
     assert video.shape == (1, 3, 13, 96, 160) and video.device.type == "meta"
     assert real.decode(z[:, :, :1, :4, :6]).shape == (1, 3, 1, 32, 48)

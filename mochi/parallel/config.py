@@ -72,6 +72,12 @@ def _describe(config: "ParallelConfig") -> str:
     return f"cfg={config.cfg_degree}, ulysses={config.ulysses_degree}, ring={config.ring_degree}"
 
 
+def largest_ulysses_degree(sp_degree: int, num_heads: int = NUM_HEADS) -> int:
+    """The largest Ulysses degree for `sp_degree` sequence ranks: divides both them and the heads
+    (Ulysses is the cheaper split inside a node; Ring takes the remaining factor)."""
+    return max(d for d in _divisors(sp_degree) if num_heads % d == 0)
+
+
 def auto(world_size: int, num_heads: int = NUM_HEADS, num_tokens: int | None = None, use_cfg: bool = True) -> ParallelConfig:
     """Pick degrees for a world: CFG first (when the sampler uses CFG and the world is even), then
     the largest Ulysses degree that divides both the remaining ranks and the head count, then Ring
@@ -91,7 +97,7 @@ def auto(world_size: int, num_heads: int = NUM_HEADS, num_tokens: int | None = N
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     cfg = 2 if use_cfg and world_size % 2 == 0 else 1
     sp = world_size // cfg
-    ulysses = max(d for d in _divisors(sp) if num_heads % d == 0)
+    ulysses = largest_ulysses_degree(sp, num_heads)
     config = ParallelConfig(world_size, cfg, ulysses, sp // ulysses, num_heads)
     if num_tokens is not None and config.sp_degree > num_tokens:
         raise ValueError(
