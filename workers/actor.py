@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from .protocol import LOOPBACK, PoolSpec, RankInfo, StepReport
+from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, StepReport, TcpRendezvous
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -40,7 +40,8 @@ def _available_host_bytes() -> int:
 class RankWorker:
     """One rank: joins the process group, loads the weights from disk, runs its share of each step.
 
-    Verb order: `open_store` (rank 0 only) -> `join_group` -> `load` -> then any number of runs
+    Verb order: [`open_store` (rank 0 of a cluster pool)] -> `join_group` (worlds > 1) -> `load` -> then
+    any number of runs
     `begin` -> `step(0..n-1)` -> `finish` (or `cancel`), and `decode_tiles` whenever loaded.
 
     Args:
@@ -74,7 +75,8 @@ class RankWorker:
                         os.nice(0))
 
     def open_store(self) -> tuple[str, int]:
-        """Rank 0: open the rendezvous store on a free port of this node and return (host, port)."""
+        """Rank 0 of a cluster pool: open the TCP rendezvous store on a free port of this node and
+        return (host, port). torch binds it on every interface: other nodes must reach it."""
         import torch.distributed as dist
 
         if self.rank != 0:
@@ -86,28 +88,34 @@ class RankWorker:
                                     wait_for_workers=False)
         return host, self._store.port
 
-    def join_group(self, host: str, port: int) -> None:
-        """Form the default process group from rank 0's store, then this layout's subgroups."""
+    def join_group(self, rendezvous: FileRendezvous | TcpRendezvous) -> None:
+        """Form the default process group at the rendezvous, then this layout's subgroups."""
         import torch.distributed as dist
 
         from ..mochi.parallel.layout import ParallelContext
 
         world = self.spec.world_size
-        if world == 1:
-            return  # one device: ctx stays None, no collectives at all
-        if self.rank != 0:
-            if self._store is not None:
-                raise RuntimeError(f"rank {self.rank}: join_group() called twice; a pool forms its group once")
-            self._store = dist.TCPStore(host, port, world, is_master=False,
-                                        timeout=timedelta(seconds=self.spec.timeouts.collective_s))
-        elif self._store is None:
-            raise RuntimeError("rank 0: join_group() before open_store(); call open_store() on rank 0 first")
-        _, node_ip = _node_id_and_ip()
-        if node_ip == LOOPBACK:  # a loopback-only Ray: keep gloo's sockets there too
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         timeout = timedelta(seconds=self.spec.timeouts.collective_s)
+        if world == 1:
+            raise RuntimeError("rank 0: join_group() in a world of one; a single rank runs without a process group")
+        if dist.is_initialized():
+            raise RuntimeError(f"rank {self.rank}: join_group() called twice; a pool forms its group once")
+        if isinstance(rendezvous, FileRendezvous):
+            store = dist.FileStore(rendezvous.path, world)
+            store.set_timeout(timeout)
+        elif self.rank == 0:
+            if self._store is None:
+                raise RuntimeError("rank 0: join_group() before open_store(); call open_store() on rank 0 first")
+            store = self._store
+        else:
+            store = dist.TCPStore(rendezvous.host, rendezvous.port, world, is_master=False, timeout=timeout)
+        self._store = store
+        _, node_ip = _node_id_and_ip()
+        if node_ip == LOOPBACK:  # a loopback-only Ray: keep gloo's and NCCL's sockets there too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout)
         self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout)
 
     def load(self) -> None:
@@ -143,8 +151,6 @@ class RankWorker:
 
     def step(self, i: int, preview: bool = False) -> StepReport:
         """Euler step i on this rank's share (lockstep: every rank runs the same i)."""
-        from ..mochi.latent import to_vae_space
-
         if self._loop is None:
             raise RuntimeError(f"rank {self.rank}: step() before begin(); call begin(request) first")
         start = time.perf_counter()
@@ -152,7 +158,8 @@ class RankWorker:
         seconds = time.perf_counter() - start
         small = None
         if preview and self.rank == 0:
-            small = to_vae_space(self._loop.latent[:, :, :1]).cpu()  # [B, 12, 1, H, W]
+            middle = self._loop.latent.shape[2] // 2
+            small = self._loop.latent[:, :, middle : middle + 1].cpu()  # [B, 12, 1, H, W] model space
         return StepReport(i, self._loop.num_steps, seconds, small)
 
     def finish(self) -> torch.Tensor | None:

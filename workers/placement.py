@@ -7,41 +7,23 @@ g*U .. g*U + U - 1 and bundle j of its placement group is rank g*U + j.
 """
 
 import time
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..mochi.parallel.config import ParallelConfig
-
-
-@dataclass(frozen=True)
-class RankResources:
-    """Ray resources one rank asks for: a GPU, or `cpus` CPU threads."""
-
-    cpus: int
-    gpus: int
-
-    def bundle(self) -> dict:
-        return {"CPU": self.cpus, "GPU": self.gpus} if self.gpus else {"CPU": self.cpus}
+from .capacity import CapacityError, RankResources, capacity_problem
 
 
 def check_capacity(parallel: ParallelConfig, per_rank: RankResources) -> None:
-    """Refuse a pool the cluster cannot hold, before anything starts (Ray would wait forever)."""
+    """Refuse a pool the connected Ray cluster cannot hold (Ray would wait forever); counts the
+    cluster's total resources, so a pool about to be replaced does not count against its successor."""
     total = ray.cluster_resources()
-    need_cpu = parallel.world_size * per_rank.cpus
-    have_cpu, have_gpu = int(total.get("CPU", 0)), int(total.get("GPU", 0))
-    if per_rank.gpus and parallel.world_size * per_rank.gpus > have_gpu:
-        raise ValueError(
-            f"{parallel.world_size} ranks need {parallel.world_size * per_rank.gpus} GPUs but the Ray cluster has "
-            f"{have_gpu}; lower world_size, or add GPU nodes (check `ray status`)"
-        )
-    if need_cpu > have_cpu:
-        raise ValueError(
-            f"{parallel.world_size} ranks x {per_rank.cpus} CPU threads need {need_cpu} CPUs but the Ray cluster "
-            f"has {have_cpu}; lower world_size or cpu_threads (check `ray status`)"
-        )
+    problem = capacity_problem(parallel.world_size, per_rank, int(total.get("CPU", 0)), int(total.get("GPU", 0)),
+                               "the Ray cluster")
+    if problem:
+        raise CapacityError(problem)
 
 
 class RankPlacement:

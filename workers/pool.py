@@ -3,11 +3,14 @@ one `PoolError`.
 
 Every call goes to every rank through one helper (`_gather`) that waits with a deadline and fails
 fast: the first rank that dies or raises ends the wait (after a short grace to find the root
-cause), the whole group is killed, and the pool is marked dead; `PoolCache` builds a new one on the
-next request. There is no string dispatch: each verb is a real actor method.
+cause), the whole group is killed, and the pool is marked dead; `MochiService` builds a new one on
+the next request. Failures get their kind in `failures.py`. There is no string dispatch: each verb
+is a real actor method.
 """
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -18,27 +21,16 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .actor import RankWorker
-from .placement import RankPlacement, RankResources, check_capacity
-from .protocol import PoolError, PoolSpec, RankInfo, RunInterrupted, StepReport
-from .ray_runtime import add_shutdown_hook, ensure_ray
+from .capacity import RankResources
+from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_exception
+from .placement import RankPlacement, check_capacity
+from .protocol import FileRendezvous, PoolSpec, RankInfo, StepReport, TcpRendezvous
+from .ray_runtime import RayConnection
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
 KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
 
 _RemoteRankWorker = ray.remote(RankWorker)
-
-
-def _describe(error: BaseException) -> tuple[int, str]:
-    """(priority, one line) for an actor failure; lower priority = more likely the root cause."""
-    if isinstance(error, RayActorError):
-        return 0, f"the rank's process died ({type(error).__name__}; killed, out of memory, or crashed)"
-    if isinstance(error, RayTaskError):
-        cause = error.cause if getattr(error, "cause", None) is not None else error
-        text = str(cause).strip().splitlines()
-        line = text[0] if text else ""
-        collective = any(word in str(cause) for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out"))
-        return (2 if collective else 1), f"{type(cause).__name__}: {line[:500]}"
-    return 1, f"{type(error).__name__}: {error}"
 
 
 def _valid_tokens_only(text):
@@ -51,25 +43,32 @@ def _valid_tokens_only(text):
 
 
 class Pool:
-    """N Ray actors, one per rank, holding the model; built from a `PoolSpec`.
+    """N Ray actors, one per rank, holding the model; built from a `PoolSpec` on a `RayConnection`.
 
-    Construction starts everything (Ray if needed, placement, actors, process group, weights) and
-    raises `PoolError` if any rank fails; no actor is left behind then.
+    Construction starts everything (placement, actors, process group, weights) and raises
+    `PoolError` if any rank fails; no actor is left behind then. The ranks of a private pool meet
+    through a file store (no port opened); a cluster pool's through rank 0's TCP store; one rank
+    needs no store at all.
+
+    Attributes:
+        startup_seconds: {"ranks": actors up and grouped, "load": weights read}, for the driver's log.
     """
 
-    def __init__(self, spec: PoolSpec):
+    def __init__(self, spec: PoolSpec, ray_connection: RayConnection):
         self.spec = spec
         self.name = f"mochi_xdit-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._actors: list = []
         self._placement = None
+        self._rendezvous_dir: str | None = None
         self.dead = False
         self.ranks: tuple[RankInfo, ...] = ()
-        self.runtime = ensure_ray(spec.ray_address)
-        per_rank = RankResources(cpus=spec.cpu_threads if spec.device == "cpu" else 1,
-                                 gpus=1 if spec.device == "cuda" else 0)
+        self.runtime = ray_connection
+        self.startup_seconds: dict[str, float] = {}
+        per_rank = RankResources.for_device(spec.device, spec.cpu_threads)
         check_capacity(spec.parallel, per_rank)
         timeouts = spec.timeouts
+        started = time.perf_counter()
         try:
             self._placement = RankPlacement(spec.parallel, per_rank, self.name)
             self._placement.wait_ready(timeouts.start_s)
@@ -82,12 +81,24 @@ class Pool:
                 for rank in range(spec.world_size)
             ]
             self.ranks = tuple(self._gather("start", [a.info.remote() for a in self._actors], timeouts.start_s))
-            host, port = self._gather("open_store", [self._actors[0].open_store.remote()], timeouts.start_s)[0]
-            self._gather("join_group", [a.join_group.remote(host, port) for a in self._actors], timeouts.start_s)
+            if spec.world_size > 1:
+                rendezvous = self._rendezvous()
+                self._gather("join_group", [a.join_group.remote(rendezvous) for a in self._actors], timeouts.start_s)
+            self.startup_seconds["ranks"] = time.perf_counter() - started
+            loading = time.perf_counter()
             self._gather("load", [a.load.remote() for a in self._actors], timeouts.load_s)
+            self.startup_seconds["load"] = time.perf_counter() - loading
         except BaseException:
             self._kill()
             raise
+
+    def _rendezvous(self) -> FileRendezvous | TcpRendezvous:
+        """Where the ranks meet: a private folder on this machine, or rank 0's TCP store on a cluster."""
+        if self.runtime.private:
+            self._rendezvous_dir = tempfile.mkdtemp(prefix="mochi_xdit_rendezvous_")  # mode 0700
+            return FileRendezvous(os.path.join(self._rendezvous_dir, "store"))
+        host, port = self._gather("open_store", [self._actors[0].open_store.remote()], self.spec.timeouts.start_s)[0]
+        return TcpRendezvous(host, port)
 
     # -- the one fan-out helper ----------------------------------------------------------------
 
@@ -95,11 +106,13 @@ class Pool:
         """Wait for one call per rank (refs[i] is rank i's); return the results in rank order.
 
         On a death, an exception or the deadline, kill the whole pool and raise one PoolError naming
-        the rank most likely at fault (a dead process beats an error beats a collective failure).
+        the rank most likely at fault (`FailureKind.blame`): a dead process, then a rank's own error,
+        then a rank still silent after the grace while its peers' collectives failed, and only then a
+        peer whose collective timed out waiting for it.
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
-        failures: dict[int, tuple[int, str, BaseException]] = {}
+        failures: dict[int, tuple[FailureKind, BaseException | None]] = {}
         deadline = time.monotonic() + timeout_s
         grace_end = None
         try:
@@ -114,31 +127,39 @@ class Pool:
                     try:
                         results[rank] = ray.get(ref, timeout=0)
                     except (RayActorError, RayTaskError, GetTimeoutError) as error:
-                        failures[rank] = (*_describe(error), error)
+                        failures[rank] = (classify(error), error)
                         if grace_end is None:
                             grace_end = time.monotonic() + ROOT_CAUSE_GRACE_S
         except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
             self._kill()
             raise
         if failures:
-            rank = min(failures, key=lambda r: (failures[r][0], r))
+            for rank in pending.values():  # still silent after the grace, while a peer failed
+                failures[rank] = (FailureKind.RANK_SILENT, None)
+            rank = min(failures, key=lambda r: (failures[r][0].blame, r))
+            kind, error = failures[rank]
             self._kill()
-            _, cause, error = failures[rank]
-            raise PoolError(rank, verb, cause) from error
+            if error is None:
+                failed = sorted(r for r in failures if failures[r][1] is not None)
+                cause = (f"rank {rank} gave no answer, while rank(s) {', '.join(map(str, failed))} failed waiting "
+                         f"for it ({describe(failures[failed[0]][1])}); it hangs or was stopped")
+                raise PoolError(kind, rank, verb, cause)
+            raise PoolError(kind, rank, verb, describe(error), rank_exception(error)) from error
         if pending:
             silent = sorted(pending.values())
             self._kill()
             who = f"rank {silent[0]} gave" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))} gave"
-            raise PoolError(silent[0], verb, f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a "
-                            "collective for one that does; raise the Timeouts if the work is just slow)")
+            raise PoolError(FailureKind.RANK_SILENT, silent[0], verb,
+                            f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a collective for "
+                            "one that does; raise the Timeouts if the work is just slow)")
         return results
 
     # -- requests ------------------------------------------------------------------------------
 
     def _check_usable(self) -> None:
         if self.dead:
-            raise PoolError(None, "use", "this pool was stopped after an earlier failure or shutdown; build a new one "
-                            "(PoolCache.acquire does that)")
+            raise PoolError(FailureKind.BAD_REQUEST, None, "use", "this pool was stopped after an earlier failure "
+                            "or shutdown; build a new one (MochiService.pool does that)")
 
     def sample(self, request, on_step=None, preview: bool = False) -> torch.Tensor:
         """Run one generation on every rank in lockstep; return the VAE-space latent [B, 12, T, H, W] fp32.
@@ -228,6 +249,9 @@ class Pool:
         if self._placement is not None:
             self._placement.remove()
             self._placement = None
+        if self._rendezvous_dir is not None:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+            self._rendezvous_dir = None
         if self.runtime.private:  # our own machine: wait until the processes are really gone
             deadline = time.monotonic() + KILL_WAIT_S
             for info in self.ranks:
@@ -255,55 +279,3 @@ def _pid_alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
-
-
-class PoolCache:
-    """Keeps one live pool and reuses it while the spec's `reuse_key()` is unchanged; a changed spec
-    or a dead pool (after a failure) gets a fresh one."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pool: Pool | None = None
-        self._key = None
-        add_shutdown_hook(self.shutdown)
-
-    def acquire(self, spec: PoolSpec) -> Pool:
-        key = spec.reuse_key()
-        with self._lock:
-            if self._pool is not None and not self._pool.dead and self._key == key:
-                return self._pool
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-            self._pool = Pool(spec)
-            self._key = key
-            return self._pool
-
-    @property
-    def current(self) -> Pool | None:
-        """The live pool, if any (None after a failure or shutdown)."""
-        pool = self._pool
-        return pool if pool is not None and not pool.dead else None
-
-    def shutdown(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown()
-            self._pool, self._key = None, None
-
-
-_default_cache: PoolCache | None = None
-
-
-def acquire_pool(spec: PoolSpec) -> Pool:
-    """The process-wide pool for this spec (reused, or rebuilt when the spec changed or it failed)."""
-    global _default_cache
-    if _default_cache is None:
-        _default_cache = PoolCache()
-    return _default_cache.acquire(spec)
-
-
-def shutdown_pools() -> None:
-    """Stop the process-wide pool (Ray itself stays up; see `ray_runtime.shutdown_ray`)."""
-    if _default_cache is not None:
-        _default_cache.shutdown()

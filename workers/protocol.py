@@ -1,5 +1,5 @@
-"""What crosses the driver/actor boundary: the pool's spec, per-verb deadlines, step reports and
-the one error type the driver raises.
+"""What crosses the driver/actor boundary: the pool's spec, per-verb deadlines, the rendezvous,
+step reports (failures live in `failures.py`).
 
 Everything here is a frozen dataclass validated once (STYLE "Config"), so an actor trusts what it
 receives. Only small things travel: paths (never weights), requests, latents, tiles.
@@ -10,36 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
 from ..mochi.parallel.config import ParallelConfig
 
 LOOPBACK = "127.0.0.1"
-WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 DEVICES = ("cpu", "cuda")
-
-
-class PoolError(RuntimeError):
-    """A rank died, raised, or did not answer in time. The whole group is gone (every actor was
-    killed); the next request builds a new pool.
-
-    Attributes:
-        rank: the rank blamed (the root cause when several failed), or None for the pool as a whole.
-        verb: the actor call that failed ("load", "step", ...).
-        cause: one line saying what happened.
-    """
-
-    def __init__(self, rank: int | None, verb: str, cause: str):
-        self.rank, self.verb, self.cause = rank, verb, cause
-        who = f"rank {rank}" if rank is not None else "the pool"
-        super().__init__(
-            f"{who} failed in {verb}(): {cause}. Every rank of this pool was stopped; the next run "
-            "starts a fresh pool (if it fails again, check `ray status` and the actor logs under "
-            "/tmp/ray/session_latest/logs)."
-        )
-
-
-class RunInterrupted(Exception):
-    """The progress callback asked to stop (returned False). The ranks dropped the run and the pool
-    is ready for the next one."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +91,23 @@ class PoolSpec:
 
 
 @dataclass(frozen=True)
+class FileRendezvous:
+    """How the ranks of a private pool (all on this machine) meet: a torch FileStore in a folder
+    only this user can open. No port is opened, so nothing listens beyond loopback."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class TcpRendezvous:
+    """How the ranks of a cluster pool meet: rank 0's TCPStore. torch binds it on every interface
+    (other nodes must reach it), which is why the README asks cluster users for a private network."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class RankInfo:
     """Where a rank runs (for placement checks, logs and tests)."""
 
@@ -135,7 +127,8 @@ class StepReport:
         index: the step just done (0-based).
         total: number of steps in the run.
         seconds: the slowest rank's compute time for this step.
-        preview: rank 0's small preview latent (VAE space, first latent frame) when asked for, else None.
+        preview: rank 0's small preview latent (model space, [B, 12, 1, H, W] the middle latent frame)
+            when asked for, else None.
     """
 
     index: int

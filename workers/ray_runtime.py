@@ -1,10 +1,13 @@
-"""Starting or joining Ray, and making our code importable inside Ray workers.
+"""Connecting this process to Ray (a private Ray, or an existing cluster), and making our code
+importable inside Ray workers. `MochiService` (service.py) is the only caller: it owns the one
+`RayConnection` of the process.
 
 Two modes (DESIGN.md section 5):
 - no address (and no RAY_ADDRESS): start a private Ray for this process with
   `ray.init(address="local")` (plain `ray.init()` would silently attach to any cluster recorded
   in /tmp/ray, even a stale one), no dashboard, token auth on, every address on 127.0.0.1;
-- an address: join that cluster as it is (its own auth settings apply).
+- an address: probe it first (a dead address fails in seconds, not after Ray's ~14 minutes of
+  retries), then join that cluster as it is (its own auth settings apply).
 
 Ray workers import actor classes by module name, so `mochi_xdit` must be importable there. When a
 plain `python` cannot import it from this very folder (the pack sits in ComfyUI's custom_nodes
@@ -13,15 +16,15 @@ PYTHONPATH entry holding a `mochi_xdit` symlink to this folder (local Ray), or a
 shipped with `py_modules` (a cluster, whose nodes do not share our disk).
 """
 
-import atexit
 import hashlib
+import importlib.util
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
-from dataclasses import dataclass
 
 import ray
 
@@ -31,34 +34,80 @@ PACKAGE_NAME = "mochi_xdit"
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set before a private Ray starts (DESIGN.md section 5): token auth on, node addresses on loopback.
 PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# The ranks' CUDA allocator: expandable segments suit long videos (large, varying activations), and
+# the ranks must not inherit ComfyUI's own setting (it may run with cudaMallocAsync).
+RANK_CUDA_ALLOC_CONF = "expandable_segments:True"
+PROBE_TIMEOUT_S = 5.0
+RAY_CLIENT_PREFIX = "ray://"
+RAY_CLIENT_PORT = 10001
+RAY_GCS_PORT = 6379
+# Where Ray records the cluster that `address="auto"` means (written by `ray start --head`).
+RAY_CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 _STAGE_IGNORE = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "*.safetensors", "*.mp4", ".pytest_cache")
 
 
-@dataclass(frozen=True)
-class RayRuntime:
-    """The Ray this process is connected to.
-
-    Args:
-        address: the cluster address joined, or None for our private local Ray.
-        private: True when this module started Ray (and must stop it).
-        actor_env: runtime_env for every actor (priority, imports).
-    """
-
-    address: str | None
-    private: bool
-    actor_env: dict
-
-
-_lock = threading.Lock()
-_runtime: RayRuntime | None = None
-_saved_env: dict[str, str | None] = {}
-_shutdown_hooks: list = []  # callables run before Ray stops (the pool cache registers its cleanup)
+class RayAddressError(ValueError):
+    """A Ray address that cannot work (bad form, nothing listening, a missing extra); says what to check."""
 
 
 def resolve_address(address: str | None) -> str | None:
     """The cluster to join: the argument, else RAY_ADDRESS, else None (private Ray)."""
     address = (address or "").strip() or os.environ.get("RAY_ADDRESS", "").strip()
     return address or None
+
+
+def address_problem(address: str | None) -> str | None:
+    """Checks of an address that need no network: its form, and the extra `ray://` needs."""
+    address = (address or "").strip()
+    if not address or address == "auto":
+        return None
+    bare = address[len(RAY_CLIENT_PREFIX):] if address.startswith(RAY_CLIENT_PREFIX) else address
+    match = _ADDRESS.match(bare)
+    if not match or not 0 < int(match["port"]) < 65536:
+        return (f"ray_address {address!r} is not a Ray address; leave it empty (a private Ray on this machine), "
+                f"or give 'auto', 'host:{RAY_GCS_PORT}' or '{RAY_CLIENT_PREFIX}host:{RAY_CLIENT_PORT}'")
+    if address.startswith(RAY_CLIENT_PREFIX) and importlib.util.find_spec("grpc") is None:
+        return (f"ray_address {address!r} uses Ray Client, which needs the `ray[client]` extra in this Python: "
+                "pip install \"ray[client]>=2.56\" (or give the cluster's GCS address host:6379 instead)")
+    return None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """(host, port) of 'host:port', '[v6]:port' or 'ray://host:port'; 'auto' is looked up as Ray does."""
+    if address == "auto":
+        try:
+            with open(RAY_CURRENT_CLUSTER_FILE) as recorded:
+                address = recorded.read().strip()
+        except OSError:
+            raise RayAddressError(
+                "ray_address 'auto': no Ray cluster is running on this machine (no "
+                f"{RAY_CURRENT_CLUSTER_FILE}); start one with `ray start --head`, give its address, or leave "
+                "ray_address empty for a private Ray") from None
+    if address.startswith(RAY_CLIENT_PREFIX):
+        address = address[len(RAY_CLIENT_PREFIX):]
+    match = _ADDRESS.match(address)
+    if not match:
+        raise RayAddressError(f"{address!r} is not host:port")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast when nothing listens at a cluster address (Ray itself retries for ~14 minutes)."""
+    problem = address_problem(address)
+    if problem:
+        raise RayAddressError(problem)
+    host, port = _host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise RayAddressError(
+            f"nothing answers at ray_address {address!r} ({host}:{port}: {error.strerror or error}) within "
+            f"{timeout_s:g} s. Check that `ray start --head` runs there and listens on that port (GCS "
+            f"{RAY_GCS_PORT}, Ray Client {RAY_CLIENT_PORT}), that no firewall blocks it, and that this machine "
+            "has the cluster's token (RAY_AUTH_TOKEN) if token auth is on. The current pool was left as it was."
+        ) from None
 
 
 def package_importable_here() -> bool:
@@ -106,9 +155,9 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), and on a private Ray a PYTHONPATH entry that provides
-    `mochi_xdit` when workers cannot import it already."""
-    env_vars = {"RAY_worker_niceness": "0"}
+    starves the ranks on a busy machine), the ranks' own CUDA allocator setting, and on a private
+    Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
+    env_vars = {"RAY_worker_niceness": "0", "PYTORCH_CUDA_ALLOC_CONF": RANK_CUDA_ALLOC_CONF}
     if private and not importable:
         python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
@@ -121,20 +170,50 @@ def job_runtime_env(importable: bool) -> dict | None:
     return None if importable else {"py_modules": [_copy_stage()]}
 
 
-def ensure_ray(address: str | None = None) -> RayRuntime:
-    """Connect this process to Ray (start a private one or join a cluster) and return the runtime.
+def apply_to_imported_ray(loopback_only: bool) -> bool | None:
+    """Make an already imported Ray see the private-Ray settings; returns the previous loopback flag.
 
-    Reuses the current connection when it matches; a different address shuts the old one down
-    first (after the registered hooks stopped every pool on it).
+    Why private modules: Ray reads RAY_* variables once, when it is imported, which in ComfyUI
+    happens before us (other packs import Ray). `ray._raylet.Config.initialize("")` re-reads them
+    (token auth); `ray._private.ray_constants.ENABLE_RAY_CLUSTER` mirrors
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (without it the driver resolves 127.0.0.1 to the external
+    address). What breaks on a Ray upgrade that moves them: each lookup is guarded, so the private Ray
+    still starts, but token auth or loopback-only addressing may silently not apply; the test
+    `test_private_ray_stays_on_loopback_with_token_auth` catches that.
     """
-    global _runtime
-    wanted = resolve_address(address)
-    with _lock:
-        if _runtime is not None and ray.is_initialized():
-            if _runtime.address == wanted:
-                return _runtime
-            _shutdown_locked()
-        elif ray.is_initialized():
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except ImportError:  # older Rays: no token auth
+        pass
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        return None
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = not loopback_only
+    return previous
+
+
+class RayConnection:
+    """This process's connection to Ray; made by `connect`, ended by `close`.
+
+    Attributes:
+        address: the cluster address joined, or None for our private local Ray.
+        private: True when we started Ray (and stop it on close).
+        actor_env: runtime_env for every actor (priority, allocator, imports).
+    """
+
+    def __init__(self, address: str | None, private: bool, actor_env: dict,
+                 saved_env: dict[str, str | None], saved_cluster_flag: bool | None):
+        self.address, self.private, self.actor_env = address, private, actor_env
+        self._saved_env, self._saved_cluster_flag = saved_env, saved_cluster_flag
+
+    @classmethod
+    def connect(cls, address: str | None) -> "RayConnection":
+        """Start a private Ray (address None) or join a cluster (probed first)."""
+        if ray.is_initialized():
             # The user's own code connected this process: use that connection as it is.
             if not package_importable_here():
                 raise RuntimeError(
@@ -142,99 +221,41 @@ def ensure_ray(address: str | None = None) -> RayRuntime:
                     f"{PACKAGE_NAME!r} from {PACK_ROOT}; install the pack on every node (pip install -e <pack>) "
                     "or let the pack connect to Ray itself (do not call ray.init first)"
                 )
-            _runtime = RayRuntime(address=wanted or "existing", private=False, actor_env=actor_runtime_env(False, True))
-            return _runtime
+            return cls(address or "existing", False, actor_runtime_env(False, True), {}, None)
+        if address is not None:
+            probe_address(address)
+            importable = package_importable_here()
+            ray.init(address=address, runtime_env=job_runtime_env(importable), logging_level="WARNING",
+                     log_to_driver=False)
+            return cls(address, False, actor_runtime_env(False, importable), {}, None)
         importable = package_importable_here()
-        if wanted is None:
-            for key, value in PRIVATE_RAY_ENV.items():
-                _saved_env.setdefault(key, os.environ.get(key))
-                os.environ[key] = value
-            _reload_ray_config()
-            _set_loopback_only(True)
+        saved_env = {key: os.environ.get(key) for key in PRIVATE_RAY_ENV}
+        os.environ.update(PRIVATE_RAY_ENV)
+        connection = cls(None, True, actor_runtime_env(True, importable), saved_env,
+                         apply_to_imported_ray(loopback_only=True))
+        try:
             # _node_ip_address: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, which
             # may have happened before us; naming the loopback address keeps every Ray address on it.
-            try:
-                ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
-                         _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=True)
-            except BaseException:
-                _shutdown_locked()  # restores the environment
-                raise
-            _runtime = RayRuntime(address=None, private=True, actor_env=actor_runtime_env(True, importable))
-        else:
-            ray.init(address=wanted, runtime_env=job_runtime_env(importable), logging_level="WARNING",
-                     log_to_driver=True)
-            _runtime = RayRuntime(address=wanted, private=False, actor_env=actor_runtime_env(False, importable))
-        return _runtime
+            # log_to_driver off: the ranks' prints stay in Ray's logs; the driver says what happens.
+            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
+                     _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=False)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
+    def close(self) -> None:
+        """Disconnect (stopping Ray if we started it) and restore what `connect` changed."""
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._saved_env:
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._saved_env = {}
+            apply_to_imported_ray(loopback_only=self._saved_cluster_flag is False)
 
-def _reload_ray_config() -> None:
-    """Make an already imported Ray re-read RAY_* variables (it caches them at import; Ray does the
-    same when it turns token auth on by itself). Older Rays without this have no token auth."""
-    try:
-        from ray._raylet import Config
-    except ImportError:
-        return
-    Config.initialize("")
-
-
-_saved_cluster_flag: list = []
-
-
-def _set_loopback_only(on: bool) -> None:
-    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into `ray_constants.ENABLE_RAY_CLUSTER` when it is
-    imported, which may have happened before we set the variable (ComfyUI imports many packs); the
-    driver then still resolves 127.0.0.1 to the external address. Mirror the variable into the
-    constant while our private Ray lives (the Ray processes we start read the variable itself)."""
-    from ray._private import ray_constants
-
-    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        return
-    if on:
-        _saved_cluster_flag.append(ray_constants.ENABLE_RAY_CLUSTER)
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    elif _saved_cluster_flag:
-        ray_constants.ENABLE_RAY_CLUSTER = _saved_cluster_flag.pop()
-
-
-def add_shutdown_hook(hook) -> None:
-    """Run `hook()` before Ray is shut down by `shutdown_ray` or at process exit."""
-    if hook not in _shutdown_hooks:
-        _shutdown_hooks.append(hook)
-
-
-def _shutdown_locked() -> None:
-    global _runtime
-    errors = []
-    for hook in list(_shutdown_hooks):
-        try:
-            hook()
-        except Exception as error:  # keep stopping the rest; reported below
-            errors.append(error)
-    if ray.is_initialized():
-        ray.shutdown()
-    for key, value in _saved_env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if _saved_env:
-        _saved_env.clear()
-        _reload_ray_config()
-        _set_loopback_only(False)
-    _runtime = None
-    if errors:
-        raise RuntimeError(f"stopping the pools before Ray shut down failed: {errors[0]!r}") from errors[0]
-
-
-def shutdown_ray() -> None:
-    """Stop every pool, then disconnect from Ray (stopping it if we started it)."""
-    with _lock:
-        if _runtime is not None or ray.is_initialized():
-            _shutdown_locked()
-
-
-def current_runtime() -> RayRuntime | None:
-    return _runtime if ray.is_initialized() else None
-
-
-atexit.register(shutdown_ray)
+    def __repr__(self) -> str:
+        return "RayConnection(private, 127.0.0.1)" if self.private else f"RayConnection({self.address})"

@@ -1,0 +1,9 @@
+"""The choices both front doors offer, importable without torch or Ray (the CLI builds its
+`--help` from these in well under a second)."""
+
+from ..mochi.constants import SCHEDULE_NAMES, WEIGHT_DTYPE_NAMES
+
+AUTO = "auto"
+WEIGHT_DTYPE_CHOICES = (AUTO, *WEIGHT_DTYPE_NAMES)
+DEVICE_CHOICES = (AUTO, "cpu", "cuda")
+SCHEDULE_CHOICES = SCHEDULE_NAMES

@@ -1,0 +1,236 @@
+"""Where a request is resolved: user choices in, a fully resolved `PoolSpec` out.
+
+Both front doors (the CLI's flags, the loader node's widgets) only convert their inputs into a
+`LoadChoices` and present the `OptionsError` they may get back; every rule lives here once: the
+device, the weight dtype, the degrees (explicit, filled in, or the planner's choice on a local
+GPU), the Ray address, whether the ranks fit, and which files are a Mochi DiT and VAE. Nothing
+here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time validation.
+"""
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
+from ..mochi.constants import PATCH_SIZE
+from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
+from .capacity import CapacityError, check_local_capacity
+from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .protocol import PoolSpec, Timeouts
+from .ray_runtime import address_problem, resolve_address
+
+# The video `auto` degrees are planned for when the video is not known yet (the loader node): the
+# largest Mochi-1 video, so the chosen mix fits every smaller one too.
+PLAN_VIDEO = (848, 480, 163)  # width, height, frames
+DIT_FILE_ADVICE = ("give the Mochi DiT file: mochi_preview_bf16.safetensors (or genmo's dit.safetensors) from "
+                   "models/diffusion_models/")
+VAE_FILE_ADVICE = "give Mochi's VAE with its decoder: mochi_vae.safetensors (or genmo's decoder.safetensors) from models/vae/"
+
+
+class Field(Enum):
+    """The user choice an OptionsError is about (each front door names it its own way)."""
+
+    DIT = "dit"
+    VAE = "vae"
+    WEIGHT_DTYPE = "weight_dtype"
+    DEVICE = "device"
+    WORLD_SIZE = "world_size"
+    DEGREES = "degrees"
+    CPU_THREADS = "cpu_threads"
+    RAY_ADDRESS = "ray_address"
+
+
+class OptionsError(ValueError):
+    """A choice that cannot work; `field` says which, the message what to change, and `belongs_in`
+    which other choice the given file is for (a VAE in the DiT slot), if any."""
+
+    def __init__(self, field: Field, message: str, belongs_in: Field | None = None):
+        self.field, self.belongs_in = field, belongs_in
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class LoadChoices:
+    """What a user chose at a front door, before any rule applies.
+
+    Args:
+        dit_path, vae_path: the model files (vae_path None: a pool that never decodes).
+        weight_dtype: "auto" (bf16 on GPU, fp32 on CPU) or one of mochi.checkpoint.WEIGHT_DTYPES.
+        world_size: ranks.
+        cfg, ulysses, ring: degrees; None = automatic (all None: the planner on a local GPU, else
+            CFG split first, then the largest Ulysses degree, then Ring; some None: filled in).
+        device: "auto" (cuda when this machine has a GPU), "cpu" or "cuda".
+        cpu_threads: torch threads per CPU rank.
+        ray_address: None/"" for a private Ray, else a cluster address (RAY_ADDRESS also counts).
+        video: (width, height, frames) the run is for, when known; auto degrees are planned for it.
+        steps: sampling steps, when known (the planner's time estimate).
+        use_cfg: whether the runs will have an unconditional pass (cfg != 1).
+        timeouts: per-verb deadlines.
+    """
+
+    dit_path: str
+    vae_path: str | None
+    weight_dtype: str = AUTO
+    world_size: int = 1
+    cfg: int | None = None
+    ulysses: int | None = None
+    ring: int | None = None
+    device: str = AUTO
+    cpu_threads: int = 1
+    ray_address: str | None = None
+    video: tuple[int, int, int] = PLAN_VIDEO
+    steps: int = 64
+    use_cfg: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICE_CHOICES:
+        raise OptionsError(Field.DEVICE, f"device={device!r}; use one of {', '.join(DEVICE_CHOICES)}")
+    if device != AUTO:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_weight_dtype(weight_dtype: str, device: str) -> str:
+    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
+        raise OptionsError(Field.WEIGHT_DTYPE,
+                           f"weight_dtype={weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPE_CHOICES)}")
+    if weight_dtype != AUTO:
+        return weight_dtype
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def dit_heads(path: str) -> int:
+    """The attention heads of the Mochi DiT in `path` (header only); OptionsError for any other file."""
+    try:
+        info = inspect_checkpoint(path)
+    except (CheckpointError, OSError) as error:
+        raise OptionsError(Field.DIT, str(error)) from None
+    heads = info.tensors.get(f"{info.dit_prefix}pos_frequencies") if info.kind == "dit" else None
+    if heads is None or len(heads.shape) != 3:
+        raise OptionsError(Field.DIT, f"is {info.describe()}, not a Mochi-1 DiT; {DIT_FILE_ADVICE}",
+                           belongs_in=Field.VAE if info.kind == "vae" else None)
+    return heads.shape[1]
+
+
+def check_vae_file(path: str) -> None:
+    """OptionsError unless `path` holds a Mochi VAE decoder (header only)."""
+    try:
+        info = inspect_checkpoint(path)
+    except (CheckpointError, OSError) as error:
+        raise OptionsError(Field.VAE, str(error)) from None
+    if info.kind != "vae" or info.vae_decoder_prefix is None:
+        raise OptionsError(Field.VAE, f"is {info.describe()}, not a Mochi VAE with a decoder; {VAE_FILE_ADVICE}",
+                           belongs_in=Field.DIT if info.kind == "dit" else None)
+
+
+def video_tokens(width: int, height: int, frames: int) -> int:
+    """DiT tokens per forward of a video: latent frames x (H/16) x (W/16)."""
+    from ..mochi.sampler import latent_shape_for_video
+
+    _, _, T, H, W = latent_shape_for_video(width, height, frames)
+    return T * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+
+
+def resolve_degrees(world_size: int, cfg: int | None, ulysses: int | None, ring: int | None, num_heads: int,
+                    num_tokens: int | None = None, use_cfg: bool = True) -> ParallelConfig:
+    """The degree mix: all None = `config.auto`; some None = filled in (cfg 1, then the largest Ulysses
+    degree for what is left, then Ring); ParallelConfig checks the result."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise OptionsError(Field.WORLD_SIZE, f"world_size={world_size!r}: need at least 1 rank")
+    try:
+        if cfg is None and ulysses is None and ring is None:
+            return auto(world_size, num_heads, num_tokens, use_cfg)
+        cfg = cfg or 1
+        sp = max(1, world_size // cfg)  # a world not divisible by cfg is refused by ParallelConfig
+        if ulysses is None and ring is None:
+            ulysses = largest_ulysses_degree(sp, num_heads)
+        if ulysses is None:
+            ulysses = max(1, sp // ring)
+        if ring is None:
+            ring = max(1, sp // ulysses)
+        return ParallelConfig(world_size, cfg, ulysses, ring, num_heads=num_heads)
+    except ValueError as error:
+        raise OptionsError(Field.DEGREES, str(error)) from None
+
+
+def planned_degrees(parallel: ParallelConfig, choices: LoadChoices, dit_path: str, device: str,
+                    weight_dtype: str) -> ParallelConfig:
+    """All degrees automatic on a local GPU machine: the planner's fastest mix that fits this GPU for
+    the video (counted on fake tensors from our own DiT code, a few seconds). CPU ranks and clusters
+    (their GPU model is unknown here) keep `parallel`."""
+    import torch
+
+    if (choices.cfg, choices.ulysses, choices.ring) != (None, None, None):
+        return parallel
+    if device != "cuda" or not torch.cuda.is_available() or resolve_address(choices.ray_address) is not None:
+        return parallel
+    if weight_dtype not in ("bf16", "fp8"):
+        return parallel
+    from ..mochi.dit import DiTConfig
+    from ..mochi.planner.plan import recommend
+    from ..mochi.planner.hardware import gpu_from_device_name
+
+    info = inspect_checkpoint(dit_path)
+    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    width, height, frames = choices.video
+    return recommend(parallel.world_size, width, height, frames, gpu=gpu, weight_dtype=weight_dtype,
+                     steps=choices.steps, use_cfg=choices.use_cfg, config=DiTConfig.from_shapes(shapes))
+
+
+def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
+    """Apply every rule to the user's choices; raise OptionsError naming the choice and the fix.
+
+    Args:
+        plan: ask the planner for automatic degrees on a local GPU (a few seconds); queue-time
+            validation passes False and gets the same checks without it.
+    """
+    for name, path in (("dit", choices.dit_path), ("vae", choices.vae_path)):
+        if path is not None and not os.path.isfile(path):
+            raise OptionsError(Field(name), f"{path}: no such file; give the path of the .safetensors file")
+    num_heads = dit_heads(choices.dit_path)
+    if choices.vae_path is not None:
+        check_vae_file(choices.vae_path)
+    device = resolve_device(choices.device)
+    weight_dtype = resolve_weight_dtype(choices.weight_dtype, device)
+    if not isinstance(choices.cpu_threads, int) or choices.cpu_threads < 1:
+        raise OptionsError(Field.CPU_THREADS, f"cpu_threads={choices.cpu_threads!r}: need at least 1 thread per rank")
+    address = (choices.ray_address or "").strip() or None
+    problem = address_problem(address)
+    if problem:
+        raise OptionsError(Field.RAY_ADDRESS, problem)
+    parallel = resolve_degrees(choices.world_size, choices.cfg, choices.ulysses, choices.ring, num_heads,
+                               video_tokens(*choices.video), choices.use_cfg)
+    if resolve_address(address) is None:
+        try:
+            check_local_capacity(choices.world_size, device, choices.cpu_threads)
+        except CapacityError as error:
+            raise OptionsError(Field.WORLD_SIZE, str(error)) from None
+    if plan:
+        parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
+    return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
+                    parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
+                    timeouts=choices.timeouts)
+
+
+def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) -> str | None:
+    """A video too small for the pool's sequence split (checked before the pool is used)."""
+    T, H, W = latent_shape[-3:]
+    tokens = T * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+    if tokens < parallel.sp_degree:
+        return (f"the video has {tokens} tokens but the pool splits them over {parallel.sp_degree} sequence ranks "
+                "(ulysses x ring); make the video larger or use fewer ulysses/ring ranks")
+    return None
+
+
+def layout_note(parallel: ParallelConfig, uses_cfg: bool) -> str | None:
+    """One line when the run does not suit the pool's layout (it still runs): cfg 1 on a CFG split."""
+    if parallel.cfg_degree == 2 and not uses_cfg:
+        return ("cfg is 1 on a pool that splits CFG (cfg_degree 2): both halves compute the same conditional pass. "
+                f"A pool with cfg_degree 1 (ulysses x ring = {parallel.world_size}) would be about 2x faster "
+                "for cfg-1 runs")
+    return None
