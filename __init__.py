@@ -4,6 +4,9 @@ ComfyUI imports this folder under whatever name the user gave it (it may contain
 workers must import the same code by a stable name, so the pack always runs as the package
 ``mochi_xdit``: loaded under another name, this file loads the folder again as ``mochi_xdit``
 (``sys.modules`` only, nothing is added to ``sys.path``) and re-exports its node mappings.
+
+Imported as ``mochi_xdit`` (the CLI, Ray workers, ``mochi_xdit.mochi``), the node mappings are
+loaded only when asked for (PEP 562), so nothing outside ComfyUI imports the ComfyUI layer.
 """
 
 import importlib.util
@@ -12,8 +15,17 @@ import sys
 
 CANONICAL_NAME = "mochi_xdit"
 
+_NODE_EXPORTS = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
+
 if __name__ == CANONICAL_NAME:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    def __getattr__(name: str):
+        if name in _NODE_EXPORTS:
+            from . import nodes
+
+            return getattr(nodes, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 else:
     _here = os.path.dirname(os.path.realpath(__file__))
     _canonical = sys.modules.get(CANONICAL_NAME)

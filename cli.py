@@ -15,11 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-SCHEDULES = ("linear_quadratic", "simple")
-DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8")
 # Defaults: the real model (genmo's 848x480, 64 steps) and a demo run that takes seconds.
 REAL_DEFAULTS = {"width": 848, "height": 480, "frames": 31, "steps": 64}
 DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 13, "steps": 8}
+# How the resolver's fields are called on this command line.
+FLAGS = {"dit": "--dit", "vae": "--vae", "weight_dtype": "--dtype", "device": "--device",
+         "world_size": "--world-size", "degrees": "degrees (--ulysses/--ring/--cfg-parallel)",
+         "cpu_threads": "--cpu-threads", "ray_address": "--ray-address"}
 
 
 class InputError(ValueError):
@@ -27,6 +29,8 @@ class InputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .workers.choices import DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES
+
     parser = argparse.ArgumentParser(prog="mochi-xdit", description="Mochi-1 text-to-video on many ranks (Ray).")
     commands = parser.add_subparsers(dest="command", required=True)
     planner = commands.add_parser(
@@ -48,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--steps", type=int, help="Euler steps (default 64; demo 8)")
     sampling.add_argument("--cfg", type=float, default=4.5, help="guidance scale; 1 skips the negative prompt")
     sampling.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI's convention)")
-    sampling.add_argument("--schedule", choices=SCHEDULES, default="linear_quadratic",
+    sampling.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="linear_quadratic",
                           help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)")
     ranks = gen.add_argument_group("ranks")
     ranks.add_argument("--world-size", type=int, default=1, help="number of ranks (one GPU each, or CPU threads)")
     ranks.add_argument("--ulysses", default="auto", help="Ulysses degree (divides the heads) or auto")
     ranks.add_argument("--ring", default="auto", help="Ring degree or auto")
     ranks.add_argument("--cfg-parallel", default="auto", help="CFG degree (1 or 2) or auto")
-    ranks.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    ranks.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                        help="auto: cuda when this machine has a GPU, else cpu (say cuda for a GPU cluster)")
     ranks.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU rank")
     ranks.add_argument("--ray-address", default=None,
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--vae", help="Mochi VAE .safetensors (mochi_vae.safetensors or genmo decoder)")
     weights.add_argument("--t5", help="T5-XXL: a Hugging Face directory, or a single .safetensors file")
     weights.add_argument("--t5-tokenizer", help="tokenizer directory (needed with a single T5 file)")
-    weights.add_argument("--dtype", choices=DTYPES, default="auto", help="DiT weights; auto: bf16 on GPU, fp32 on CPU")
+    weights.add_argument("--dtype", choices=WEIGHT_DTYPE_CHOICES, default="auto", help="DiT weights; auto: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--output", default="mochi.mp4", help="mp4 file to write")
     return parser
 
@@ -79,14 +83,21 @@ class Plan:
     vae_path: str
     t5_path: str | None  # None: the demo T5
     t5_tokenizer: str | None
-    parallel: object  # ParallelConfig
-    device: str
-    weight_dtype: str
+    spec: object  # workers.protocol.PoolSpec, resolved by workers.options
     latent_shape: tuple[int, ...]
     output: str
 
+    @property
+    def parallel(self):
+        return self.spec.parallel
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
+
 
 def _degree(name: str, value: str) -> int | None:
+    """A degree flag: an integer, or None for 'auto'."""
     if str(value).lower() == "auto":
         return None
     try:
@@ -96,54 +107,6 @@ def _degree(name: str, value: str) -> int | None:
     if number < 1:
         raise InputError(f"--{name}={number}: degrees are positive integers (or 'auto')")
     return number
-
-
-def _parallel_config(args, num_heads: int, num_tokens: int, use_cfg: bool):
-    from .mochi.parallel.config import ParallelConfig, auto
-
-    if args.world_size < 1:
-        raise InputError(f"--world-size={args.world_size}: need at least 1 rank")
-    degrees = {name: _degree(name, getattr(args, attr)) for name, attr in
-               (("ulysses", "ulysses"), ("ring", "ring"), ("cfg-parallel", "cfg_parallel"))}
-    if all(value is None for value in degrees.values()):
-        return auto(args.world_size, num_heads, num_tokens, use_cfg)
-    cfg = degrees["cfg-parallel"] or 1
-    sp = max(1, args.world_size // cfg)  # a world not divisible by cfg is rejected by ParallelConfig
-    ulysses, ring = degrees["ulysses"], degrees["ring"]
-    if ulysses is None and ring is None:
-        ulysses = max(d for d in range(1, sp + 1) if sp % d == 0 and num_heads % d == 0)
-    if ulysses is None:
-        ulysses = max(1, sp // ring)
-    if ring is None:
-        ring = max(1, sp // ulysses)
-    config = ParallelConfig(args.world_size, cfg, ulysses, ring, num_heads=num_heads)
-    if config.cfg_degree == 2 and not use_cfg:
-        raise InputError("--cfg-parallel 2 needs a cfg above 1 (with --cfg 1 there is no negative branch); "
-                         "use --cfg-parallel 1 and put the ranks on --ulysses or --ring")
-    return config
-
-
-def _planned_parallel_config(args, parallel, device: str, weight_dtype: str):
-    """All degrees `auto` on a local GPU: the planner's fastest mix that fits this GPU for this video
-    (counted on fake tensors from our own DiT code, a few seconds). CPU ranks and clusters (GPU model
-    unknown here) keep the plain `auto` layout."""
-    import torch
-
-    degrees = (args.ulysses, args.ring, args.cfg_parallel)
-    if any(str(value).lower() != "auto" for value in degrees):
-        return parallel
-    if device != "cuda" or not torch.cuda.is_available() or args.ray_address or weight_dtype not in ("bf16", "fp8"):
-        return parallel
-    from .mochi.checkpoint import inspect_checkpoint
-    from .mochi.dit import DiTConfig
-    from .mochi.planner.hardware import gpu_from_device_name
-    from .mochi.planner.plan import recommend
-
-    info = inspect_checkpoint(args.dit)
-    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
-    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
-    return recommend(args.world_size, args.width, args.height, args.frames, gpu=gpu, weight_dtype=weight_dtype,
-                     steps=args.steps, use_cfg=args.cfg != 1.0, config=DiTConfig.from_shapes(shapes))
 
 
 def _check_output(path: str) -> str:
@@ -160,34 +123,8 @@ def _check_output(path: str) -> str:
     return path
 
 
-def _dit_heads(path: str) -> int:
-    from .mochi.checkpoint import CheckpointError, inspect_checkpoint
-
-    try:
-        info = inspect_checkpoint(path)
-    except (CheckpointError, OSError) as error:
-        raise InputError(f"--dit {path}: {error}") from None
-    if info.kind != "dit":
-        raise InputError(f"--dit {path} looks like {info.describe()}; give the Mochi DiT file "
-                         "(e.g. mochi_preview_bf16.safetensors)")
-    return info.tensors[f"{info.dit_prefix}pos_frequencies"].shape[1]
-
-
-def _check_vae(path: str) -> None:
-    from .mochi.checkpoint import CheckpointError, inspect_checkpoint
-
-    try:
-        info = inspect_checkpoint(path)
-    except (CheckpointError, OSError) as error:
-        raise InputError(f"--vae {path}: {error}") from None
-    if info.kind != "vae" or info.vae_decoder_prefix is None:
-        raise InputError(f"--vae {path} looks like {info.describe()}; give Mochi's VAE with its decoder "
-                         "(e.g. mochi_vae.safetensors)")
-
-
 def plan_run(args) -> Plan:
     """Check every input without starting anything; raise InputError saying what to change."""
-    from .mochi.constants import PATCH_SIZE
     from .mochi.sampler import latent_shape_for_video
 
     given = [name for name in ("dit", "vae", "t5") if getattr(args, name)]
@@ -217,10 +154,9 @@ def plan_run(args) -> Plan:
                          .replace("height=", "--height=")) from None
     output = _check_output(args.output)
     if demo:
-        from .mochi.demo import DEMO_DIT_CONFIG, demo_checkpoints
+        from .mochi.demo import demo_checkpoints
 
-        num_heads = DEMO_DIT_CONFIG.num_heads
-        dit_path = vae_path = ""  # written after the checks
+        dit_path, vae_path = (str(p) for p in demo_checkpoints())
     else:
         for name in ("dit", "vae"):
             path = getattr(args, name)
@@ -232,26 +168,31 @@ def plan_run(args) -> Plan:
             raise InputError(f"--t5 {args.t5} is a single file; also give --t5-tokenizer (a T5 tokenizer directory)")
         if args.t5_tokenizer and not os.path.isdir(args.t5_tokenizer):
             raise InputError(f"--t5-tokenizer {args.t5_tokenizer}: not a directory; give the tokenizer's folder")
-        num_heads = _dit_heads(args.dit)
-        _check_vae(args.vae)
         dit_path, vae_path = os.path.abspath(args.dit), os.path.abspath(args.vae)
-    device = args.device
-    if device == "auto":
-        import torch
+    return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer,
+                resolve_spec(args, dit_path, vae_path), latent_shape, output)
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    weight_dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-    num_tokens = latent_shape[2] * (latent_shape[3] // PATCH_SIZE) * (latent_shape[4] // PATCH_SIZE)
+
+def resolve_spec(args, dit_path: str, vae_path: str):
+    """The pool's PoolSpec from the flags, through the one resolver the loader node uses too."""
+    from .workers.options import LoadChoices, OptionsError, resolve_load
+
+    degrees = {name: _degree(name, getattr(args, attr)) for name, attr in
+               (("ulysses", "ulysses"), ("ring", "ring"), ("cfg-parallel", "cfg_parallel"))}
+    choices = LoadChoices(
+        dit_path=dit_path, vae_path=vae_path, weight_dtype=args.dtype, world_size=args.world_size,
+        cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
+        cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
+        steps=args.steps, use_cfg=args.cfg != 1.0,
+    )
     try:
-        parallel = _parallel_config(args, num_heads, num_tokens, use_cfg=args.cfg != 1.0)
-    except ValueError as error:
-        raise InputError(str(error)) from None
-    if not demo:
-        parallel = _planned_parallel_config(args, parallel, device, weight_dtype)
-    if demo:
-        dit_path, vae_path = (str(p) for p in demo_checkpoints())
-    return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, parallel, device,
-                weight_dtype, latent_shape, output)
+        return resolve_load(choices)
+    except OptionsError as error:
+        flag = FLAGS[error.field.value]
+        if error.field.value in ("dit", "vae"):
+            flag = f"{flag} {getattr(args, error.field.value) or '(demo model)'}"
+        message = str(error) + (f" (it is for {FLAGS[error.belongs_in.value]})" if error.belongs_in else "")
+        raise InputError(message if error.field.value == "degrees" else f"{flag}: {message}") from None
 
 
 def encode_prompts(plan: Plan, prompt: str, negative: str):
@@ -292,52 +233,51 @@ def write_mp4(video, path: str, fps: int) -> None:
             container.mux(packet)
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
     from .mochi.sampler import SampleRequest
-    from .workers.pool import Pool
-    from .workers.protocol import PoolSpec, Timeouts
-    from .workers.ray_runtime import shutdown_ray
+    from .workers.options import layout_note
+    from .workers.service import MochiService
 
     plan = plan_run(args)
     if plan.demo:
         from .mochi.demo import DEMO_NOTICE
 
         bar = "!" * 78
-        print(f"{bar}\n!!! {DEMO_NOTICE}\n{bar}", file=sys.stderr, flush=True)
+        _say(f"{bar}\n!!! {DEMO_NOTICE}\n{bar}")
     started = time.perf_counter()
-    spec = PoolSpec(plan.dit_path, plan.vae_path, plan.weight_dtype, plan.parallel, device=plan.device,
-                    cpu_threads=args.cpu_threads, ray_address=args.ray_address, timeouts=Timeouts())
-    p = plan.parallel
-    print(f"starting {p.world_size} rank(s) on {plan.device} (cfg {p.cfg_degree} x ulysses {p.ulysses_degree} x "
-          f"ring {p.ring_degree}), {plan.weight_dtype} weights", file=sys.stderr, flush=True)
-    pool = None
+    service = MochiService(log=_say)
     try:
         if plan.device == "cpu":  # encode while the ranks start (on GPU, T5 first: it needs GPU memory)
             with ThreadPoolExecutor(max_workers=1) as background:
                 encoded = background.submit(encode_prompts, plan, args.prompt, args.negative_prompt)
                 try:
-                    pool = Pool(spec)
+                    pool = service.open(plan.spec)
                 finally:
                     positive, negative = encoded.result()
         else:
             positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
-            pool = Pool(spec)
+            pool = service.open(plan.spec)
         request = SampleRequest(positive, negative, latent_shape=plan.latent_shape, seed=args.seed,
                                 steps=args.steps, cfg=args.cfg, schedule=args.schedule)
+        note = layout_note(plan.parallel, request.uses_cfg)
+        if note:
+            _say(f"note: {note}")
         with tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr) as progress:
             latent = pool.sample(request, on_step=lambda report: progress.update(1))
-        print("decoding (tiles spread over the ranks)", file=sys.stderr, flush=True)
+        _say("decoding (tiles spread over the ranks)")
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:
-        if pool is not None:
-            pool.shutdown()
-        shutdown_ray()
+        service.shutdown()
     write_mp4(video[0], plan.output, args.fps)
     _, _, F, H, W = video.shape
-    print(f"wrote {plan.output}: {F} frames, {W}x{H}, {args.fps} fps, in {time.perf_counter() - started:.1f} s"
-          + (" (DEMO model: noise)" if plan.demo else ""), file=sys.stderr)
+    _say(f"wrote {plan.output}: {F} frames, {W}x{H}, {args.fps} fps, in {time.perf_counter() - started:.1f} s"
+         + (" (DEMO model: noise)" if plan.demo else ""))
     return 0
 
 
@@ -347,14 +287,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plan"]:  # the planner parses its own options
         from .mochi.planner import plan_main
 
-        return plan_main(argv[1:])
+        try:
+            return plan_main(argv[1:])
+        except ValueError as error:  # the planner's input checks (GPU, link, video size)
+            parser.exit(2, f"mochi-xdit plan: error: {error}\n")
     args = parser.parse_args(argv)
+    from .workers.capacity import CapacityError
+    from .workers.failures import PoolError
+    from .workers.ray_runtime import RayAddressError
+
     try:
         return run(args)
-    except InputError as error:
+    except (InputError, CapacityError, RayAddressError) as error:
         parser.exit(2, f"mochi-xdit: error: {error}\n")
+    except PoolError as error:
+        parser.exit(1, f"mochi-xdit: error: {error}\n")
     except KeyboardInterrupt:
-        print("interrupted; every rank was stopped", file=sys.stderr)
+        _say("interrupted; every rank was stopped")
         return 130
 
 

@@ -30,9 +30,8 @@ from mochi_xdit.mochi.dit import DiTConfig
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
 from mochi_xdit.mochi.text import TextCondition
-from mochi_xdit.workers.pool import Pool
 from mochi_xdit.workers.protocol import PoolSpec
-from mochi_xdit.workers.ray_runtime import shutdown_ray
+from mochi_xdit.workers.service import MochiService
 
 BENCH_CONFIG = DiTConfig(depth=6, num_heads=4, head_dim=64, hidden_size_x=256, hidden_size_y=128,
                          mlp_hidden_x=768, mlp_hidden_y=512, t5_feat_dim=4096)
@@ -79,8 +78,9 @@ def main():
 
     dit = load_dit(dit_path, "fp32", "cpu")
     start = time.perf_counter()
-    pool = Pool(PoolSpec(dit_path, None, "fp32", ParallelConfig(1, num_heads=BENCH_CONFIG.num_heads),
-                         device="cpu", cpu_threads=1))
+    service = MochiService(log=lambda line: None)
+    pool = service.pool(PoolSpec(dit_path, None, "fp32", ParallelConfig(1, num_heads=BENCH_CONFIG.num_heads),
+                                 device="cpu", cpu_threads=1))
     startup = time.perf_counter() - start
     try:
         in_process_run(dit, request)  # warm-up both sides (allocator, first-call costs)
@@ -92,8 +92,7 @@ def main():
             assert (pool_latent - local_latent).abs().max().item() <= 1e-5, "the pool computed something else"
             runs.append((local_total, local_stepping, pool_total, rank_stepping))
     finally:
-        pool.shutdown()
-        shutdown_ray()
+        service.shutdown()
 
     steps = args.steps * args.repeats
     local_total = sum(r[0] for r in runs)

@@ -1,6 +1,8 @@
 """ComfyUI node classes. Modules here import ComfyUI (`comfy.*`, `folder_paths`) lazily, inside
-methods, so that the package also imports where ComfyUI is absent (CLI, tests, Ray workers)."""
+methods; importing this package (only ComfyUI and tests do) also hooks ComfyUI's "free memory"
+so the pool's ranks release theirs (`comfy_hooks`)."""
 
+from .comfy_hooks import install_free_memory_hook
 from .decode import MochiTiledVAEDecode
 from .loader import MochiXDiTLoader
 from .sampler import MochiXDiTSampler
@@ -15,3 +17,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MochiXDiTSampler": "Mochi xDiT Sampler",
     "MochiTiledVAEDecode": "Mochi xDiT Tiled VAE Decode",
 }
+
+install_free_memory_hook()

@@ -1,10 +1,11 @@
 """Queue-time checks shared by the nodes' `VALIDATE_INPUTS` and their run methods.
 
 Each check returns None when the value is fine, or a message that says what is wrong and what to
-change. `VALIDATE_INPUTS` returns that message (ComfyUI then answers `POST /prompt` with 400 and
-runs nothing); the run method raises it, because an input that arrives through a link is only
-known at run time. ComfyUI skips its own min/max/combo checks for every input that
-`VALIDATE_INPUTS` names, so these checks repeat them.
+change. `VALIDATE_INPUTS` raises it as `QueueTimeError` (see `refuse`): ComfyUI then answers
+`POST /prompt` with 400 and runs nothing. The run method raises it as a ValueError, because an
+input that arrives through a link is only known at run time. ComfyUI skips its own min/max/combo
+checks for every input that `VALIDATE_INPUTS` names, so these checks repeat them. The rules about
+files, degrees, dtypes and capacity are the resolver's (`workers/options.py`), shared with the CLI.
 """
 
 import os
@@ -15,11 +16,23 @@ from ..mochi.constants import LATENT_CHANNELS, NUM_HEADS
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 DIT_FOLDER = "diffusion_models"
 VAE_FOLDER = "vae"
-WEIGHT_DTYPES = ("auto", "bf16", "fp8", "fp32")
 MAX_WORLD_SIZE = 1024
 AUTO_DEGREE = 0  # a degree input of 0 means "choose automatically"
 
-DIT_HEADS_KEY = "pos_frequencies"  # [3, heads, head_dim / 2]: gives the head count
+
+
+class QueueTimeError(ValueError):
+    """A bad input found by VALIDATE_INPUTS. Raised rather than returned: ComfyUI repeats a returned
+    message once per argument of VALIDATE_INPUTS, each time labelled with that argument's name, while
+    an exception from a node's validation is reported once, on that node (execution.py,
+    validate_inputs; checked on ComfyUI 0.3.64)."""
+
+
+def refuse(problem: str | None) -> bool:
+    """VALIDATE_INPUTS' answer: True, or QueueTimeError(problem)."""
+    if problem:
+        raise QueueTimeError(problem)
+    return True
 
 
 def model_name_problem(name, folder: str) -> str | None:
@@ -66,41 +79,6 @@ def resolve_model_file(name, folder: str) -> tuple[str | None, str | None]:
     return path, None
 
 
-def dit_file_problem(path: str, name: str) -> tuple[int | None, str | None]:
-    """(attention heads, None) for a Mochi DiT file, else (None, message). Reads the header only."""
-    from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
-
-    try:
-        info = inspect_checkpoint(path)
-    except CheckpointError as error:
-        return None, f"dit_name {name!r}: {error}"
-    heads = info.tensors.get(f"{info.dit_prefix}{DIT_HEADS_KEY}") if info.kind == "dit" else None
-    if heads is None or len(heads.shape) != 3:
-        hint = " Select it in vae_name instead." if info.kind == "vae" else ""
-        return None, (
-            f"dit_name {name!r} is {info.describe()}, not a Mochi-1 DiT.{hint} Use "
-            "mochi_preview_bf16.safetensors (or genmo's dit.safetensors) in models/diffusion_models/"
-        )
-    return heads.shape[1], None
-
-
-def vae_file_problem(path: str, name: str) -> str | None:
-    """None for a file holding a Mochi VAE decoder, else a message. Reads the header only."""
-    from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
-
-    try:
-        info = inspect_checkpoint(path)
-    except CheckpointError as error:
-        return f"vae_name {name!r}: {error}"
-    if info.kind != "vae" or info.vae_decoder_prefix is None:
-        hint = " Select it in dit_name instead." if info.kind == "dit" else ""
-        return (
-            f"vae_name {name!r} is {info.describe()}, not a Mochi VAE with a decoder.{hint} Use "
-            "mochi_vae.safetensors (or genmo's decoder.safetensors) in models/vae/"
-        )
-    return None
-
-
 def int_problem(name: str, value, minimum: int, maximum: int) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool):
         return f"{name} must be an integer, got {value!r}"
@@ -124,33 +102,25 @@ def choice_problem(name: str, value, choices) -> str | None:
 
 
 def degrees_problem(world_size, ulysses_degree, ring_degree, cfg_degree, num_heads: int = NUM_HEADS) -> str | None:
-    """Check the degree inputs: all three 0 (auto) or all three set with the right product."""
+    """Check the degree inputs (0 = automatic), through the resolver's one rule."""
+    from ..workers.options import OptionsError, resolve_degrees
+
     for name, value, low in (("world_size", world_size, 1), ("ulysses_degree", ulysses_degree, 0),
                              ("ring_degree", ring_degree, 0), ("cfg_degree", cfg_degree, 0)):
         problem = int_problem(name, value, low, MAX_WORLD_SIZE)
         if problem:
             return problem
     try:
-        parallel_config(world_size, ulysses_degree, ring_degree, cfg_degree, num_heads)
-    except ValueError as error:
+        resolve_degrees(world_size, degree_choice(cfg_degree), degree_choice(ulysses_degree),
+                        degree_choice(ring_degree), num_heads)
+    except OptionsError as error:
         return str(error)
     return None
 
 
-def parallel_config(world_size: int, ulysses_degree: int, ring_degree: int, cfg_degree: int, num_heads: int = NUM_HEADS):
-    """The ParallelConfig the loader inputs ask for (raises ValueError with the fix)."""
-    from ..mochi.parallel.config import ParallelConfig, auto
-
-    degrees = (ulysses_degree, ring_degree, cfg_degree)
-    if all(d == AUTO_DEGREE for d in degrees):
-        return auto(world_size, num_heads)
-    if any(d == AUTO_DEGREE for d in degrees):
-        raise ValueError(
-            f"ulysses={ulysses_degree}, ring={ring_degree}, cfg={cfg_degree}: set all three degrees "
-            "to 0 (choose automatically) or all three to explicit values whose product is world_size"
-        )
-    return ParallelConfig(world_size, cfg_degree=cfg_degree, ulysses_degree=ulysses_degree,
-                          ring_degree=ring_degree, num_heads=num_heads)
+def degree_choice(value: int) -> int | None:
+    """A degree widget's value for the resolver: 0 means automatic."""
+    return None if value == AUTO_DEGREE else value
 
 
 def latent_problem(latent) -> str | None:
@@ -173,37 +143,3 @@ def latent_problem(latent) -> str | None:
     if not samples.is_floating_point() or not bool(torch.isfinite(samples).all()):
         return "the latent contains non-finite values (NaN/inf); check the node that produced it"
     return None
-
-
-# The video `auto` plans for when the loader runs (the loader does not see the video size): the
-# largest Mochi-1 video, so the chosen mix fits every smaller one too.
-PLAN_WIDTH, PLAN_HEIGHT, PLAN_FRAMES = 848, 480, 163
-
-
-def planned_parallel_config(parallel, dit_path: str, weight_dtype: str, device: str, ray_address: str):
-    """`auto` degrees on a local GPU machine: the planner's recommendation (fastest mix that fits
-    this GPU at 848x480x163, counted on fake tensors, a few seconds); explicit degrees, CPU ranks
-    and remote clusters (GPU model unknown here) keep `parallel` (`config.auto` for auto).
-
-    Args:
-        parallel: the ParallelConfig from `parallel_config`.
-        dit_path: the DiT file (its size sets the planner's model).
-        weight_dtype: resolved dtype ("bf16", "fp8", "fp32").
-        device: "cuda" or "cpu".
-        ray_address: "" for a private local Ray.
-    """
-    import torch
-
-    if device != "cuda" or ray_address.strip() or weight_dtype not in ("bf16", "fp8"):
-        return parallel
-    from ..mochi.checkpoint import inspect_checkpoint
-    from ..mochi.dit import DiTConfig
-    from ..mochi.planner.hardware import gpu_from_device_name
-    from ..mochi.planner.plan import recommend
-
-    info = inspect_checkpoint(dit_path)
-    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
-    properties = torch.cuda.get_device_properties(0)
-    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), properties.total_memory)
-    return recommend(parallel.world_size, PLAN_WIDTH, PLAN_HEIGHT, PLAN_FRAMES, gpu=gpu, weight_dtype=weight_dtype,
-                     config=DiTConfig.from_shapes(shapes))

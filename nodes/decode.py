@@ -3,7 +3,8 @@
 from . import checks
 from ..mochi.constants import SPATIAL_COMPRESSION
 from .comfy_types import frames_to_image, latent_samples
-from .pool_bridge import POOL_TYPE, run_decode
+from .handle import POOL_TYPE
+from .runs import run_decode
 
 TILING_MODES = ("auto", "manual", "off")
 PIXELS_PER_LATENT = SPATIAL_COMPRESSION  # tile sizes are given in output pixels, multiples of this
@@ -91,7 +92,7 @@ class MochiTiledVAEDecode:
 
     @classmethod
     def VALIDATE_INPUTS(cls, tiling, tile_size, tile_overlap, frame_chunk):
-        return decode_problem(tiling, tile_size, tile_overlap, frame_chunk) or True
+        return checks.refuse(decode_problem(tiling, tile_size, tile_overlap, frame_chunk))
 
     def decode(self, pool, samples, tiling, tile_size, tile_overlap, frame_chunk):
         problem = decode_problem(tiling, tile_size, tile_overlap, frame_chunk) or checks.latent_problem(samples)

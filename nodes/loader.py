@@ -1,37 +1,16 @@
-"""MochiXDiTLoader: picks the Mochi files and the parallel layout, returns a pool handle."""
+"""MochiXDiTLoader: picks the Mochi files and the parallel layout, returns a pool handle.
 
-import re
+The node only converts its widgets into a `workers.options.LoadChoices` and names the input an
+`OptionsError` is about; the rules themselves are the resolver's, shared with the CLI.
+"""
 
 from . import checks
-from .pool_bridge import POOL_TYPE, open_pool, pool_device, resolve_weight_dtype
+from .handle import POOL_TYPE
+from .runs import open_pool
 
-RAY_ADDRESS_PATTERN = re.compile(r"^(auto|(ray://)?[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5})$")
-
-
-def ray_address_problem(address) -> str | None:
-    if not isinstance(address, str):
-        return f"ray_address must be text, got {address!r}"
-    if address.strip() and not RAY_ADDRESS_PATTERN.match(address.strip()):
-        return (
-            f"ray_address {address!r} is not a Ray address; leave it empty (a private Ray on this machine), "
-            "or give 'auto', 'host:6379' or 'ray://host:10001'"
-        )
-    return None
-
-
-def local_gpu_problem(world_size: int, ray_address: str) -> str | None:
-    """Without a cluster, GPU ranks need one local GPU each (CPU-only machines run CPU ranks)."""
-    import torch
-
-    if ray_address.strip() or not torch.cuda.is_available():
-        return None
-    gpus = torch.cuda.device_count()
-    if world_size > gpus:
-        return (
-            f"world_size={world_size} but this machine has {gpus} GPU(s) and no ray_address is set; "
-            f"use world_size <= {gpus} or give the address of a Ray cluster with more GPUs"
-        )
-    return None
+# The resolver's fields, as this node's inputs are called.
+INPUT_NAMES = {"dit": "dit_name", "vae": "vae_name", "weight_dtype": "weight_dtype", "device": "device",
+               "world_size": "world_size", "degrees": "", "cpu_threads": "cpu_threads", "ray_address": "ray_address"}
 
 
 class MochiXDiTLoader:
@@ -49,6 +28,8 @@ class MochiXDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..workers.choices import WEIGHT_DTYPE_CHOICES
+
         return {
             "required": {
                 "dit_name": (checks.safetensors_names(checks.DIT_FOLDER), {
@@ -56,11 +37,11 @@ class MochiXDiTLoader:
                                "mochi_preview_bf16.safetensors or an fp8_scaled file."}),
                 "vae_name": (checks.safetensors_names(checks.VAE_FOLDER), {
                     "tooltip": "Mochi VAE (.safetensors with the decoder) from models/vae/, e.g. mochi_vae.safetensors."}),
-                "weight_dtype": (list(checks.WEIGHT_DTYPES), {
+                "weight_dtype": (list(WEIGHT_DTYPE_CHOICES), {
                     "default": "auto",
                     "tooltip": "DiT weight precision on every rank. auto = bf16 on GPU, fp32 on CPU. fp8 "
                                "halves weight memory (about 10 GB instead of 20 GB) at a small quality cost; "
-                               "fp32 doubles it."}),
+                               "fp32 doubles it; fp16 may overflow (Mochi was trained in bf16)."}),
                 "world_size": ("INT", {
                     "default": 1, "min": 1, "max": checks.MAX_WORLD_SIZE, "step": 1,
                     "tooltip": "Number of ranks (one GPU each). Must equal cfg x ulysses x ring. More ranks: "
@@ -70,60 +51,70 @@ class MochiXDiTLoader:
                     "tooltip": "Ranks splitting attention heads by all-to-all (must divide the 24 heads: 1, 2, 3, "
                                "4, 6, 8, 12, 24). Best inside one machine with fast links. 0 on all three "
                                "degrees = automatic: on a GPU machine the planner's fastest mix that fits "
-                               "848x480x163 on this GPU, otherwise CFG split first, then Ulysses, then Ring."}),
+                               "848x480x163 on this GPU, otherwise CFG split first, then Ulysses, then Ring. "
+                               "0 on some degrees fills them in from the others."}),
                 "ring_degree": ("INT", {
                     "default": 0, "min": 0, "max": checks.MAX_WORLD_SIZE, "step": 1,
                     "tooltip": "Ranks passing key/value blocks around a ring (any number). Use it for factors "
-                               "Ulysses cannot take. 0 = automatic (then all three degrees must be 0)."}),
+                               "Ulysses cannot take. 0 = automatic (what the other degrees leave)."}),
                 "cfg_degree": ("INT", {
                     "default": 0, "min": 0, "max": 2, "step": 1,
                     "tooltip": "2 runs the positive and negative prompt on separate halves of the ranks "
-                               "(nearly 2x, one small exchange per step); 1 runs both on every rank. "
-                               "0 = automatic (then all three degrees must be 0)."}),
+                               "(nearly 2x, one small exchange per step; with cfg 1 both halves run the "
+                               "same pass); 1 runs both on every rank. 0 = automatic (1 when other degrees "
+                               "are set)."}),
                 "ray_address": ("STRING", {
                     "default": "", "multiline": False,
                     "tooltip": "Empty: start a private Ray on this machine (loopback only). Otherwise the "
                                "address of an existing Ray cluster ('auto', 'host:6379' or "
-                               "'ray://host:10001'); enable token auth on that cluster."}),
+                               "'ray://host:10001', which needs ray[client]); it is probed before the "
+                               "current pool is touched. Enable token auth on that cluster."}),
             }
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
                         cfg_degree, ray_address):
-        problem, _ = cls._plan(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                               cfg_degree, ray_address)
-        return problem or True
+        problem, _ = cls._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
+                                  cfg_degree, ray_address, plan=False)
+        return checks.refuse(problem)
 
     @staticmethod
-    def _plan(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree, ray_address):
-        """(message, None) for a bad input, else (None, (dit path, vae path, ParallelConfig)).
-        Reads the two files' headers; starts nothing."""
+    def _resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
+                 ray_address, plan: bool):
+        """(message, None) for a bad input, else (None, PoolSpec). Reads the two files' headers;
+        starts nothing (plan=True also asks the planner for automatic degrees on a local GPU)."""
+        from ..workers.options import LoadChoices, OptionsError, resolve_load
+
         dit_path, problem = checks.resolve_model_file(dit_name, checks.DIT_FOLDER)
         if problem:
             return f"dit_name: {problem}", None
         vae_path, problem = checks.resolve_model_file(vae_name, checks.VAE_FOLDER)
         if problem:
             return f"vae_name: {problem}", None
-        num_heads, problem = checks.dit_file_problem(dit_path, dit_name)
-        problem = (problem or checks.vae_file_problem(vae_path, vae_name)
-                   or checks.choice_problem("weight_dtype", weight_dtype, checks.WEIGHT_DTYPES)
-                   or checks.degrees_problem(world_size, ulysses_degree, ring_degree, cfg_degree, num_heads)
-                   or ray_address_problem(ray_address) or local_gpu_problem(world_size, ray_address))
-        if problem:
-            return problem, None
-        parallel = checks.parallel_config(world_size, ulysses_degree, ring_degree, cfg_degree, num_heads)
-        return None, (dit_path, vae_path, parallel)
+        for name, value, low in (("world_size", world_size, 1), ("ulysses_degree", ulysses_degree, 0),
+                                 ("ring_degree", ring_degree, 0), ("cfg_degree", cfg_degree, 0)):
+            problem = checks.int_problem(name, value, low, checks.MAX_WORLD_SIZE)
+            if problem:
+                return problem, None
+        if not isinstance(ray_address, str):
+            return f"ray_address must be text, got {ray_address!r}", None
+        choices = LoadChoices(
+            dit_path=dit_path, vae_path=vae_path, weight_dtype=weight_dtype, world_size=world_size,
+            cfg=checks.degree_choice(cfg_degree), ulysses=checks.degree_choice(ulysses_degree),
+            ring=checks.degree_choice(ring_degree), ray_address=ray_address,
+        )
+        try:
+            return None, resolve_load(choices, plan=plan)
+        except OptionsError as error:
+            files = {"dit": f"dit_name {dit_name!r} ", "vae": f"vae_name {vae_name!r} "}  # others name themselves
+            hint = f" Select it in {INPUT_NAMES[error.belongs_in.value]} instead." if error.belongs_in else ""
+            return f"{files.get(error.field.value, '')}{error}{hint}", None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
              ray_address):
-        problem, plan = self._plan(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                   cfg_degree, ray_address)
+        problem, spec = self._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
+                                      cfg_degree, ray_address, plan=True)
         if problem:
             raise ValueError(problem)
-        dit_path, vae_path, parallel = plan
-        if (ulysses_degree, ring_degree, cfg_degree) == (checks.AUTO_DEGREE,) * 3:
-            device = pool_device()
-            parallel = checks.planned_parallel_config(parallel, dit_path, resolve_weight_dtype(weight_dtype, device),
-                                                      device, ray_address)
-        return (open_pool(dit_path, vae_path, weight_dtype, parallel, ray_address.strip() or None),)
+        return (open_pool(spec),)

@@ -1,10 +1,12 @@
 """MochiXDiTSampler: text-to-video sampling on the rank pool, with progress and interruption."""
 
+from ..mochi.constants import SCHEDULE_NAMES as SCHEDULES
 from . import checks
 from .comfy_types import conditioning_to_text, latent_samples, output_latent
-from .pool_bridge import POOL_TYPE, ProgressReporter, run_sample
+from .handle import POOL_TYPE
+from .progress import ProgressReporter
+from .runs import run_sample
 
-SCHEDULES = ("linear_quadratic", "simple")
 MAX_STEPS = 1000
 MAX_CFG = 100.0
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -63,7 +65,7 @@ class MochiXDiTSampler:
                     "default": 4.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
                     "tooltip": "Classifier-free guidance: higher follows the prompt more closely, too high "
                                "over-saturates. 4.5 is Mochi's default; 1 skips the negative pass (half "
-                               "the work)."}),
+                               "the work; on a cfg_degree 2 pool both halves then run the same pass)."}),
                 "schedule": (list(SCHEDULES), {
                     "default": "linear_quadratic",
                     "tooltip": "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "
@@ -77,7 +79,7 @@ class MochiXDiTSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise):
-        return sampler_problem(seed, steps, cfg, schedule, denoise) or True
+        return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise))
 
     def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise):
         problem = sampler_problem(seed, steps, cfg, schedule, denoise) or checks.latent_problem(latent_image)

@@ -12,7 +12,6 @@ import pytest
 import ray
 
 from mochi_xdit import cli
-from mochi_xdit.workers import ray_runtime
 
 
 def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
@@ -26,6 +25,9 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEMO model" in result.stderr  # says loudly that the output is noise
     assert "starting 2 rank(s)" in result.stderr
+    for phase in ("DEMO model", "connected to a private Ray on 127.0.0.1 in", "2 rank(s) up in",
+                  "weights loaded in"):  # each phase said once, by the driver (not once per rank)
+        assert result.stderr.count(phase) == 1 + (phase == "DEMO model"), (phase, result.stderr)
     with av.open(str(output)) as container:
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
@@ -43,7 +45,6 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--height", "8"], r"--height=8 must be a multiple of 16"),
         (["--world-size", "2", "--ulysses", "3"], r"ulysses=3 does not divide 4 heads"),
         (["--world-size", "3", "--cfg-parallel", "2"], r"but world_size is 3"),
-        (["--world-size", "2", "--cfg-parallel", "2", "--cfg", "1"], r"--cfg-parallel 2 needs a cfg above 1"),
         (["--ulysses", "two"], r"--ulysses='two': give a positive integer or 'auto'"),
         (["--steps", "0"], r"--steps=0: need at least 1 step"),
         (["--dit", "/nonexistent/dit.safetensors"], r"give all of --dit, --vae and --t5 \(missing: --t5, --vae\)"),
@@ -64,7 +65,53 @@ def test_bad_input_is_refused_before_any_actor_starts(arguments, message, tmp_pa
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert re.search(message, error), error
-    assert not ray.is_initialized() and ray_runtime.current_runtime() is None
+    assert not ray.is_initialized()
+    assert "Traceback" not in error
+
+
+def test_more_ranks_than_cpus_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    world = (os.cpu_count() or 1) + 1
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--prompt", "a fox", "--world-size", str(world), "--ulysses", "1",
+                  "--output", str(tmp_path / "out.mp4")])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and f"needs {world} CPUs but this machine has {world - 1}" in error, error
+    assert "Traceback" not in error and not ray.is_initialized()
+
+
+def test_cfg_1_with_a_cfg_split_runs_and_says_what_would_be_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--cfg-parallel", "2",
+                                          "--cfg", "1", "--output", str(tmp_path / "out.mp4")])
+    plan = cli.plan_run(args)
+    assert plan.parallel.cfg_degree == 2
+    from mochi_xdit.workers.options import layout_note
+
+    assert "cfg_degree 1" in layout_note(plan.parallel, uses_cfg=False)
+    auto = cli.plan_run(cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--cfg",
+                                                       "1", "--output", str(tmp_path / "out.mp4")]))
+    assert auto.parallel.cfg_degree == 1  # automatic degrees know there is no negative pass
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--gpu", "XYZ"], "unknown GPU 'XYZ'"), (["--frames", "50"], "frames=50: Mochi makes 6k+1 frames"),
+    (["--link", "fast"], "unknown link 'fast'"),
+])
+def test_plan_bad_input_is_one_line_not_a_traceback(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["plan", "--world-size", "1", *arguments])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and message in error and "Traceback" not in error, error
+
+
+def test_help_answers_quickly_without_importing_torch_or_the_nodes():
+    probe = ("import sys, time; t = time.perf_counter(); from mochi_xdit import cli; cli.build_parser().format_help(); "
+             "print(time.perf_counter() - t, 'torch' in sys.modules, 'mochi_xdit.nodes' in sys.modules, "
+             "'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out[1:] == ["False", "False", "False"], out
+    assert float(out[0]) < 1.0
 
 
 def test_wrong_weight_file_is_refused_before_any_actor_starts(tmp_path, capsys):
@@ -103,6 +150,7 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
 
     from mochi_xdit.mochi.demo import demo_checkpoints
     from mochi_xdit.mochi.parallel.config import ParallelConfig
+    from mochi_xdit.workers import capacity
     planner_plan = importlib.import_module("mochi_xdit.mochi.planner.plan")  # the package re-exports a function `plan`
 
     dit, vae = demo_checkpoints(tmp_path / "demo")
@@ -115,6 +163,7 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
         return ParallelConfig(world_size, 1, 1, world_size, num_heads=kwargs["config"].num_heads)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(capacity, "local_resources", lambda: (16, 2))  # a machine with 2 GPUs
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA L40")
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index=0: type("Props", (), {"total_memory": 48 * 2**30})())

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from mochi_xdit import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
-from mochi_xdit.nodes.checks import degrees_problem, model_name_problem
+from mochi_xdit.nodes.checks import QueueTimeError, degrees_problem, model_name_problem
 from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -109,6 +109,14 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def big_machine(monkeypatch):
+    """A machine with 64 CPUs and no GPU, so degree checks are not capped by this one's cores."""
+    from mochi_xdit.workers import capacity
+
+    monkeypatch.setattr(capacity, "local_resources", lambda: (64, 0))
+
+
+@pytest.fixture
 def fake_comfy(models_dir, monkeypatch):
     modules = make_fake_comfy(models_dir)
     for name, module in modules.items():
@@ -177,8 +185,17 @@ def loader_inputs(**changes):
     return inputs
 
 
+def queue_time_verdict(validate, **inputs):
+    """VALIDATE_INPUTS' verdict: True, or the message of the QueueTimeError it raised (raised, not
+    returned: ComfyUI shows a raised problem once, a returned one once per argument)."""
+    try:
+        return validate(**inputs)
+    except QueueTimeError as error:
+        return str(error)
+
+
 def validate_loader(**changes):
-    return NODE_CLASS_MAPPINGS["MochiXDiTLoader"].VALIDATE_INPUTS(**loader_inputs(**changes))
+    return queue_time_verdict(NODE_CLASS_MAPPINGS["MochiXDiTLoader"].VALIDATE_INPUTS, **loader_inputs(**changes))
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "../diffusion_models/../../etc/passwd.safetensors",
@@ -212,8 +229,9 @@ def test_file_that_is_not_a_mochi_dit_or_vae_is_refused_with_the_fix(fake_comfy)
     assert message is True
 
 
-def test_loader_accepts_auto_and_explicit_degrees(fake_comfy):
+def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, big_machine):
     assert validate_loader(world_size=2) is True
+    assert validate_loader(world_size=2, ulysses_degree=2, ring_degree=0, cfg_degree=1) is True  # ring filled in
     assert validate_loader(world_size=4, ulysses_degree=2, ring_degree=1, cfg_degree=2) is True
     assert validate_loader(world_size=4, ulysses_degree=1, ring_degree=4, cfg_degree=1) is True
 
@@ -221,14 +239,34 @@ def test_loader_accepts_auto_and_explicit_degrees(fake_comfy):
 @pytest.mark.parametrize("changes, fragment", [
     (dict(world_size=4, ulysses_degree=2, ring_degree=1, cfg_degree=1), "product is 4"),
     (dict(world_size=3, ulysses_degree=3, ring_degree=1, cfg_degree=1), "does not divide 4 heads"),
-    (dict(world_size=2, ulysses_degree=2, ring_degree=0, cfg_degree=1), "set all three degrees to 0"),
+    (dict(world_size=4, ulysses_degree=3, ring_degree=0, cfg_degree=0), "does not divide 4 heads"),
     (dict(world_size=0), "world_size=0 is outside"),
     (dict(weight_dtype="int4"), "weight_dtype='int4' is not one of"),
     (dict(ray_address="http://x y"), "is not a Ray address"),
 ])
-def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, changes, fragment):
+def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, big_machine, changes, fragment):
     message = validate_loader(**changes)
     assert isinstance(message, str) and fragment in message, message
+
+
+def test_more_ranks_than_this_machine_has_are_refused_at_queue_time(fake_comfy, monkeypatch):
+    from mochi_xdit.workers import capacity
+
+    monkeypatch.setattr(capacity, "local_resources", lambda: (2, 0))
+    assert "world_size=3 needs 3 CPUs but this machine has 2" in validate_loader(world_size=3)
+    monkeypatch.setattr(capacity, "local_resources", lambda: (64, 2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    message = validate_loader(world_size=4, ulysses_degree=4, ring_degree=1, cfg_degree=1, weight_dtype="bf16")
+    assert "needs 4 GPUs (one per rank) but this machine has 2" in message and "ray_address" in message
+    assert validate_loader(world_size=4, ulysses_degree=4, ring_degree=1, cfg_degree=1,
+                           ray_address="127.0.0.1:6379") is True  # a cluster's GPUs are counted when it is joined
+
+
+def test_queue_time_problems_are_raised_once_not_returned_per_argument(fake_comfy):
+    """ComfyUI repeats a returned VALIDATE_INPUTS message once per argument; a raised one is shown once."""
+    with pytest.raises(QueueTimeError) as raised:
+        NODE_CLASS_MAPPINGS["MochiXDiTLoader"].VALIDATE_INPUTS(**loader_inputs(world_size=0))
+    assert str(raised.value) == "world_size=0 is outside [1, 1024]"
 
 
 def test_degree_check_uses_mochi_heads_by_default():
@@ -249,7 +287,7 @@ def test_model_name_rules():
 def validate_sampler(**changes):
     inputs = dict(seed=0, steps=4, cfg=4.5, schedule="linear_quadratic", denoise=1.0)
     inputs.update(changes)
-    return NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**inputs)
+    return queue_time_verdict(NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS, **inputs)
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -324,18 +362,20 @@ def test_dit_file_selected_as_vae_is_refused_with_the_fix(fake_comfy, models_dir
 
 
 def test_dead_rank_and_out_of_memory_become_actionable_errors():
-    from mochi_xdit.nodes.pool_bridge import user_errors
-    from mochi_xdit.workers.protocol import PoolError
+    from mochi_xdit.nodes.errors import user_errors
+    from mochi_xdit.workers.failures import FailureKind, PoolError
 
     with pytest.raises(RuntimeError, match=r"Mochi xDiT pool: rank 3 failed in step\(\).*\n.*If that rank ran out of memory"):
         with user_errors():
-            raise PoolError(3, "step", "the rank's process died (RayActorError; killed, out of memory, or crashed)")
+            raise PoolError(FailureKind.RANK_DIED, 3, "step",
+                            "the rank's process died (RayActorError: killed, out of memory, or crashed)")
     with pytest.raises(RuntimeError, match=r"^Mochi xDiT pool: rank 0 failed in load\(\): CheckpointError"):
         with user_errors():
-            raise PoolError(0, "load", "CheckpointError: x.safetensors is truncated")
+            raise PoolError(FailureKind.BAD_REQUEST, 0, "load", "CheckpointError: x.safetensors is truncated")
     with pytest.raises(MemoryError, match="(?s)rank 1 .*more ranks.*fp8.*smaller decode tiles"):
         with user_errors():
-            raise PoolError(1, "step", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise PoolError(FailureKind.OUT_OF_MEMORY, 1, "step",
+                            "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(MemoryError, match="weight_dtype fp8"):
         with user_errors():
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -345,7 +385,7 @@ def test_dead_rank_and_out_of_memory_become_actionable_errors():
 
 
 def test_progress_reporter_updates_the_bar_with_a_preview_and_stops_on_cancel(fake_comfy, monkeypatch):
-    from mochi_xdit.nodes.pool_bridge import ProgressReporter
+    from mochi_xdit.nodes.progress import ProgressReporter
     from mochi_xdit.workers.protocol import StepReport
 
     cli_args = types.ModuleType("comfy.cli_args")
@@ -367,7 +407,9 @@ def test_progress_reporter_updates_the_bar_with_a_preview_and_stops_on_cancel(fa
 def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_comfy):
     from mochi_xdit.nodes.decode import tile_spec
 
-    validate = NODE_CLASS_MAPPINGS["MochiTiledVAEDecode"].VALIDATE_INPUTS
+    def validate(**inputs):
+        return queue_time_verdict(NODE_CLASS_MAPPINGS["MochiTiledVAEDecode"].VALIDATE_INPUTS, **inputs)
+
     assert validate(tiling="manual", tile_size=256, tile_overlap=64, frame_chunk=2) is True
     assert "multiples of 8" in validate(tiling="manual", tile_size=260, tile_overlap=64, frame_chunk=2)
     assert "at most half of tile_size" in validate(tiling="manual", tile_size=64, tile_overlap=64, frame_chunk=2)
@@ -381,15 +423,16 @@ def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_com
     assert tile_spec("auto", 256, 64, 3, (1, 12, 7, 60, 106)) is None
 
 
-def test_requests_the_pool_layout_cannot_run_are_refused_before_the_pool_is_used():
+def test_requests_the_pool_layout_cannot_run_are_refused_and_cfg_1_runs_on_any_pool():
     from mochi_xdit.mochi.parallel.config import ParallelConfig
-    from mochi_xdit.nodes.pool_bridge import PoolHandle, layout_problem
+    from mochi_xdit.workers.options import layout_note, sequence_problem
 
-    cfg_split = PoolHandle(types.SimpleNamespace(parallel=ParallelConfig(2, cfg_degree=2)))
-    assert "cfg_degree to 1" in layout_problem(cfg_split, 1.0, (1, 12, 2, 4, 6))
-    assert layout_problem(cfg_split, 4.5, (1, 12, 2, 4, 6)) is None
-    ring8 = PoolHandle(types.SimpleNamespace(parallel=ParallelConfig(8, ring_degree=8)))
-    assert "4 tokens" in layout_problem(ring8, 4.5, (1, 12, 1, 4, 4))
+    cfg_split = ParallelConfig(2, cfg_degree=2)
+    assert "cfg_degree 1" in layout_note(cfg_split, uses_cfg=False)  # runs, with one line saying what is faster
+    assert layout_note(cfg_split, uses_cfg=True) is None
+    assert sequence_problem(cfg_split, (1, 12, 2, 4, 6)) is None
+    ring8 = ParallelConfig(8, ring_degree=8)
+    assert "4 tokens" in sequence_problem(ring8, (1, 12, 1, 4, 4))
 
 
 def test_pack_loads_from_a_custom_nodes_folder_with_another_name(tmp_path, fake_comfy):
@@ -421,23 +464,28 @@ def test_auto_degrees_on_a_gpu_machine_follow_the_planner(models_dir, monkeypatc
     from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
     import importlib
 
-    from mochi_xdit.nodes.checks import planned_parallel_config
+    from mochi_xdit.workers.options import LoadChoices, planned_degrees
 
     plan = importlib.import_module("mochi_xdit.mochi.planner.plan")  # the module (the package exports a function `plan`)
 
     dit = os.path.join(models_dir, "diffusion_models", "tiny_dit.safetensors")
     cpu_choice = auto(4, num_heads=4)
-    assert planned_parallel_config(cpu_choice, dit, "fp32", "cpu", "") is cpu_choice
-    assert planned_parallel_config(cpu_choice, dit, "bf16", "cuda", "ray://head:10001") is cpu_choice
+    choices = LoadChoices(dit_path=dit, vae_path=None, world_size=4)
+    assert planned_degrees(cpu_choice, choices, dit, "cpu", "fp32") is cpu_choice
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cluster = LoadChoices(dit_path=dit, vae_path=None, world_size=4, ray_address="ray://head:10001")
+    assert planned_degrees(cpu_choice, cluster, dit, "cuda", "bf16") is cpu_choice
+    explicit = LoadChoices(dit_path=dit, vae_path=None, world_size=4, ulysses=4)
+    assert planned_degrees(cpu_choice, explicit, dit, "cuda", "bf16") is cpu_choice
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: types.SimpleNamespace(total_memory=80 * 2**30))
     calls = []
 
-    def recommend(world_size, width, height, frames, gpu, weight_dtype, config):
+    def recommend(world_size, width, height, frames, gpu, weight_dtype, config, **kwargs):
         calls.append((world_size, width, height, frames, gpu.name, weight_dtype, config))
         return ParallelConfig(world_size, ring_degree=world_size, num_heads=config.num_heads)
 
     monkeypatch.setattr(plan, "recommend", recommend)
-    planned = planned_parallel_config(cpu_choice, dit, "fp8", "cuda", "")
+    planned = planned_degrees(cpu_choice, choices, dit, "cuda", "fp8")
     assert planned == ParallelConfig(4, ring_degree=4, num_heads=4)
     assert calls == [(4, 848, 480, 163, "H100", "fp8", DEMO_DIT_CONFIG)]

@@ -5,6 +5,7 @@ a ComfyUI custom_nodes copy, and nothing left behind after shutdown.
 Ray starts once for the module (it costs seconds); pools are shared where the test allows.
 """
 
+import ipaddress
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 import threading
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -28,10 +31,12 @@ from mochi_xdit.mochi.pipeline import generate
 from mochi_xdit.mochi.sampler import SampleRequest
 from mochi_xdit.mochi.text import TextCondition
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
-from mochi_xdit.workers import ray_runtime
 from mochi_xdit.workers.actor import RankWorker
-from mochi_xdit.workers.pool import Pool, PoolCache
-from mochi_xdit.workers.protocol import PoolError, PoolSpec, RunInterrupted, Timeouts
+from mochi_xdit.workers.capacity import CapacityError
+from mochi_xdit.workers.failures import FailureKind, PoolError, RunInterrupted
+from mochi_xdit.workers.protocol import PoolSpec, Timeouts
+from mochi_xdit.workers.ray_runtime import RayAddressError
+from mochi_xdit.workers.service import MochiService
 
 HEADS = DEMO_DIT_CONFIG.num_heads
 TOLERANCE = 1e-5
@@ -61,10 +66,15 @@ def oracle(model_files, request_6_steps):
 
 
 @pytest.fixture(scope="module")
-def ray_up():
-    ray_runtime.ensure_ray(None)
-    yield
-    ray_runtime.shutdown_ray()
+def service():
+    """One service (Ray connection + live pool) for the module, as ComfyUI holds one per process;
+    `service.lines` collects what it says."""
+    lines = []
+    owner = MochiService(log=lines.append)
+    owner.lines = lines
+    owner.connect(None)
+    yield owner
+    owner.shutdown()
 
 
 def spec_for(model_files, cfg=1, ulysses=2, ring=1, **kwargs) -> PoolSpec:
@@ -75,13 +85,12 @@ def spec_for(model_files, cfg=1, ulysses=2, ring=1, **kwargs) -> PoolSpec:
 
 
 @pytest.fixture(scope="module")
-def cache(ray_up):
-    pools = PoolCache()
-    yield pools
-    pools.shutdown()
+def cache(service):
+    """`cache.acquire(spec)`: the service's pool for a spec (reused or rebuilt)."""
+    return types.SimpleNamespace(acquire=service.pool, service=service)
 
 
-def test_private_ray_stays_on_loopback_with_token_auth(ray_up):
+def test_private_ray_stays_on_loopback_with_token_auth(service):
     assert ray.util.get_node_ip_address() == "127.0.0.1"
     assert os.environ.get("RAY_AUTH_MODE") == "token"
     assert all(node["NodeManagerAddress"] == "127.0.0.1" for node in ray.nodes())
@@ -159,6 +168,72 @@ def test_pool_reused_for_same_spec_rebuilt_for_new_degrees(cache, model_files, r
     assert (latent - oracle).abs().max().item() <= TOLERANCE
 
 
+def test_cfg_1_runs_on_a_cfg_split_pool_and_equals_one_process(cache, model_files, request_6_steps):
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
+    request = replace(request_6_steps, cfg=1.0)
+    expected = generate(load_dit(model_files[0], "fp32", "cpu"), request)
+    assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
+
+
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
+
+
+def test_private_pool_opens_no_port_beyond_loopback(cache, model_files):
+    """Rank 0's rendezvous store used to listen on every interface (`*:PORT`); the ranks of a private
+    pool now meet through a file store, and gloo's sockets stay on loopback."""
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
+    ours = {info.pid for info in pool.ranks} | {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert any(c.pid in {info.pid for info in pool.ranks} for c in listening)  # the ranks' own Ray servers
+    assert [c for c in listening if not _is_loopback(c.laddr.ip)] == []
+
+
+def test_a_dead_ray_address_fails_fast_and_keeps_the_pool(cache, model_files):
+    """Switching address used to deadlock (the pool cache's lock, taken again by Ray's shutdown hook)
+    and a dead address then retried for ~14 minutes; now it is probed first and the pool stays."""
+    spec = spec_for(model_files, cfg=2, ulysses=1)
+    pool = cache.acquire(spec)
+    outcome = {}
+
+    def ask_for_another_cluster():
+        try:
+            cache.acquire(replace(spec, ray_address="127.0.0.1:1"))
+        except BaseException as error:
+            outcome["error"] = error
+
+    started = time.monotonic()
+    thread = threading.Thread(target=ask_for_another_cluster, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "acquire with a new ray_address hung"
+    assert time.monotonic() - started < 30
+    error = outcome["error"]
+    assert isinstance(error, RayAddressError), error
+    assert "'127.0.0.1:1'" in str(error) and "ray start --head" in str(error)
+    assert cache.service.current is pool and not pool.dead
+    assert cache.acquire(spec) is pool
+
+
+def test_ranks_that_do_not_fit_are_refused_before_the_pool_is_touched(cache, model_files):
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
+    world = (os.cpu_count() or 1) + 1
+    too_big = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(world, 1, 1, world, num_heads=HEADS))
+    with pytest.raises(CapacityError, match=f"world_size={world} needs {world} CPUs"):
+        cache.acquire(too_big)
+    assert cache.service.current is pool and not pool.dead
+
+
+def test_the_driver_says_once_what_happens_to_the_pool(cache, model_files):
+    spec = spec_for(model_files, cfg=2, ulysses=1)
+    cache.service.open(spec)
+    said = "\n".join(cache.service.lines)
+    assert said.count("connected to a private Ray on 127.0.0.1") == 1
+    assert "first pool in this process" in said and "degrees changed" in said
+    assert "rank(s) up in" in said and "weights loaded in" in said
+    assert cache.service.lines[-1].startswith("Mochi xDiT: reusing the live pool (2 rank(s) on cpu (cfg 2 x")
+
+
 def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache, model_files, request_6_steps, oracle):
     spec = spec_for(model_files, cfg=2, ulysses=1)
     pool = cache.acquire(spec)
@@ -209,6 +284,30 @@ def test_rank_that_stops_answering_gives_pool_error_after_the_step_deadline(cach
     assert cache.acquire(hang_spec) is not pool
 
 
+def test_a_stopped_rank_is_blamed_not_the_peer_whose_collective_timed_out(cache, model_files, request_6_steps):
+    """SIGSTOP rank 1 with a step deadline far beyond the collective timeout: rank 0's all-to-all times
+    out first, and the error must still name rank 1, the one that stopped answering."""
+    timeouts = Timeouts(start_s=120, load_s=120, step_s=120, call_s=10, collective_s=5)
+    spec = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(2, 1, 2, 1, num_heads=HEADS),
+                    timeouts=timeouts)
+    pool = cache.acquire(spec)
+    victim = pool.ranks[1].pid
+    stopped_at = []
+
+    def freeze_rank_1(report):
+        if report.index == 1:
+            os.kill(victim, signal.SIGSTOP)
+            stopped_at.append(time.monotonic())
+
+    with pytest.raises(PoolError) as raised:
+        pool.sample(request_6_steps, on_step=freeze_rank_1)
+    assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
+    assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
+    assert time.monotonic() - stopped_at[0] <= timeouts.collective_s + 15.0
+    assert pool.dead and not (psutil.pid_exists(victim) and psutil.Process(victim).status() != "zombie")
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
+
+
 def _our_ray_processes() -> list[psutil.Process]:
     """Live Ray processes (GCS, raylet, workers, actors) descended from this test process.
 
@@ -228,11 +327,11 @@ def _our_ray_processes() -> list[psutil.Process]:
 
 
 def test_shutdown_leaves_no_actor_or_ray_process(cache, model_files):
-    pool = cache.current  # the pool the previous test rebuilt
+    pool = cache.service.current  # the pool the previous test rebuilt
     assert pool is not None
     pids = [info.pid for info in pool.ranks]
     assert _our_ray_processes(), "a private Ray runs as children of this process"
-    ray_runtime.shutdown_ray()  # stops the cached pool through the shutdown hook, then Ray
+    cache.service.shutdown()  # stops the live pool, then Ray
     assert pool.dead
     deadline = time.monotonic() + 10
     while _our_ray_processes() and time.monotonic() < deadline:
@@ -256,24 +355,25 @@ CLUSTER_SCRIPT = textwrap.dedent(
     from ray.cluster_utils import Cluster
     from mochi_xdit.mochi.parallel.config import ParallelConfig
     from mochi_xdit.workers import ray_runtime
-    from mochi_xdit.workers.pool import Pool
     from mochi_xdit.workers.protocol import PoolSpec
+    from mochi_xdit.workers.service import default_service
     assert ray_runtime.PACK_ROOT == pack, ray_runtime.PACK_ROOT
+    service = default_service()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "node_ip_address": "127.0.0.1",
                                                            "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         # 4 ranks as 2 Ulysses pairs; a node has room for one pair only (3 CPUs).
-        pool = Pool(PoolSpec(dit, None, "fp32", ParallelConfig(4, 2, 2, 1, num_heads=4), ray_address=cluster.address))
+        pool = service.pool(PoolSpec(dit, None, "fp32", ParallelConfig(4, 2, 2, 1, num_heads=4),
+                                     ray_address=cluster.address))
         print("RANKS", json.dumps([[i.rank, i.node_id, i.node_ip, i.package_dir] for i in pool.ranks]))
-        pool.shutdown()
     finally:
-        ray_runtime.shutdown_ray()
+        service.shutdown()
         cluster.shutdown()
     # The default ComfyUI path: a private Ray on this machine (the pack is found through a symlink).
     import psutil
-    pool = Pool(PoolSpec(dit, None, "fp32", ParallelConfig(1, num_heads=4)))
+    pool = service.pool(PoolSpec(dit, None, "fp32", ParallelConfig(1, num_heads=4)))
     print("PRIVATE", pool.ranks[0].package_dir)
     # No shutdown: process exit (atexit) must stop the actor and the private Ray.
     print("LEFT_AT_EXIT", json.dumps(sorted({pool.ranks[0].pid} | {p.pid for p in psutil.Process().children(recursive=True)})))

@@ -83,6 +83,12 @@ def comfy_env(tmp_path_factory):
             raise InterruptProcessingException()
 
     management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    management.unloaded = 0
+
+    def unload_all_models():  # what POST /free and "Unload Models" end in (main.py's prompt worker)
+        management.unloaded += 1
+
+    management.unload_all_models = unload_all_models
     comfy.utils, comfy.model_management = utils, management
     saved = {name: sys.modules.get(name) for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")}
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
@@ -93,11 +99,9 @@ def comfy_env(tmp_path_factory):
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = module
-    from mochi_xdit.workers.pool import shutdown_pools
-    from mochi_xdit.workers.ray_runtime import shutdown_ray
+    from mochi_xdit.workers.service import default_service
 
-    shutdown_pools()
-    shutdown_ray()
+    default_service().shutdown()
 
 
 def clip_text_encode(text: str) -> list:
@@ -136,7 +140,7 @@ def run_api_workflow(prompt: dict) -> dict:
         if class_type in NODE_CLASS_MAPPINGS:
             cls = NODE_CLASS_MAPPINGS[class_type]
             names = [n for n in cls.VALIDATE_INPUTS.__code__.co_varnames[1:cls.VALIDATE_INPUTS.__code__.co_argcount]]
-            verdict = cls.VALIDATE_INPUTS(**{n: node["inputs"][n] for n in names})
+            verdict = cls.VALIDATE_INPUTS(**{n: node["inputs"][n] for n in names})  # raises QueueTimeError
             assert verdict is True, f"{class_type}: {verdict}"
             outputs[node_id] = getattr(cls(), cls.FUNCTION)(**inputs)
         else:
@@ -232,7 +236,9 @@ def test_rank_killed_mid_run_gives_an_error_naming_the_rank_and_the_next_run_reb
     import signal
     import time
 
-    from mochi_xdit.workers.pool import acquire_pool
+    from mochi_xdit.workers.service import default_service
+
+    acquire_pool = default_service().pool
 
     prompt = small_workflow()
     prompt["6"]["inputs"]["steps"] = 6
@@ -259,3 +265,21 @@ def test_rank_killed_mid_run_gives_an_error_naming_the_rank_and_the_next_run_reb
     outputs = run_api_workflow(small_workflow())  # the cached loader handle still works: a fresh pool
     assert outputs["7"][0].shape == (7, 32, 48, 3)
     assert acquire_pool(handle.spec) is not pool
+
+
+def test_comfyui_freeing_memory_stops_the_pool_and_the_next_prompt_restores_it(comfy_env):
+    import psutil
+
+    from mochi_xdit.nodes.comfy_hooks import install_free_memory_hook
+    from mochi_xdit.workers.service import default_service
+
+    assert install_free_memory_hook() and install_free_memory_hook()  # idempotent: wrapped once
+    first = run_api_workflow(small_workflow())["6"][0]["samples"]
+    pool = default_service().current
+    pids = [info.pid for info in pool.ranks]
+    comfy_env.management.unload_all_models()  # the user pressed "Unload Models"
+    assert comfy_env.management.unloaded == 1  # ComfyUI's own unload still ran
+    assert pool.dead and default_service().current is None
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    again = run_api_workflow(small_workflow())["6"][0]["samples"]  # the cached handle rebuilds the pool
+    assert default_service().current is not None and torch.equal(first, again)

@@ -1,0 +1,54 @@
+"""The nodes' calls into the pool: open it (loader), sample (sampler), decode (decoder).
+
+Each call looks the pool up through the handle, checks what the pool's layout cannot run before
+the pool is touched, and lets `errors.user_errors` give failures their advice.
+"""
+
+import logging
+
+import torch
+
+from ..mochi.text import TextCondition
+from .errors import user_errors
+from .handle import PoolHandle, pool_for
+
+logger = logging.getLogger("mochi_xdit")
+
+
+def open_pool(spec) -> PoolHandle:
+    """Build (or reuse) the pool for a resolved spec; weights are loaded before returning."""
+    from ..workers.service import default_service
+
+    with user_errors():
+        default_service().open(spec)
+    return PoolHandle(spec)
+
+
+def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, *,
+               seed: int, steps: int, cfg: float, schedule: str, denoise: float, progress) -> torch.Tensor:
+    """Sample on the pool; returns VAE-space samples [B, 12, T, H, W] float32 on CPU.
+
+    Args:
+        progress: a `progress.ProgressReporter` (the pool's per-step callback).
+    """
+    from ..mochi.sampler import SampleRequest
+    from ..workers.options import layout_note, sequence_problem
+
+    problem = sequence_problem(handle.spec.parallel, tuple(samples.shape))
+    if problem:
+        raise ValueError(problem)
+    request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
+                            cfg=cfg, schedule=schedule, denoise=denoise)
+    note = layout_note(handle.spec.parallel, request.uses_cfg)
+    if note:
+        logger.info(f"Mochi xDiT: {note}")
+    with user_errors():
+        pool = pool_for(handle)
+        return pool.sample(request, progress, preview=progress.wants_preview).to("cpu", torch.float32)
+
+
+def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:
+    """Decode VAE-space samples [B, 12, T, H, W] on the pool -> video [B, 3, 6T-5, 8H, 8W] in [-1, 1].
+    tiles: a `mochi.vae_tiling.TileSpec`, or None for the automatic choice."""
+    with user_errors():
+        return pool_for(handle).decode(samples, tiles)
