@@ -22,6 +22,7 @@ import torch
 
 from .constants import WEIGHT_DTYPE_NAMES
 from .dit import DiTConfig, MochiDiT
+from .file_kind import MOCHI_ENCODER, FileKind, Slot, recognise, wrong_slot_advice
 from .layers import Linear
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 # Names in constants.WEIGHT_DTYPE_NAMES order; fp8: Linear weights only, with a per-tensor scale.
 WEIGHT_DTYPES = dict(zip(WEIGHT_DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # else bare genmo names
-VAE_DECODER_PREFIXES = ("decoder.", "vae.decoder.")  # else a bare decoder
 FP8_MARKER = "scaled_fp8"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP32_ONLY = ("pos_frequencies",)  # learned RoPE frequencies: tiny, kept in fp32 whatever the choice
@@ -40,12 +39,7 @@ _SAFETENSORS_DTYPES = {
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_HEADER_BYTES = 100 * 2**20
-
-_DIT_KEY = re.compile(r"(^|\.)(x_embedder|t5_yproj|t5_y_embedder|t_embedder|pos_frequencies|final_layer)(\.|$)"
-                      r"|\.attn\.qkv_x\.|\.mod_x\.")
-_VAE_DECODER_KEY = re.compile(r"^(output_proj\.|blocks\.\d+\.(\d+\.|blocks\.\d+\.stack\.|proj\.))")  # after the prefix
-_VAE_ENCODER_KEY = re.compile(r"(^|\.)encoder\.layers\.|^layers\.\d+\.layers\.\d+\.|\.attn_block\.")
-_T5_KEY = re.compile(r"(^|\.)(encoder\.block\.\d+\.layer\.|shared\.weight$|encoder\.final_layer_norm\.)")
+_METADATA_ARCHITECTURE = "modelspec.architecture"  # what a file says it is, shown for unrecognised files
 
 
 class CheckpointError(ValueError):
@@ -64,26 +58,32 @@ class CheckpointInfo:
 
     Args:
         path: the file.
-        kind: "dit", "vae", "t5" or "unknown" (a full checkpoint with a DiT is "dit").
+        kind: what the file is (FileKind, a str Enum: FileKind.DIT == "dit", FileKind.VAE == "vae"
+            for Mochi's own files; a full checkpoint with a Mochi DiT is "dit").
         tensors: name -> TensorInfo for every tensor in the file.
         dit_prefix: prefix in front of the DiT's genmo names ("" for a bare DiT), None if no DiT.
         vae_decoder_prefix: prefix in front of the VAE decoder's names, None if no decoder.
         has_vae_encoder: the file also holds a VAE encoder (ignored by the decoder loader).
         fp8_scaled: ComfyUI `scaled_fp8` marker present.
         metadata: the header's `__metadata__` strings.
+        label: a noun phrase more precise than `kind.description` ("" for that description).
+        detail: header evidence for `describe()`, e.g. "12 layers, width 768".
     """
 
     path: str
-    kind: str
+    kind: FileKind
     tensors: dict[str, TensorInfo] = field(repr=False)
     dit_prefix: str | None
     vae_decoder_prefix: str | None
     has_vae_encoder: bool
     fp8_scaled: bool
     metadata: dict[str, str] = field(repr=False)
+    label: str = ""
+    detail: str = ""
 
     def describe(self) -> str:
-        """One phrase for error messages, e.g. 'a Mochi VAE (decoder + encoder, 405 tensors, BF16)'."""
+        """One phrase for error messages, e.g. 'a Mochi VAE (decoder + encoder, 405 tensors, BF16)',
+        'a CLIP-L text encoder (12 layers, width 768, 196 tensors, F16)'."""
         counts = Counter(t.dtype for t in self.tensors.values())
         dtypes = "/".join(name for name, _ in counts.most_common(2))
         size = f"{len(self.tensors)} tensors, {dtypes}" if self.tensors else "no tensors"
@@ -96,11 +96,30 @@ class CheckpointInfo:
             parts = " + ".join(p for p, present in (("decoder", self.vae_decoder_prefix is not None),
                                                      ("encoder", self.has_vae_encoder)) if present)
             return f"a Mochi VAE ({parts}, {size})"
-        if self.kind == "t5":
-            blocks = {m.group(1) for k in self.tensors if (m := re.search(r"encoder\.block\.(\d+)\.", k))}
-            return f"a T5 text encoder ({len(blocks)} blocks, {size})"
-        first = ", ".join(sorted(self.tensors)[:3])
-        return f"an unrecognised safetensors file ({size}; first keys: {first or 'none'})"
+        if self.kind == FileKind.UNKNOWN:
+            first = ", ".join(sorted(self.tensors)[:3])
+            claimed = self.metadata.get(_METADATA_ARCHITECTURE)
+            claim = f"; its metadata says {_METADATA_ARCHITECTURE}={claimed!r}" if claimed else ""
+            return f"{self.kind.description} ({size}; first keys: {first or 'none'}{claim})"
+        evidence = f"{self.detail}, {size}" if self.detail else size
+        return f"{self.label or self.kind.description} ({evidence})"
+
+    def wrong_slot_advice(self, slot: Slot | str, *, dit_input: str = "dit_name", vae_input: str = "vae_name") -> str:
+        """Where this file belongs and what the slot needs, for a message that already says what the
+        file is (`describe()`); "" when the file is right for the slot.
+
+        Args:
+            slot: the input the file was given to: Slot.DIT / "dit" or Slot.VAE / "vae".
+            dit_input, vae_input: the inputs' names as the user sees them ("--dit" / "--vae" in the CLI).
+
+        Returns:
+            e.g. for a CLIP-L file in the DiT slot: "It belongs in models/text_encoders/; Mochi does not
+            use it: Mochi's text encoder is T5-XXL (e.g. t5xxl_fp16.safetensors), loaded with CLIPLoader
+            type mochi. Pick the Mochi DiT here: mochi_preview_bf16.safetensors (or genmo's
+            dit.safetensors) from models/diffusion_models/."
+        """
+        return wrong_slot_advice(self.kind, slot, mochi_vae_has_decoder=self.vae_decoder_prefix is not None,
+                                 dit_input=dit_input, vae_input=vae_input)
 
 
 def _refuse_pickle(path: str, reason: str) -> CheckpointError:
@@ -127,12 +146,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-        if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)):
+        # a safetensors header is JSON, so byte 8 is "{"; zip and pickle files never have that there,
+        # while a header of 640 bytes starts with the bytes of a pickle's protocol mark (0x80 0x02)
+        json_start = head[8:9] == b"{"
+        if not json_start and (head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5))):
             raise _refuse_pickle(path, "is a pickle / torch.save file, not safetensors")
         if len(head) < 9:
             raise CheckpointError(f"{path} is only {file_size} bytes: not a safetensors file (empty or truncated)")
         (header_len,) = struct.unpack("<Q", head[:8])
-        if head[8:9] != b"{" or header_len > _MAX_HEADER_BYTES:
+        if not json_start or header_len > _MAX_HEADER_BYTES:
             raise CheckpointError(f"{path} is not a safetensors file (no JSON header); give a .safetensors file")
         if 8 + header_len > file_size:
             raise CheckpointError(
@@ -161,37 +183,15 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Classify a safetensors file from its header: DiT, VAE, T5 or unknown (see CheckpointInfo)."""
+    """Tell what a safetensors file is from its header (see CheckpointInfo and file_kind.recognise)."""
     tensors, metadata = read_safetensors_header(path)
+    found = recognise({name: tensor.shape for name, tensor in tensors.items()})
     names = list(tensors)
-
-    dit_prefix = None
-    for prefix in DIT_PREFIXES + ("",):
-        if any(n.startswith(prefix) and _DIT_KEY.search(n[len(prefix):]) for n in names):
-            dit_prefix = prefix
-            break
-    vae_decoder_prefix = None
-    for prefix in VAE_DECODER_PREFIXES + ("",):
-        if any(n.startswith(prefix) and _VAE_DECODER_KEY.match(n[len(prefix):]) for n in names):
-            vae_decoder_prefix = prefix
-            break
-    has_vae_encoder = any(_VAE_ENCODER_KEY.search(n) for n in names)
-    is_t5 = any(_T5_KEY.search(n) for n in names)
-    if dit_prefix is not None:
-        kind = "dit"
-        # a DiT's own `blocks.N...` keys also look like a bare decoder's: only report a VAE beside it
-        if vae_decoder_prefix == "":
-            vae_decoder_prefix = None
-    elif vae_decoder_prefix is not None or has_vae_encoder:
-        kind = "vae"
-    elif is_t5:
-        kind = "t5"
-    else:
-        kind = "unknown"
     return CheckpointInfo(
-        path=os.fspath(path), kind=kind, tensors=tensors, dit_prefix=dit_prefix,
-        vae_decoder_prefix=vae_decoder_prefix, has_vae_encoder=has_vae_encoder,
+        path=os.fspath(path), kind=found.kind, tensors=tensors, dit_prefix=found.dit_prefix,
+        vae_decoder_prefix=found.vae_decoder_prefix, has_vae_encoder=found.has_vae_encoder,
         fp8_scaled=any(n == FP8_MARKER or n.endswith("." + FP8_MARKER) for n in names), metadata=metadata,
+        label=found.label, detail=found.detail,
     )
 
 
@@ -308,8 +308,9 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     path = os.fspath(path)
     info = inspect_checkpoint(path)
     hint = "use a Mochi DiT file such as mochi_preview_bf16.safetensors (ComfyUI models/diffusion_models)."
-    if info.kind != "dit":
-        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi DiT was expected; {hint}")
+    if info.kind != FileKind.DIT:
+        advice = info.wrong_slot_advice(Slot.DIT, dit_input="the DiT input", vae_input="the VAE input")
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi DiT was expected. {advice}")
     prefix = info.dit_prefix
     names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     weights, scales = _split_aux(names)
@@ -336,15 +337,16 @@ def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
     path = os.fspath(path)
     info = inspect_checkpoint(path)
     hint = "use Mochi's VAE file such as mochi_vae.safetensors (ComfyUI models/vae) or genmo's decoder.safetensors."
-    if info.kind == "vae" and info.vae_decoder_prefix is None:
+    if info.kind == FileKind.VAE and info.vae_decoder_prefix is None:
         raise CheckpointError(f"{path} looks like {info.describe()}: it has no decoder; {hint}")
-    if info.kind != "vae":
-        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected; {hint}")
+    if info.kind != FileKind.VAE:
+        advice = info.wrong_slot_advice(Slot.VAE, dit_input="the DiT input", vae_input="the VAE input")
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected. {advice}")
     prefix = info.vae_decoder_prefix
     if prefix:
         names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     else:  # bare decoder: everything except a possible encoder
-        names = {k: k for k in info.tensors if not _VAE_ENCODER_KEY.search(k)}
+        names = {k: k for k in info.tensors if not MOCHI_ENCODER.search(k)}
     model = _build_on_meta(path, info, names, VAEDecoderConfig, MochiVAEDecoder, "the decoder", hint)
     _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
     return model
