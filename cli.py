@@ -191,7 +191,8 @@ def resolve_spec(args, dit_path: str, vae_path: str):
         flag = FLAGS[error.field.value]
         if error.field.value in ("dit", "vae"):
             flag = f"{flag} {getattr(args, error.field.value) or '(demo model)'}"
-        message = str(error) + (f" (it is for {FLAGS[error.belongs_in.value]})" if error.belongs_in else "")
+        advice = error.advice(dit_input="--dit", vae_input="--vae")
+        message = f"{error} {advice}" if advice else str(error)
         raise InputError(message if error.field.value == "degrees" else f"{flag}: {message}") from None
 
 

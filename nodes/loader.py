@@ -108,8 +108,8 @@ class MochiXDiTLoader:
             return None, resolve_load(choices, plan=plan)
         except OptionsError as error:
             files = {"dit": f"dit_name {dit_name!r} ", "vae": f"vae_name {vae_name!r} "}  # others name themselves
-            hint = f" Select it in {INPUT_NAMES[error.belongs_in.value]} instead." if error.belongs_in else ""
-            return f"{files.get(error.field.value, '')}{error}{hint}", None
+            advice = error.advice(dit_input="dit_name", vae_input="vae_name")
+            return f"{files.get(error.field.value, '')}{error}" + (f" {advice}" if advice else ""), None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
              ray_address):

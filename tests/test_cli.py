@@ -126,7 +126,7 @@ def test_wrong_weight_file_is_refused_before_any_actor_starts(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the VAE file given as the DiT
         cli.main(["generate", "--prompt", "x", "--dit", str(vae), "--vae", str(vae), "--t5", str(t5),
                   "--output", str(tmp_path / "o.mp4")])
-    assert "give the Mochi DiT file" in capsys.readouterr().err
+    assert "Mochi DiT here: mochi_preview_bf16.safetensors" in capsys.readouterr().err
     save_file({"x": torch.zeros(1)}, str(tmp_path / "t5.safetensors"))
     with pytest.raises(SystemExit):  # a single T5 file without its tokenizer
         cli.main(["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae),

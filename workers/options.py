@@ -22,9 +22,6 @@ from .ray_runtime import address_problem, resolve_address
 # The video `auto` degrees are planned for when the video is not known yet (the loader node): the
 # largest Mochi-1 video, so the chosen mix fits every smaller one too.
 PLAN_VIDEO = (848, 480, 163)  # width, height, frames
-DIT_FILE_ADVICE = ("give the Mochi DiT file: mochi_preview_bf16.safetensors (or genmo's dit.safetensors) from "
-                   "models/diffusion_models/")
-VAE_FILE_ADVICE = "give Mochi's VAE with its decoder: mochi_vae.safetensors (or genmo's decoder.safetensors) from models/vae/"
 
 
 class Field(Enum):
@@ -41,12 +38,18 @@ class Field(Enum):
 
 
 class OptionsError(ValueError):
-    """A choice that cannot work; `field` says which, the message what to change, and `belongs_in`
-    which other choice the given file is for (a VAE in the DiT slot), if any."""
+    """A choice that cannot work; `field` says which and the message what to change. For a model file
+    in the wrong slot, `file_info` is what the file is: `advice(dit_input, vae_input)` adds where it
+    belongs and what the slot needs, in the front door's own input names."""
 
-    def __init__(self, field: Field, message: str, belongs_in: Field | None = None):
-        self.field, self.belongs_in = field, belongs_in
+    def __init__(self, field: Field, message: str, file_info=None):
+        self.field, self.file_info = field, file_info
         super().__init__(message)
+
+    def advice(self, dit_input: str, vae_input: str) -> str:
+        if self.file_info is None:
+            return ""
+        return self.file_info.wrong_slot_advice(self.field.value, dit_input=dit_input, vae_input=vae_input)
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,7 @@ def dit_heads(path: str) -> int:
         raise OptionsError(Field.DIT, str(error)) from None
     heads = info.tensors.get(f"{info.dit_prefix}pos_frequencies") if info.kind == "dit" else None
     if heads is None or len(heads.shape) != 3:
-        raise OptionsError(Field.DIT, f"is {info.describe()}, not a Mochi-1 DiT; {DIT_FILE_ADVICE}",
-                           belongs_in=Field.VAE if info.kind == "vae" else None)
+        raise OptionsError(Field.DIT, f"is {info.describe()}, not a Mochi-1 DiT.", file_info=info)
     return heads.shape[1]
 
 
@@ -123,8 +125,7 @@ def check_vae_file(path: str) -> None:
     except (CheckpointError, OSError) as error:
         raise OptionsError(Field.VAE, str(error)) from None
     if info.kind != "vae" or info.vae_decoder_prefix is None:
-        raise OptionsError(Field.VAE, f"is {info.describe()}, not a Mochi VAE with a decoder; {VAE_FILE_ADVICE}",
-                           belongs_in=Field.DIT if info.kind == "dit" else None)
+        raise OptionsError(Field.VAE, f"is {info.describe()}, not a Mochi VAE with a decoder.", file_info=info)
 
 
 def video_tokens(width: int, height: int, frames: int) -> int:
