@@ -208,3 +208,26 @@ class RankWorker:
             self.ctx = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    # -- LoRAs -------------------------------------------------------------------------------
+
+    def set_loras(self, specs: tuple) -> None:
+        """Make exactly these LoRAs active on this rank's DiT (a tuple of `mochi.lora.LoraSpec`; they
+        stack as a sum; () restores the base model bit for bit). Each rank reads the files itself.
+        A no-op when the same files (same mtime and size) with the same strengths are already active.
+
+        Raises:
+            RuntimeError between begin() and finish() (a run keeps its LoRAs), LoraError for a file
+            that is missing here, unreadable or does not fit this DiT.
+        """
+        from ..mochi.lora import LoraSwitch
+        from ..mochi.sampler import default_compute_dtype
+
+        self._require_loaded("set_loras()")
+        if self._loop is not None:
+            raise RuntimeError(f"rank {self.rank}: set_loras() during a run; call it before begin() or after "
+                               "finish() / cancel()")
+        switch = getattr(self, "_lora_switch", None)  # made on first use; tied to this DiT
+        if switch is None or switch.model is not self.dit:
+            switch = self._lora_switch = LoraSwitch(self.dit, default_compute_dtype(self.device))
+        switch.set(tuple(specs))
