@@ -33,7 +33,7 @@ shard only, in the compute dtype) lives in a `StepCache` owned by one sampling r
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -106,10 +106,13 @@ class CacheStats:
     Attributes:
         computed: step indices that ran every block (always the first and the last).
         skipped: step indices that reused the cached residual.
+        changes: (step, relative change) for every step that was decided by the indicator (not
+            forced to compute), for tuning the threshold; not part of equality.
     """
 
     computed: tuple[int, ...] = ()
     skipped: tuple[int, ...] = ()
+    changes: tuple[tuple[int, float], ...] = field(default=(), compare=False)
 
     @property
     def steps(self) -> int:
@@ -169,10 +172,11 @@ class StepCache:
         self._accumulated = 0.0
         self._computed: list[int] = []
         self._skipped: list[int] = []
+        self._changes: list[tuple[int, float]] = []
 
     @property
     def stats(self) -> CacheStats:
-        return CacheStats(tuple(self._computed), tuple(self._skipped))
+        return CacheStats(tuple(self._computed), tuple(self._skipped), tuple(self._changes))
 
     @torch.no_grad()
     def predict(self, model, step: int, evaluations: list[Evaluation], needed: list[tuple[int, str]]) -> dict:
@@ -199,14 +203,16 @@ class StepCache:
             if first_block:
                 block_input = state.x
                 model.run_blocks(state, 0, 1, ctx=self.ctx)
-                indicators[evaluation.key] = state.x - block_input  # [1, S_local, Dx] block 0's residual
+                indicator = state.x - block_input  # [1, S_local, Dx] block 0's residual
                 del block_input
             else:
-                indicators[evaluation.key] = model.first_block_modulated_input(state)  # [1, S_local, Dx]
+                indicator = model.first_block_modulated_input(state)  # [1, S_local, Dx]
+            # Padding rows (sequence shards are padded to equal length) are not tokens: leave them out.
+            indicators[evaluation.key] = indicator[:, : self._real_rows(state)]  # [1, S_real, Dx]
             states[evaluation.key] = state
 
         forced = step == 0 or step == self.num_steps - 1 or not self._ready.issuperset(needed)
-        compute = True if forced else self._decide(self._reduce(indicators))
+        compute = True if forced else self._decide(step, self._reduce(indicators))
         if first_block and not compute:
             indicators.clear()  # FBCache compares with the last computed step's residual
         self._previous.update(indicators)
@@ -236,6 +242,13 @@ class StepCache:
             self._skipped.append(step)
         return predictions
 
+    def _real_rows(self, state) -> int:
+        """Rows of this rank's shard that hold real tokens (the rest is padding)."""
+        rows = state.x.shape[1]
+        if self.ctx is None:
+            return rows
+        return max(0, min(rows, state.video_len - self.ctx.sp_rank * rows))
+
     def _reduce(self, indicators: dict) -> tuple[float, float]:
         """(sum |now - before|, sum |before|) over every rank's indicators, in fp64."""
         difference = reference = 0.0
@@ -253,10 +266,11 @@ class StepCache:
         difference, reference = sums.tolist()
         return difference, reference
 
-    def _decide(self, sums: tuple[float, float]) -> bool:
+    def _decide(self, step: int, sums: tuple[float, float]) -> bool:
         """True: compute this step. Updates TeaCache's accumulator."""
         difference, reference = sums
         relative = difference / reference if reference > 0 else math.inf
+        self._changes.append((step, relative))
         if self.spec.kind is StepCacheKind.FIRST_BLOCK:
             return not relative < self.spec.threshold
         self._accumulated += teacache_rescale(relative)

@@ -155,6 +155,7 @@ def test_skipped_steps_run_no_block_after_the_first_and_keep_first_and_last(mode
     assert stats.skipped and 0 in stats.computed and STEPS - 1 in stats.computed
     assert 2 in stats.computed  # the unconditional branch's first step: nothing cached to reuse
     assert sorted(stats.computed + stats.skipped) == list(range(STEPS))
+    assert [step for step, _ in stats.changes] == [i for i in range(1, STEPS - 1) if i != 2]  # the rest are forced
     calls_per_step = {i: batch * (1 if CFG[i] == 1.0 else 2) for i in range(STEPS)}
     computed_calls = sum(calls_per_step[i] for i in stats.computed)
     first_block_calls = sum(calls_per_step.values()) if kind is StepCacheKind.FIRST_BLOCK else computed_calls
@@ -238,6 +239,10 @@ def test_cached_parallel_run_matches_one_rank_and_skips_the_same_steps(world, la
         for rank, per_rank in enumerate(results):
             latent, stats = per_rank[(layout, kind.value)]
             assert stats == expected_stats, f"{layout} {kind.value} rank {rank}: {stats} vs one rank {expected_stats}"
+            # The indicator itself, not just the decisions: every token once (shard padding left out).
+            assert [step for step, _ in stats.changes] == [step for step, _ in expected_stats.changes]
+            for (step, got), (_, want) in zip(stats.changes, expected_stats.changes):
+                assert got == pytest.approx(want, rel=1e-6), f"{layout} {kind.value} rank {rank} step {step}"
             error = (latent - expected).abs().max().item()
             assert error <= TOLERANCE, f"{layout} {kind.value} rank {rank}: max abs error {error:.2e}"
 
