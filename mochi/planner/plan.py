@@ -178,7 +178,8 @@ def plan(
         link = "nvlink" if gpu.nvlink_gbps else "pcie"
     bandwidth = link_bandwidth(link, gpu)
     mixes = tuple(
-        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles, config, cache)
+        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles, config,
+                 cache)
         for p in degree_mixes(world_size, use_cfg, config.num_heads)
     )
     best, reason = _choose(mixes, gpu, weight_dtype, link)
