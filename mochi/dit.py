@@ -299,6 +299,13 @@ class JointBlock(nn.Module):
         self.mlp_x = FeedForward(config.hidden_size_x, config.mlp_hidden_x)
         self.mlp_y = FeedForward(config.hidden_size_y, config.mlp_hidden_y) if update_y else None
 
+    def attention_input_x(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The visual stream's modulated attention input rmsnorm(x) * (1 + scale_msa_x), exactly as
+        `forward` computes it (TeaCache's step indicator for Mochi). x [B, Sx, Dx], c [B, Dx] ->
+        [B, Sx, Dx]."""
+        scale_msa_x = self.mod_x(F.silu(c)).chunk(4, dim=1)[0]  # [B, Dx]
+        return modulated_rmsnorm(x, scale_msa_x)
+
     def forward(self, x, c, y, rope, ctx=None, video_len=None):
         """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes."""
         c = F.silu(c)
@@ -335,6 +342,36 @@ class FinalLayer(nn.Module):
         x = F.layer_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)
         x = torch.addcmul(shift.float()[:, None], x, 1.0 + scale.float()[:, None]).to(c.dtype)
         return self.linear(x)  # [B, S, p*p*C]
+
+
+@dataclass
+class TokenState:
+    """One forward's tokens between the embedding and the final layer.
+
+    `MochiDiT.forward` is `embed`, `run_blocks` over every block, then `head`; step caching
+    (`step_cache.py`) calls the three parts itself to run the block stack in two pieces or not at
+    all. Mutable on purpose: `run_blocks` takes x and y out and puts the results back, so the
+    inputs can be freed while the blocks run (a caller that needs the input keeps its own reference).
+
+    Attributes:
+        x: [1, S(_local), Dx] visual tokens (this rank's shard under a parallel context, padded).
+        y: [1, Lv, Dy] valid text tokens (replicated on every rank).
+        c: [1, Dx] conditioning (time + pooled text).
+        rope: [S(_local), H, Dh/2] complex64 rotations for this shard's positions.
+        grid: (T, pH, pW): latent frames and patch rows and columns; S = T * pH * pW.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    c: torch.Tensor
+    rope: torch.Tensor
+    grid: tuple[int, int, int]
+
+    @property
+    def video_len(self) -> int:
+        """Global number of real video tokens (without the sequence padding)."""
+        T, pH, pW = self.grid
+        return T * pH * pW
 
 
 class MochiDiT(nn.Module):
@@ -378,6 +415,28 @@ class MochiDiT(nn.Module):
         Returns:
             [1, C, T, H, W] prediction, in the latent's dtype.
         """
+        state = self.embed(latent, sigma, text_features, text_mask, ctx=ctx)
+        self.run_blocks(state, 0, self.config.depth, ctx=ctx)
+        return self.head(state, ctx=ctx)
+
+    def embed(
+        self,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        ctx=None,
+        rope: torch.Tensor | None = None,
+    ) -> TokenState:
+        """Everything before the first block: patch and text embeddings, conditioning, RoPE.
+
+        Args: as `forward`, and
+            rope: the RoPE table of an earlier `embed` of a latent of the same size under the same
+                ctx, to share instead of building another (step caching holds several states).
+
+        Returns:
+            TokenState with x [1, S(_local), Dx] in the latent's dtype (sharded and padded under ctx).
+        """
         B, C, T, H, W = latent.shape
         if B != 1:
             raise ValueError(f"MochiDiT runs one sample per call (packed text); got batch {B}")
@@ -385,7 +444,6 @@ class MochiDiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latent height and width ({H}x{W}) must be multiples of the patch size {p}")
         pH, pW = H // p, W // p
-        video_len = T * pH * pW
         dtype = latent.dtype
 
         valid = text_mask[0].bool()
@@ -394,21 +452,54 @@ class MochiDiT(nn.Module):
         y = self.t5_yproj(text)  # [1, Lv, Dy]
 
         x = self.x_embedder(latent)  # [1, S, Dx]
-        positions = rope_positions(T, pH, pW, latent.device)  # [S, 3]
         if ctx is not None:
             x = ctx.shard_sequence(x, dim=1)  # [1, S_local, Dx], padded to a multiple of the SP degree
+        if rope is None:
+            rope = self.rope_table(T, pH, pW, latent.device, ctx)
+        elif rope.shape[0] != x.shape[1]:
+            raise ValueError(f"a shared RoPE table has {rope.shape[0]} rows but this latent has {x.shape[1]} tokens "
+                             "on this rank; share tables only between latents of the same size")
+        return TokenState(x=x, y=y, c=c, rope=rope, grid=(T, pH, pW))
+
+    def rope_table(self, T: int, pH: int, pW: int, device, ctx=None) -> torch.Tensor:
+        """RoPE rotations of this rank's tokens: [S(_local), H, Dh/2] complex64."""
+        positions = rope_positions(T, pH, pW, device)  # [S, 3]
+        if ctx is not None:
             # RoPE for this shard only (padded rows get angle 0; padded tokens are dropped in attention)
             positions = ctx.shard_sequence(positions, dim=0)  # [S_local, 3]
         angles = torch.einsum("sd,dhf->shf", positions, self.pos_frequencies.float())  # [S(_local), H, Dh/2] fp32
         rope = torch.complex(torch.cos(angles), torch.sin(angles))  # [S(_local), H, Dh/2] complex64
         del angles  # not needed by the blocks (273 MB at 848x480x163)
+        return rope
 
-        for block in self.blocks:
-            x, y = block(x, c, y, rope, ctx=ctx, video_len=video_len)
+    def first_block_modulated_input(self, state: TokenState) -> torch.Tensor:
+        """Block 0's modulated visual attention input for these tokens, [1, S(_local), Dx]
+        (TeaCache's step indicator; see `JointBlock.attention_input_x`)."""
+        return self.blocks[0].attention_input_x(state.x, state.c)
 
-        x = self.final_layer(x, c)  # [1, S(_local), p*p*C]
+    def run_blocks(self, state: TokenState, start: int, stop: int | None, ctx=None) -> TokenState:
+        """Run blocks[start:stop] (stop None: through the last block) on the state's tokens,
+        updating its x and y (returns the state).
+
+        The state gives up its x and y while the blocks run, so they are freed as soon as the first
+        block is done with them (hold your own reference to keep the input)."""
+        x, y = state.x, state.y
+        state.x = state.y = None
+        for block in self.blocks[start:stop]:
+            x, y = block(x, state.c, y, state.rope, ctx=ctx, video_len=state.video_len)
+        state.x, state.y = x, y
+        return state
+
+    def head(self, state: TokenState, ctx=None) -> torch.Tensor:
+        """The final layer, the sequence gather and unpatchify: the state's x -> [1, C, T, H, W]
+        prediction in x's dtype. Takes x out of the state (it is freed after the final layer)."""
+        x, state.x = state.x, None
+        dtype = x.dtype
+        T, pH, pW = state.grid
+        p = self.config.patch_size
+        x = self.final_layer(x, state.c)  # [1, S(_local), p*p*C]
         if ctx is not None:
-            x = ctx.gather_sequence(x, dim=1, length=video_len)  # [1, S, p*p*C]
+            x = ctx.gather_sequence(x, dim=1, length=state.video_len)  # [1, S, p*p*C]
         return rearrange(
             x, "b (t hp wp) (p1 p2 c) -> b c t (hp p1) (wp p2)", t=T, hp=pH, wp=pW, p1=p, p2=p
         ).to(dtype)

@@ -15,6 +15,7 @@ import torch
 from .constants import LATENT_CHANNELS, PATCH_SIZE, SIZE_MULTIPLE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from .latent import comfy_noise, is_empty_latent, to_model_space, to_vae_space
 from .schedule import SCHEDULES, cfg_schedule, sigma_schedule
+from .step_cache import CacheStats, Evaluation, StepCache, StepCacheSpec
 from .text import TextCondition
 
 
@@ -70,6 +71,8 @@ class SampleRequest:
         cfg: guidance scale, or one per step; 1 skips the unconditional pass.
         schedule: "linear_quadratic" (genmo) or "simple" (ComfyUI's flow schedule, shift 6).
         denoise: in (0, 1]; < 1 starts part-way down the schedule like ComfyUI's KSampler.
+        cache: step caching (`step_cache.StepCacheSpec`: TeaCache or first-block cache and a
+            threshold), or None for every step in full. Every rank of a pool skips the same steps.
     """
 
     positive: TextCondition
@@ -81,6 +84,7 @@ class SampleRequest:
     cfg: float | tuple[float, ...] = 4.5
     schedule: str = "linear_quadratic"
     denoise: float = 1.0
+    cache: StepCacheSpec | None = None
 
     def __post_init__(self):
         for name in ("positive", "negative"):
@@ -107,6 +111,11 @@ class SampleRequest:
         if not isinstance(self.cfg, (int, float)):
             object.__setattr__(self, "cfg", tuple(float(v) for v in self.cfg))
         cfg_schedule(self.cfg, self.steps)  # raises on a wrong length or a negative scale
+        if self.cache is not None and not isinstance(self.cache, StepCacheSpec):
+            raise TypeError(
+                f"cache must be a StepCacheSpec (e.g. StepCacheSpec(StepCacheKind.TEACACHE, 0.06)) or None "
+                f"for no step caching, got {type(self.cache).__name__}"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -139,7 +148,10 @@ class DenoiseLoop:
     Usage: `loop.begin()`, then `loop.step(i)` for i = 0 .. num_steps - 1 in order, then
     `loop.finish()` for the VAE-space result. Every rank of a parallel run drives its own loop with
     the same request; under CFG parallelism (ctx.cfg_degree == 2) cfg rank 0 evaluates only the
-    conditional branch and rank 1 only the unconditional one, and `ctx.gather_cfg` joins them.
+    conditional branch and rank 1 only the unconditional one, and `ctx.gather_cfg` joins them
+    (at a cfg-1 step rank 1 sends zeros: the unconditional prediction is not used). With
+    `request.cache` set, a `StepCache` made by `begin()` decides per step whether the DiT's blocks run
+    or their cached residual is reused; `cache_stats` says which steps were skipped.
 
     Args:
         model: a MochiDiT (or anything with its call signature).
@@ -169,15 +181,16 @@ class DenoiseLoop:
         self.model = model
         self.request = request
         self.ctx = ctx
-        # Under a CFG split, cfg rank 0 evaluates the conditional branch and rank 1 the unconditional
-        # one. A step with cfg 1 has no unconditional pass: both halves then compute the conditional
-        # one (the same inputs, so the same result) and nothing is exchanged.
+        # Under a CFG split a step with cfg 1 has no unconditional pass: cfg rank 0 computes the
+        # conditional one and rank 1 sends zeros (any cfg runs on any pool; workers.options says
+        # which layout would be faster).
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
         self.sigmas = request.sigmas
         self.cfg_scales = request.cfg_scales
         self.num_steps = len(self.sigmas) - 1
         self._latent = None  # [B, 12, T, H, W] fp32, model space
         self._next_step = None
+        self._cache = None  # StepCache of the current run when request.cache is set
 
     @torch.no_grad()
     def begin(self) -> None:
@@ -198,6 +211,7 @@ class DenoiseLoop:
             "cond": (pos.features.to(self.device), pos.mask.to(self.device)),
             "uncond": (neg.features.to(self.device), neg.mask.to(self.device)),
         }
+        self._cache = None if request.cache is None else StepCache(request.cache, self.num_steps, self.ctx)
 
     def _predict(self, latent: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
         """One DiT call for one sample: [1, 12, T, H, W] fp32 -> prediction fp32."""
@@ -217,23 +231,46 @@ class DenoiseLoop:
                 "steps run 0, 1, ... in order"
             )
         sigma, sigma_next, scale = self.sigmas[i], self.sigmas[i + 1], self.cfg_scales[i]
-        for b in range(self._latent.shape[0]):
+        batch = self._latent.shape[0]
+        needed = ("cond",) if scale == 1.0 else ("cond", "uncond")  # cfg 1: no unconditional pass
+        if self.cfg_parallel:
+            mine = "cond" if self.ctx.cfg_rank == 0 else "uncond"
+            local = (mine,) if mine in needed else ()
+        else:
+            local = needed
+        calls = [(b, branch) for b in range(batch) for branch in local]
+        predictions = self._predict_all(i, sigma, calls, [(b, branch) for b in range(batch) for branch in needed])
+        for b in range(batch):
             latent = self._latent[b : b + 1]  # [1, 12, T, H, W] fp32
-            if self.cfg_parallel and scale == 1.0:
-                pred = self._predict(latent, sigma, "cond")  # both CFG halves, no exchange
-            elif self.cfg_parallel:
-                branch = "cond" if self.ctx.cfg_rank == 0 else "uncond"
-                cond, uncond = self.ctx.gather_cfg(self._predict(latent, sigma, branch))
-                pred = uncond + scale * (cond - uncond)  # fp32
+            if self.cfg_parallel:
+                own = predictions[(b, mine)] if mine in local else torch.zeros_like(latent)  # unused at cfg 1
+                cond, uncond = self.ctx.gather_cfg(own)
             else:
-                cond = self._predict(latent, sigma, "cond")
-                if scale == 1.0:
-                    pred = cond  # no unconditional pass
-                else:
-                    uncond = self._predict(latent, sigma, "uncond")
-                    pred = uncond + scale * (cond - uncond)  # fp32
+                cond, uncond = predictions[(b, "cond")], predictions.get((b, "uncond"))
+            pred = cond if scale == 1.0 else uncond + scale * (cond - uncond)  # fp32
             self._latent[b : b + 1] = latent + (sigma - sigma_next) * pred  # fp32 Euler
         self._next_step = i + 1
+
+    def _predict_all(self, i: int, sigma: float, calls: list, needed: list) -> dict:
+        """{(sample, branch): fp32 prediction} for this rank's calls of step i; through the step
+        cache when one is on (every rank enters it, even with no call of its own)."""
+        if self._cache is None:
+            return {(b, branch): self._predict(self._latent[b : b + 1], sigma, branch) for b, branch in calls}
+        sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
+        evaluations = [
+            Evaluation((b, branch), self._latent[b : b + 1].to(self.compute_dtype), sigma_t, *self._texts[branch])
+            for b, branch in calls
+        ]
+        predictions = self._cache.predict(self.model, i, evaluations, needed)
+        return {key: pred.float() for key, pred in predictions.items()}
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Steps computed and skipped so far in this run (all computed without a cache); the same on
+        every rank of a pool."""
+        if self._cache is not None:
+            return self._cache.stats
+        return CacheStats(computed=tuple(range(self._next_step or 0)))
 
     @property
     def latent(self) -> torch.Tensor:

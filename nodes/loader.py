@@ -60,8 +60,7 @@ class MochiXDiTLoader:
                 "cfg_degree": ("INT", {
                     "default": 0, "min": 0, "max": 2, "step": 1,
                     "tooltip": "2 runs the positive and negative prompt on separate halves of the ranks "
-                               "(nearly 2x, one small exchange per step; with cfg 1 both halves run the "
-                               "same pass); 1 runs both on every rank. 0 = automatic (1 when other degrees "
+                               "(nearly 2x, one small exchange per step; with cfg 1 the second half idles); 1 runs both on every rank. 0 = automatic (1 when other degrees "
                                "are set)."}),
                 "ray_address": ("STRING", {
                     "default": "", "multiline": False,

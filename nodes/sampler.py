@@ -65,7 +65,7 @@ class MochiXDiTSampler:
                     "default": 4.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
                     "tooltip": "Classifier-free guidance: higher follows the prompt more closely, too high "
                                "over-saturates. 4.5 is Mochi's default; 1 skips the negative pass (half "
-                               "the work; on a cfg_degree 2 pool both halves then run the same pass)."}),
+                               "the work; on a cfg_degree 2 pool the second half of the ranks then idles)."}),
                 "schedule": (list(SCHEDULES), {
                     "default": "linear_quadratic",
                     "tooltip": "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "

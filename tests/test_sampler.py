@@ -172,19 +172,28 @@ def test_cfg_parallel_ranks_run_one_branch_each_and_match_single_device():
     for thread in threads:
         thread.join(timeout=60)
     assert models[0].texts == [5] * 6  # the conditional branch, every step and sample
-    # one branch per rank on cfg steps; the cfg-1 step (no negative pass) runs the conditional on both
-    assert models[1].texts == [2, 2, 5, 5, 2, 2]
+    # one branch per rank; at the cfg-1 step (no negative pass) rank 1 evaluates nothing
+    assert models[1].texts == [2, 2, 2, 2]
     for r in (0, 1):
         assert (results[r] - single).abs().max().item() <= 1e-6
 
 
-def test_cfg_parallel_with_cfg_one_runs_the_conditional_pass_on_both_halves():
+def test_cfg_parallel_with_cfg_one_runs_and_matches_single_device():
     request = SampleRequest(text(1, 1), text(1, 2), latent_shape=(1, 12, 1, 2, 2), steps=2, cfg=1.0)
     single = generate(BranchModel(), request)
-    halves = {r: BranchModel() for r in (0, 1)}
-    for r in (0, 1):  # nothing is exchanged at cfg 1, so each half runs alone
-        assert (generate(halves[r], request, ctx=ThreadCfgContext(r, {}, None)) - single).abs().max().item() == 0.0
-        assert halves[r].texts == [1, 1]
+    shared, barrier, results, models = {}, threading.Barrier(2), {}, {0: BranchModel(), 1: BranchModel()}
+
+    def rank(r):
+        results[r] = generate(models[r], request, ctx=ThreadCfgContext(r, shared, barrier))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert models[0].texts == [1, 1] and models[1].texts == []  # no unconditional pass to run
+    for r in (0, 1):
+        assert (results[r] - single).abs().max().item() == 0.0
 
 
 def test_request_validation_names_the_fix(model):

@@ -231,7 +231,7 @@ def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) ->
 def layout_note(parallel: ParallelConfig, uses_cfg: bool) -> str | None:
     """One line when the run does not suit the pool's layout (it still runs): cfg 1 on a CFG split."""
     if parallel.cfg_degree == 2 and not uses_cfg:
-        return ("cfg is 1 on a pool that splits CFG (cfg_degree 2): both halves compute the same conditional pass. "
+        return ("cfg is 1 on a pool that splits CFG (cfg_degree 2): there is no negative pass, so half the ranks idle. "
                 f"A pool with cfg_degree 1 (ulysses x ring = {parallel.world_size}) would be about 2x faster "
                 "for cfg-1 runs")
     return None

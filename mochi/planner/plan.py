@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..constants import NUM_HEADS
 from ..dit import DiTConfig
 from ..parallel.config import ParallelConfig
+from ..step_cache import StepCacheSpec
 from .hardware import GB, GPU, LINK_CLASSES, get_gpu, link_bandwidth
 from .simulate import WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode
 
@@ -92,9 +93,12 @@ def estimate(
     text_tokens: int = 256,
     tiles=None,
     config: DiTConfig = DiTConfig(),
+    cache: StepCacheSpec | None = None,
 ) -> MixEstimate:
-    """Count one mix (cached per shape) and apply the latency model."""
-    step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg, config)
+    """Count one mix (cached per shape) and apply the latency model. With a step cache the memory
+    includes the cache's residuals; the latency bound is still for every step computed (how many
+    steps a cache skips depends on the run)."""
+    step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg, config, cache=cache)
     decode = count_tiled_decode(width, height, frames, tiles)
     peak = step.weight_bytes + decode.weight_bytes + max(step.activation_peak_bytes, decode.activation_peak_bytes)
     flops_per_s = gpu.bf16_tflops * 1e12
@@ -146,6 +150,7 @@ def plan(
     text_tokens: int = 256,
     tiles=None,
     config: DiTConfig = DiTConfig(),
+    cache: StepCacheSpec | None = None,
 ) -> Plan:
     """Estimate every degree mix for `world_size` ranks and pick one.
 
@@ -161,6 +166,7 @@ def plan(
         text_tokens: valid tokens of the positive prompt (256 is the worst case).
         tiles: a `vae_tiling.TileSpec` for the decode (default TileSpec()).
         config: DiT size (default the 10B model; degrees follow its head count).
+        cache: the run's `step_cache.StepCacheSpec` (its residuals count toward memory), or None.
 
     Returns:
         Plan with the ranking and a one-line reason.
@@ -172,7 +178,8 @@ def plan(
         link = "nvlink" if gpu.nvlink_gbps else "pcie"
     bandwidth = link_bandwidth(link, gpu)
     mixes = tuple(
-        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles, config)
+        estimate(p, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg, text_tokens, tiles, config,
+                 cache)
         for p in degree_mixes(world_size, use_cfg, config.num_heads)
     )
     best, reason = _choose(mixes, gpu, weight_dtype, link)
@@ -234,6 +241,7 @@ def recommend(
     steps: int = 64,
     use_cfg: bool = True,
     config: DiTConfig = DiTConfig(),
+    cache: StepCacheSpec | None = None,
 ) -> ParallelConfig:
     """The degree mix `auto` should use: the fastest that fits, preferring less traffic among
     near-ties (see `plan`).
@@ -247,11 +255,13 @@ def recommend(
         steps: sampling steps.
         use_cfg: False when cfg is 1 at every step (no unconditional pass).
         config: DiT size (e.g. `DiTConfig.from_shapes` of the loaded checkpoint).
+        cache: the run's `step_cache.StepCacheSpec`, or None.
 
     Returns:
         A validated ParallelConfig (even when nothing fits: the leanest mix; `plan(...)` says why).
     """
-    return plan(world_size, width, height, frames, gpu, weight_dtype, link, steps, use_cfg, config=config).best.parallel
+    return plan(world_size, width, height, frames, gpu, weight_dtype, link, steps, use_cfg, config=config,
+                cache=cache).best.parallel
 
 
 def format_table(result: Plan, title: str = "") -> str:

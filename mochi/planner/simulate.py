@@ -9,7 +9,9 @@ Depth shortcut: Mochi's blocks 0..46 are identical and nothing but (x, y) flows 
 the rank runs a DiT with the full widths and sequence but depth 2 (one regular block and the last,
 text-free block). The peak is the same as at depth 48 (blocks run one after another and free their
 temporaries); FLOPs and sent bytes of the 46 missing regular blocks are the counted regular block's
-times 46. `tests/test_planner.py` checks this against a full-depth run.
+times 46. `tests/test_planner.py` checks this against a full-depth run. With a step cache the rank
+runs depth 3: the cache keeps the block-stack input (TeaCache) or block 0's output (first-block
+cache) alive through the later regular blocks, which depth 2 would not show.
 """
 
 import functools
@@ -28,6 +30,7 @@ from ..layers import Linear
 from ..parallel.config import ParallelConfig
 from ..parallel.layout import ParallelContext
 from ..sampler import DenoiseLoop, SampleRequest, latent_shape_for_video
+from ..step_cache import StepCacheSpec
 from ..text import TextCondition
 from .counting import Counter, fake_module
 
@@ -124,7 +127,7 @@ def _fake_world(world_size: int, rank: int):
 
 class _MaskAwareModel:
     """Calls the DiT, telling the counter how many text tokens the given mask keeps (fake tensors
-    cannot count a mask's ones)."""
+    cannot count a mask's ones). Also the step cache's entry points (`step_cache.StepCache`)."""
 
     def __init__(self, model, counter: Counter, valid_tokens: dict[int, int]):
         self.model, self.counter, self.valid_tokens = model, counter, valid_tokens
@@ -136,14 +139,27 @@ class _MaskAwareModel:
         self.counter.mask_true = self.valid_tokens[id(mask)]
         return self.model(latent, sigma, features, mask, ctx=ctx)
 
+    def embed(self, latent, sigma, features, mask, ctx=None, rope=None):
+        self.counter.mask_true = self.valid_tokens[id(mask)]
+        return self.model.embed(latent, sigma, features, mask, ctx=ctx, rope=rope)
+
+    def first_block_modulated_input(self, state):
+        return self.model.first_block_modulated_input(state)
+
+    def run_blocks(self, state, start, stop, ctx=None):
+        return self.model.run_blocks(state, start, stop, ctx=ctx)
+
+    def head(self, state, ctx=None):
+        return self.model.head(state, ctx=ctx)
+
 
 def _block_deltas(model: MochiDiT, counter: Counter, depth: int):
-    """Hooks that add (depth - 2) x each regular block's FLOPs and sent bytes: the sim model has one
-    regular block standing in for depth - 1 of them. Returns (extra_flops, extra_sent, handles)."""
+    """Hooks that add (depth - sim depth) x block 0's FLOPs and sent bytes: the sim model's regular
+    blocks stand in for all depth - 1 of them. Returns (extra_flops, extra_sent, handles)."""
     extra_flops, extra_sent = Tally(), Tally()
     before = {}
     regular = model.blocks[0]
-    copies = depth - 2
+    copies = depth - len(model.blocks)
 
     def pre(module, args, kwargs=None):
         before["flops"] = Tally(counter.counts.flops)
@@ -170,9 +186,16 @@ def count_step(
     use_cfg: bool = True,
     config: DiTConfig = DiTConfig(),
     full_depth: bool = False,
+    cache: StepCacheSpec | None = None,
 ) -> StepCount:
     """Count one sampling step on global rank 0 of `parallel` (the conditional branch, the first
     sequence shard: the largest share when the sequence is padded).
+
+    With a step cache the counted step is the first one, which computes every block and fills the
+    cache: the peak includes the cached residual and previous indicator of each branch this rank
+    runs (shard-sized, compute dtype) and the block-stack input kept for the residual. Later steps
+    that compute have the same peak (old residuals are dropped before new ones are made); skipped
+    steps have a lower one. FLOPs are those of a computed step.
 
     Args:
         parallel: degrees (world_size = cfg x ulysses x ring).
@@ -182,6 +205,7 @@ def count_step(
         use_cfg: False counts the cfg = 1 case (no unconditional pass).
         config: DiT size (the full 10B model by default).
         full_depth: run all `config.depth` blocks instead of the depth-2 shortcut (slower).
+        cache: a `step_cache.StepCacheSpec` to count the cache's memory, or None.
 
     Returns:
         StepCount (cached per argument set).
@@ -191,7 +215,8 @@ def count_step(
         raise ValueError("cfg_degree 2 needs use_cfg=True (the second CFG rank runs the unconditional branch)")
     latent_shape = latent_shape_for_video(width, height, frames)
     started = time.perf_counter()
-    sim_config = config if full_depth or config.depth <= 2 else replace(config, depth=2)
+    sim_depth = 2 if cache is None else 3
+    sim_config = config if full_depth or config.depth <= sim_depth else replace(config, depth=sim_depth)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_module(lambda: MochiDiT(sim_config), fake_mode, COMPUTE_DTYPE)
     if weight_dtype == "fp8":
@@ -204,7 +229,8 @@ def count_step(
     # Real (tiny) text conditions: the request validates them; the forward only reads shapes.
     positive = TextCondition(torch.zeros(1, 256, 4096), torch.ones(1, 256, dtype=torch.int64))
     negative = TextCondition.empty(256)
-    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=4.5 if use_cfg else 1.0)
+    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=4.5 if use_cfg else 1.0,
+                            cache=cache)
     counter = Counter(fake_mode)
     wrapped = _MaskAwareModel(model, counter, {id(positive.mask): min(text_tokens, 256), id(negative.mask): 0})
     if sim_config.depth < config.depth:
