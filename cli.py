@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI's convention)")
     sampling.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="linear_quadratic",
                           help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)")
+    sampling.add_argument("--cache", choices=("off", "teacache", "first_block"), default="off",
+                          help="step caching: skip the blocks on steps whose input barely changes (all ranks agree)")
+    sampling.add_argument("--cache-threshold", type=float, default=None,
+                          help="how much change a skipped step may hide (default 0.06; TeaCache published 1.5x at "
+                               "0.06, 2.1x at 0.09); 0 never skips")
+    sampling.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                          help="a Mochi LoRA .safetensors (genmo, ComfyUI/kohya or diffusers format), strength "
+                               "default 1; repeat to stack")
     ranks = gen.add_argument_group("ranks")
     ranks.add_argument("--world-size", type=int, default=1, help="number of ranks (one GPU each, or CPU threads)")
     ranks.add_argument("--ulysses", default="auto", help="Ulysses degree (divides the heads) or auto")
@@ -86,6 +94,8 @@ class Plan:
     spec: object  # workers.protocol.PoolSpec, resolved by workers.options
     latent_shape: tuple[int, ...]
     output: str
+    loras: tuple = ()  # mochi.lora.LoraSpec, checked against the DiT
+    cache: object = None  # mochi.step_cache.StepCacheSpec or None
 
     @property
     def parallel(self):
@@ -169,8 +179,37 @@ def plan_run(args) -> Plan:
         if args.t5_tokenizer and not os.path.isdir(args.t5_tokenizer):
             raise InputError(f"--t5-tokenizer {args.t5_tokenizer}: not a directory; give the tokenizer's folder")
         dit_path, vae_path = os.path.abspath(args.dit), os.path.abspath(args.vae)
-    return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer,
-                resolve_spec(args, dit_path, vae_path), latent_shape, output)
+    spec = resolve_spec(args, dit_path, vae_path)
+    return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, spec, latent_shape, output,
+                resolve_loras(args, spec), resolve_step_cache(args))
+
+
+def resolve_loras(args, spec) -> tuple:
+    """The --lora flags as LoraSpecs, each checked against the DiT (header only)."""
+    from .mochi.lora import LoraSpec
+    from .workers.options import OptionsError, resolve_lora
+
+    loras = []
+    for text in args.lora:
+        try:
+            parsed = LoraSpec.parse(text)
+            if not os.path.isfile(parsed.path):
+                raise InputError(f"--lora {text}: no such file; give the path of a LoRA .safetensors file")
+            loras.append(resolve_lora(spec, parsed.path, parsed.strength))
+        except (OptionsError, ValueError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise InputError(f"--lora {text}: {error}") from None
+    return tuple(loras)
+
+
+def resolve_step_cache(args):
+    from .workers.options import OptionsError, resolve_cache
+
+    try:
+        return resolve_cache(args.cache, args.cache_threshold)
+    except OptionsError as error:
+        raise InputError(f"--cache/--cache-threshold: {error}") from None
 
 
 def resolve_spec(args, dit_path: str, vae_path: str):
@@ -265,12 +304,17 @@ def run(args) -> int:
             positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
             pool = service.open(plan.spec)
         request = SampleRequest(positive, negative, latent_shape=plan.latent_shape, seed=args.seed,
-                                steps=args.steps, cfg=args.cfg, schedule=args.schedule)
+                                steps=args.steps, cfg=args.cfg, schedule=args.schedule, cache=plan.cache)
         note = layout_note(plan.parallel, request.uses_cfg)
         if note:
             _say(f"note: {note}")
+        if plan.loras:
+            _say("LoRAs: " + ", ".join(f"{os.path.basename(lora.path)} x {lora.strength:g}" for lora in plan.loras))
         with tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr) as progress:
-            latent = pool.sample(request, on_step=lambda report: progress.update(1))
+            result = pool.run(request, on_step=lambda report: progress.update(1), loras=plan.loras)
+        latent = result.latent
+        if result.cache_stats is not None:
+            _say(f"step cache ({args.cache}, threshold {plan.cache.threshold:g}): {result.cache_stats}")
         _say("decoding (tiles spread over the ranks)")
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:

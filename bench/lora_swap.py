@@ -31,15 +31,14 @@ from mochi_xdit.mochi.sampler import SampleRequest
 from mochi_xdit.mochi.text import TextCondition
 from mochi_xdit.workers.pool import Pool
 from mochi_xdit.workers.protocol import PoolSpec
-from mochi_xdit.workers.ray_runtime import shutdown_ray
+from mochi_xdit.workers.service import MochiService
 
 LATENT_SHAPE = (1, 12, 2, 8, 8)
 
 
 def set_loras_on_pool(pool: Pool, specs: tuple[LoraSpec, ...]) -> None:
-    """Every rank runs set_loras(specs), waited for like any pool verb. (A stand-in until the pool has
-    its own LoRA method; swap this one function for it.)"""
-    pool._gather("set_loras", [actor.set_loras.remote(specs) for actor in pool._actors], pool.spec.timeouts.call_s)
+    """Every rank runs set_loras(specs), waited for like any pool verb."""
+    pool.set_loras(specs)
 
 
 def write_genmo_lora(path: str, config: DiTConfig, rank: int) -> None:
@@ -104,12 +103,14 @@ def main():
                                           torch.tensor([[1] * 20 + [0] * 236])),
                             TextCondition.empty(256), latent_shape=LATENT_SHAPE, seed=1, steps=2, cfg=4.5)
 
+    service = MochiService(log=lambda line: None)
     try:
         start = time.perf_counter()
-        Pool(spec).shutdown()
+        service.pool(spec)  # Ray and the pool from nothing
         cold_start = time.perf_counter() - start
+        service.release_pool("measuring a start with Ray already up")
         start = time.perf_counter()
-        pool = Pool(spec)
+        pool = service.pool(spec)
         warm_start = time.perf_counter() - start
         try:
             base = pool.sample(request)
@@ -121,13 +122,13 @@ def main():
                 timed("stack A + B", lambda: set_loras_on_pool(pool, (a, b))),
                 timed("same again (no-op)", lambda: set_loras_on_pool(pool, (a, b))),
             ]
-            with_lora = pool.sample(request)
+            with_lora = pool.sample(request, loras=(a, b))  # a run with the stack (already active: no-op)
             switches.append(timed("remove (base model)", lambda: set_loras_on_pool(pool, ())))
-            back = pool.sample(request)
+            back = pool.sample(request)  # no LoRAs asked for: the base model
         finally:
             pool.shutdown()
     finally:
-        shutdown_ray()
+        service.shutdown()
 
     assert (with_lora - base).abs().max().item() > 1e-4, "the LoRAs did not change the output"
     assert torch.equal(back, base), "removing the LoRAs did not restore the base output bit for bit"

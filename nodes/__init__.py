@@ -5,17 +5,20 @@ so the pool's ranks release theirs (`comfy_hooks`)."""
 from .comfy_hooks import install_free_memory_hook
 from .decode import MochiTiledVAEDecode
 from .loader import MochiXDiTLoader
+from .lora_loader import MochiXDiTLoraLoader
 from .sampler import MochiXDiTSampler
 
 NODE_CLASS_MAPPINGS = {
     "MochiXDiTLoader": MochiXDiTLoader,
     "MochiXDiTSampler": MochiXDiTSampler,
     "MochiTiledVAEDecode": MochiTiledVAEDecode,
+    "MochiXDiTLoraLoader": MochiXDiTLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MochiXDiTLoader": "Mochi xDiT Loader (multi-GPU pool)",
     "MochiXDiTSampler": "Mochi xDiT Sampler",
     "MochiTiledVAEDecode": "Mochi xDiT Tiled VAE Decode",
+    "MochiXDiTLoraLoader": "Mochi xDiT LoRA Loader",
 }
 
 install_free_memory_hook()

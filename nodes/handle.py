@@ -17,13 +17,20 @@ class PoolHandle:
 
     Args:
         spec: the resolved `workers.protocol.PoolSpec` (files, dtype, degrees, device, Ray address).
+        loras: the `mochi.lora.LoraSpec`s the sampler runs with (MochiXDiTLoraLoader adds them); they
+            do not change the pool, only what its ranks apply for a run.
     """
 
     spec: object
+    loras: tuple = ()
+
+    def with_lora(self, lora) -> "PoolHandle":
+        return PoolHandle(self.spec, self.loras + (lora,))
 
     def __repr__(self):
         spec = self.spec
-        return f"MochiXDiTPool({spec.parallel}, {spec.weight_dtype}, {spec.device})"
+        loras = f", {len(self.loras)} LoRA(s)" if self.loras else ""
+        return f"MochiXDiTPool({spec.parallel}, {spec.weight_dtype}, {spec.device}{loras})"
 
 
 def pool_for(handle: PoolHandle):

@@ -25,26 +25,35 @@ def open_pool(spec) -> PoolHandle:
 
 
 def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, *,
-               seed: int, steps: int, cfg: float, schedule: str, denoise: float, progress) -> torch.Tensor:
-    """Sample on the pool; returns VAE-space samples [B, 12, T, H, W] float32 on CPU.
+               seed: int, steps: int, cfg: float, schedule: str, denoise: float, progress, cache: str = "off",
+               cache_threshold: float | None = None) -> torch.Tensor:
+    """Sample on the pool with the handle's LoRAs; returns VAE-space samples [B, 12, T, H, W] float32 on CPU.
 
     Args:
         progress: a `progress.ProgressReporter` (the pool's per-step callback).
+        cache, cache_threshold: the step cache ("off", "teacache", "first_block").
     """
     from ..mochi.sampler import SampleRequest
-    from ..workers.options import layout_note, sequence_problem
+    from ..workers.options import OptionsError, layout_note, resolve_cache, sequence_problem
 
     problem = sequence_problem(handle.spec.parallel, tuple(samples.shape))
     if problem:
         raise ValueError(problem)
+    try:
+        step_cache = resolve_cache(cache, cache_threshold)
+    except OptionsError as error:
+        raise ValueError(str(error)) from None
     request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
-                            cfg=cfg, schedule=schedule, denoise=denoise)
+                            cfg=cfg, schedule=schedule, denoise=denoise, cache=step_cache)
     note = layout_note(handle.spec.parallel, request.uses_cfg)
     if note:
         logger.info(f"Mochi xDiT: {note}")
     with user_errors():
         pool = pool_for(handle)
-        return pool.sample(request, progress, preview=progress.wants_preview).to("cpu", torch.float32)
+        result = pool.run(request, progress, preview=progress.wants_preview, loras=handle.loras)
+    if result.cache_stats is not None:
+        logger.info(f"Mochi xDiT: step cache ({cache}, threshold {cache_threshold:g}): {result.cache_stats}")
+    return result.latent.to("cpu", torch.float32)
 
 
 def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:

@@ -11,11 +11,15 @@ MAX_STEPS = 1000
 MAX_CFG = 100.0
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MIN_DENOISE = 0.01
+CACHE_CHOICES = ("off", "teacache", "first_block")
+DEFAULT_CACHE_THRESHOLD = 0.06  # TeaCache's published Mochi setting (~1.5x); 0.09 gave ~2.1x
 
 
-def sampler_problem(seed, steps, cfg, schedule, denoise) -> str | None:
+def sampler_problem(seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD) -> str | None:
     """Checks of the widget inputs; None values (inputs fed by a link) are checked at run time."""
     checks_to_run = (
+        (cache, lambda: checks.choice_problem("cache", cache, CACHE_CHOICES)),
+        (cache_threshold, lambda: checks.float_problem("cache_threshold", cache_threshold, 0.0, 1.0)),
         (seed, lambda: checks.int_problem("seed", seed, 0, MAX_SEED)),
         (steps, lambda: checks.int_problem("steps", steps, 1, MAX_STEPS)),
         (cfg, lambda: checks.float_problem("cfg", cfg, 0.0, MAX_CFG)),
@@ -74,20 +78,35 @@ class MochiXDiTSampler:
                     "default": 1.0, "min": MIN_DENOISE, "max": 1.0, "step": 0.01,
                     "tooltip": "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
                                "(video-to-video); the run then covers the last steps of a longer schedule."}),
-            }
+            },
+            "optional": {
+                "cache": (list(CACHE_CHOICES), {
+                    "default": "off",
+                    "tooltip": "Step caching: skip the transformer's blocks on steps where their input barely "
+                               "changes, reusing the last computed residual; every rank skips the same steps. "
+                               "teacache: TeaCache's Mochi indicator (published 1.5x at 0.06, 2.1x at 0.09 on "
+                               "163 frames). first_block: compares the first block's output. off: every step."}),
+                "cache_threshold": ("FLOAT", {
+                    "default": DEFAULT_CACHE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "How much change a skipped step may hide: higher skips more steps (faster) and "
+                               "drifts further from the uncached video. 0 never skips."}),
+            },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise):
-        return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise))
+    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD):
+        return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold))
 
-    def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise):
-        problem = sampler_problem(seed, steps, cfg, schedule, denoise) or checks.latent_problem(latent_image)
+    def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise, cache="off",
+               cache_threshold=DEFAULT_CACHE_THRESHOLD):
+        problem = (sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold)
+                   or checks.latent_problem(latent_image))
         if problem:
             raise ValueError(problem)
         positive_text = conditioning_to_text(positive, "positive")
         negative_text = conditioning_to_text(negative, "negative")
         progress = ProgressReporter(steps)  # created here: ComfyUI's hook belongs to this node
         samples = run_sample(pool, positive_text, negative_text, latent_samples(latent_image), seed=seed,
-                             steps=steps, cfg=cfg, schedule=schedule, denoise=denoise, progress=progress)
+                             steps=steps, cfg=cfg, schedule=schedule, denoise=denoise, progress=progress,
+                             cache=cache, cache_threshold=cache_threshold)
         return (output_latent(latent_image, samples),)

@@ -20,11 +20,12 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "mochi_xdit", "generate", "--prompt", "a red fox running through snow",
                "--world-size", "2", "--width", "64", "--height", "48", "--frames", "7", "--steps", "3",
-               "--output", str(output)]
+               "--cache", "first_block", "--cache-threshold", "0.9", "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEMO model" in result.stderr  # says loudly that the output is noise
     assert "starting 2 rank(s)" in result.stderr
+    assert "step cache (first_block, threshold 0.9): computed" in result.stderr
     for phase in ("DEMO model", "connected to a private Ray on 127.0.0.1 in", "2 rank(s) up in",
                   "weights loaded in"):  # each phase said once, by the driver (not once per rank)
         assert result.stderr.count(phase) == 1 + (phase == "DEMO model"), (phase, result.stderr)
@@ -53,6 +54,9 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--output", "/nonexistent/folder/out.mp4"], r"folder /nonexistent/folder does not exist"),
         (["--output", "{tmp}"], r"is a directory; give a file name ending in .mp4"),
         (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
+        (["--lora", "/nonexistent/x.safetensors:0.5"], r"--lora /nonexistent/x.safetensors:0.5: no such file"),
+        (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength must be a finite number"),
+        (["--cache", "teacache", "--cache-threshold", "2"], r"--cache/--cache-threshold: .*threshold"),
     ],
 )
 def test_bad_input_is_refused_before_any_actor_starts(arguments, message, tmp_path, capsys, monkeypatch):

@@ -21,7 +21,7 @@ from mochi_xdit.nodes.checks import QueueTimeError, degrees_problem, model_name_
 from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
-NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode")
+NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode", "MochiXDiTLoraLoader")
 
 
 class InterruptProcessingException(Exception):
@@ -31,7 +31,7 @@ class InterruptProcessingException(Exception):
 def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
     """Stand-ins for `folder_paths`, `comfy`, `comfy.utils`, `comfy.model_management`."""
     folder_paths = types.ModuleType("folder_paths")
-    folders = {name: os.path.join(models_dir, name) for name in ("diffusion_models", "vae", "text_encoders")}
+    folders = {name: os.path.join(models_dir, name) for name in ("diffusion_models", "vae", "text_encoders", "loras")}
 
     def get_filename_list(folder):
         root = folders[folder]
@@ -96,7 +96,7 @@ def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
 def models_dir(tmp_path_factory):
     """models/ with a tiny DiT, a VAE-shaped file, a pickle-named file and a nested DiT."""
     root = tmp_path_factory.mktemp("models")
-    for folder in ("diffusion_models", "vae", "text_encoders"):
+    for folder in ("diffusion_models", "vae", "text_encoders", "loras"):
         (root / folder).mkdir()
     dit = random_dit_state_dict(DEMO_DIT_CONFIG, seed=0)
     save_file(dit, str(root / "diffusion_models" / "tiny_dit.safetensors"))
@@ -105,6 +105,12 @@ def models_dir(tmp_path_factory):
     (root / "diffusion_models" / "old_dit.ckpt").write_bytes(b"\x80\x02not really a pickle")
     save_file({"decoder.output_proj.weight": torch.zeros(3, 128)}, str(root / "vae" / "decoder_only.safetensors"))
     save_file({"something.weight": torch.zeros(2, 2)}, str(root / "diffusion_models" / "not_mochi.safetensors"))
+    qkv = "blocks.0.attn.qkv_x"
+    save_file({f"{qkv}.lora_A": torch.zeros(2, DEMO_DIT_CONFIG.hidden_size_x),
+               f"{qkv}.lora_B": torch.zeros(3 * DEMO_DIT_CONFIG.inner_dim, 2)}, str(root / "loras" / "mochi_lora.safetensors"))
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(24, 2)},
+              str(root / "loras" / "flux_lora.safetensors"))
     return str(root)
 
 
@@ -126,7 +132,7 @@ def fake_comfy(models_dir, monkeypatch):
 
 # ---------------------------------------------------------------- ComfyUI's schema rules
 
-def test_node_mappings_export_three_prefixed_nodes_in_one_category(fake_comfy):
+def test_node_mappings_export_every_prefixed_node_in_one_category(fake_comfy):
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_IDS)
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
     assert {cls.CATEGORY for cls in NODE_CLASS_MAPPINGS.values()} == {"Mochi xDiT"}
@@ -489,3 +495,21 @@ def test_auto_degrees_on_a_gpu_machine_follow_the_planner(models_dir, monkeypatc
     planned = planned_degrees(cpu_choice, choices, dit, "cuda", "fp8")
     assert planned == ParallelConfig(4, ring_degree=4, num_heads=4)
     assert calls == [(4, 848, 480, 163, "H100", "fp8", DEMO_DIT_CONFIG)]
+
+
+def test_lora_loader_chains_loras_and_refuses_other_models_loras_at_queue_time(fake_comfy, models_dir):
+    from mochi_xdit.nodes.handle import PoolHandle
+    from mochi_xdit.workers.options import LoadChoices, resolve_load
+
+    node = NODE_CLASS_MAPPINGS["MochiXDiTLoraLoader"]
+    assert queue_time_verdict(node.VALIDATE_INPUTS, lora_name="mochi_lora.safetensors", strength=0.8) is True
+    message = queue_time_verdict(node.VALIDATE_INPUTS, lora_name="flux_lora.safetensors", strength=1.0)
+    assert "flux_lora.safetensors" in message and "Flux" in message, message
+    assert "strength=20.0 is outside" in queue_time_verdict(node.VALIDATE_INPUTS, lora_name="mochi_lora.safetensors",
+                                                             strength=20.0)
+    dit = os.path.join(models_dir, "diffusion_models", "tiny_dit.safetensors")
+    handle = PoolHandle(resolve_load(LoadChoices(dit_path=dit, vae_path=None), plan=False))
+    (once,) = node().add_lora(handle, "mochi_lora.safetensors", 0.8)
+    (twice,) = node().add_lora(once, "mochi_lora.safetensors", -0.5)
+    assert handle.loras == () and [lora.strength for lora in twice.loras] == [0.8, -0.5]
+    assert twice.spec is handle.spec  # the pool itself is unchanged: no reload

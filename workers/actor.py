@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 
-from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, StepReport, TcpRendezvous
+from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -63,6 +63,7 @@ class RankWorker:
         self.dit = None
         self.vae = None
         self._loop = None
+        self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -141,11 +142,14 @@ class RankWorker:
         if self.dit is None:
             raise RuntimeError(f"rank {self.rank}: {verb} before load(); the pool loads the weights first")
 
-    def begin(self, request) -> None:
-        """Start a run: draw the noise and keep the request (replaces an unfinished run)."""
+    def begin(self, request, loras: tuple = ()) -> None:
+        """Start a run with exactly these LoRAs active (`set_loras`; () = the base model): draw the
+        noise and keep the request (replaces an unfinished run)."""
         from ..mochi.sampler import DenoiseLoop
 
         self._require_loaded("begin()")
+        self._loop = None
+        self.set_loras(loras)
         self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device)
         self._loop.begin()
 
@@ -162,13 +166,14 @@ class RankWorker:
             small = self._loop.latent[:, :, middle : middle + 1].cpu()  # [B, 12, 1, H, W] model space
         return StepReport(i, self._loop.num_steps, seconds, small)
 
-    def finish(self) -> torch.Tensor | None:
-        """End the run: the VAE-space latent [B, 12, T, H, W] fp32 on rank 0, None on the others."""
+    def finish(self) -> RunResult | None:
+        """End the run: on rank 0 the VAE-space latent [B, 12, T, H, W] fp32 and the step cache's
+        counts (every rank decided the same steps), None on the others."""
         if self._loop is None:
             raise RuntimeError(f"rank {self.rank}: finish() before begin(); call begin(request) and run the steps first")
-        latent = self._loop.finish().cpu()
+        latent, stats = self._loop.finish().cpu(), self._loop.cache_stats
         self._loop = None
-        return latent if self.rank == 0 else None
+        return RunResult(latent, stats) if self.rank == 0 else None
 
     def cancel(self) -> None:
         """Drop the current run, if any (interrupt between steps)."""
@@ -227,7 +232,7 @@ class RankWorker:
         if self._loop is not None:
             raise RuntimeError(f"rank {self.rank}: set_loras() during a run; call it before begin() or after "
                                "finish() / cancel()")
-        switch = getattr(self, "_lora_switch", None)  # made on first use; tied to this DiT
+        switch = self._lora_switch
         if switch is None or switch.model is not self.dit:
             switch = self._lora_switch = LoraSwitch(self.dit, default_compute_dtype(self.device))
         switch.set(tuple(specs))

@@ -35,6 +35,8 @@ class Field(Enum):
     DEGREES = "degrees"
     CPU_THREADS = "cpu_threads"
     RAY_ADDRESS = "ray_address"
+    LORA = "lora"
+    CACHE = "cache"
 
 
 class OptionsError(ValueError):
@@ -235,3 +237,40 @@ def layout_note(parallel: ParallelConfig, uses_cfg: bool) -> str | None:
                 f"A pool with cfg_degree 1 (ulysses x ring = {parallel.world_size}) would be about 2x faster "
                 "for cfg-1 runs")
     return None
+
+
+def dit_config(dit_path: str):
+    """The `mochi.dit.DiTConfig` of a DiT file, from its header's shapes."""
+    from ..mochi.dit import DiTConfig
+
+    info = inspect_checkpoint(dit_path)
+    prefix = info.dit_prefix or ""
+    return DiTConfig.from_shapes({name[len(prefix):]: t.shape for name, t in info.tensors.items()
+                                  if name.startswith(prefix)})
+
+
+def resolve_lora(spec: PoolSpec, path: str, strength: float):
+    """A `mochi.lora.LoraSpec` checked against the pool's DiT (format, modules, shapes; header only),
+    so a file that cannot work is refused before any rank reads it."""
+    from ..mochi.lora import LoraError, LoraSpec, inspect_lora
+
+    try:
+        lora = LoraSpec(path, strength)
+        inspect_lora(lora.path, dit_config(spec.dit_path))
+    except (LoraError, ValueError) as error:
+        raise OptionsError(Field.LORA, str(error)) from None
+    return lora
+
+
+def resolve_cache(kind: str | None, threshold: float | None):
+    """The step cache a run asks for: None for "off" (or no kind), else a `mochi.step_cache.StepCacheSpec`
+    (threshold None: the kind's default)."""
+    from ..mochi.step_cache import StepCacheKind, StepCacheSpec
+
+    if kind in (None, "", "off"):
+        return None
+    try:
+        cache_kind = StepCacheKind(kind)
+        return StepCacheSpec.default(cache_kind) if threshold is None else StepCacheSpec(cache_kind, threshold)
+    except (ValueError, TypeError) as error:
+        raise OptionsError(Field.CACHE, f"cache={kind!r}, threshold={threshold!r}: {error}") from None

@@ -24,7 +24,7 @@ from .actor import RankWorker
 from .capacity import RankResources
 from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_exception
 from .placement import RankPlacement, check_capacity
-from .protocol import FileRendezvous, PoolSpec, RankInfo, StepReport, TcpRendezvous
+from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
@@ -161,8 +161,12 @@ class Pool:
             raise PoolError(FailureKind.BAD_REQUEST, None, "use", "this pool was stopped after an earlier failure "
                             "or shutdown; build a new one (MochiService.pool does that)")
 
-    def sample(self, request, on_step=None, preview: bool = False) -> torch.Tensor:
-        """Run one generation on every rank in lockstep; return the VAE-space latent [B, 12, T, H, W] fp32.
+    def sample(self, request, on_step=None, preview: bool = False, loras: tuple = ()) -> torch.Tensor:
+        """`run(...)`'s latent: the VAE-space latent [B, 12, T, H, W] fp32."""
+        return self.run(request, on_step, preview, loras).latent
+
+    def run(self, request, on_step=None, preview: bool = False, loras: tuple = ()) -> RunResult:
+        """Run one generation on every rank in lockstep; return the latent and the step cache's counts.
 
         Every rank runs the same step i at the same time. Step i + 1 is already queued on the ranks
         while the driver waits for step i and runs the callback, so no rank idles for a driver round
@@ -173,7 +177,9 @@ class Pool:
             on_step: called with a `StepReport` after every step. Returning False stops the run
                 (RunInterrupted); raising stops it and re-raises. Either way the ranks drop the run
                 and the pool stays usable.
-            preview: ask rank 0 for a small preview latent in each report.
+            preview: ask rank 0 for a small preview latent (model space) in each report.
+            loras: `mochi.lora.LoraSpec`s active for this run (stacked); () runs the base model. The
+                ranks switch in milliseconds and keep the base weights untouched.
         """
         with self._lock:
             self._check_usable()
@@ -181,7 +187,8 @@ class Pool:
             total = request.steps
             request_ref = ray.put(replace(request, positive=_valid_tokens_only(request.positive),
                                           negative=_valid_tokens_only(request.negative)))
-            begun = [a.begin.remote(request_ref) for a in self._actors]
+            loras = tuple(loras)
+            begun = [a.begin.remote(request_ref, loras) for a in self._actors]
             queued = [a.step.remote(0, preview) for a in self._actors]
             self._gather("begin", begun, timeouts.call_s)
             for i in range(total):
@@ -200,6 +207,14 @@ class Pool:
                     self._cancel(queued)
                     raise RunInterrupted(f"stopped by the progress callback after step {i + 1} of {total}")
             return self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
+
+    def set_loras(self, loras: tuple = ()) -> None:
+        """Make exactly these `mochi.lora.LoraSpec`s active on every rank now (`run` does this itself
+        for each run; this is for switching ahead of time and for measuring)."""
+        with self._lock:
+            self._check_usable()
+            self._gather("set_loras", [a.set_loras.remote(tuple(loras)) for a in self._actors],
+                         self.spec.timeouts.call_s)
 
     def _cancel(self, queued: list | None) -> None:
         """Let the already queued step finish, then drop the run on every rank."""

@@ -135,3 +135,17 @@ class StepReport:
     total: int
     seconds: float
     preview: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one sampling run returns.
+
+    Args:
+        latent: the VAE-space latent [B, 12, T, H, W] fp32.
+        cache_stats: the step cache's `mochi.step_cache.CacheStats` (computed / skipped steps), or
+            None when the run had no cache.
+    """
+
+    latent: torch.Tensor
+    cache_stats: object = None
