@@ -22,6 +22,7 @@ from einops import rearrange
 from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
 from .joint_attention import joint_attention
 from .layers import Linear, RMSNorm, rms_norm
+from .parallel.kernel import AttentionConfig
 
 ATTENTION_POOL_HEADS = 8  # genmo's T5 attention pool; not visible in tensor shapes
 NORM_EPS = 1e-6  # modulated / residual RMS norms and the final LayerNorm
@@ -254,7 +255,7 @@ class JointAttention(nn.Module):
         self.proj_x = Linear(inner, config.hidden_size_x)
         self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
 
-    def forward(self, x, y, rope, ctx=None, video_len=None):
+    def forward(self, x, y, rope, ctx=None, video_len=None, attention=None):
         """
         Args:
             x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
@@ -262,6 +263,7 @@ class JointAttention(nn.Module):
             rope: [Sx, H, Dh/2] complex64 rotations for these video tokens' global positions.
             ctx: ParallelContext or None.
             video_len: global number of real video tokens (without padding), needed under ctx.
+            attention: AttentionConfig (kernel choice), or None for the context's / auto.
 
         Returns:
             ([B, Sx, Dx], [B, L, Dy] or None when update_y is False).
@@ -278,7 +280,8 @@ class JointAttention(nn.Module):
         q_y = self.q_norm_y(q_y)
         k_y = self.k_norm_y(k_y)
         out_x, out_y = joint_attention(
-            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None
+            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None,
+            attention_config=attention,
         )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
         out_x = self.proj_x(out_x.reshape(B, Sx, H * Dh))  # [B, Sx, Dx]
         if self.proj_y is None:
@@ -299,8 +302,9 @@ class JointBlock(nn.Module):
         self.mlp_x = FeedForward(config.hidden_size_x, config.mlp_hidden_x)
         self.mlp_y = FeedForward(config.hidden_size_y, config.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, c, y, rope, ctx=None, video_len=None):
-        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes."""
+    def forward(self, x, c, y, rope, ctx=None, video_len=None, attention=None):
+        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes; ctx, video_len
+        and attention as in `JointAttention.forward`."""
         c = F.silu(c)
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # [B, Dx] each
         mod_y = self.mod_y(c)
@@ -311,7 +315,7 @@ class JointBlock(nn.Module):
 
         attn_x, attn_y = self.attn(
             modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope,
-            ctx=ctx, video_len=video_len,
+            ctx=ctx, video_len=video_len, attention=attention,
         )
         x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
         x = residual_tanh_gated_rmsnorm(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
@@ -365,6 +369,7 @@ class MochiDiT(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
         ctx=None,
+        attention: AttentionConfig | None = None,
     ) -> torch.Tensor:
         """Predict x0 - noise for a noisy latent.
 
@@ -374,6 +379,9 @@ class MochiDiT(nn.Module):
             text_features: [1, L, 4096] T5 features (padded or not).
             text_mask: [1, L] 1 for valid tokens; may be all zero (empty negative prompt).
             ctx: ParallelContext (sequence parallel inside this call) or None for one device.
+            attention: how attention picks its kernel (`parallel.kernel.AttentionConfig`); None uses
+                the context's, or auto on one device. Given with a context, it must equal the
+                context's (the context was built for it).
 
         Returns:
             [1, C, T, H, W] prediction, in the latent's dtype.
@@ -387,6 +395,7 @@ class MochiDiT(nn.Module):
         pH, pW = H // p, W // p
         video_len = T * pH * pW
         dtype = latent.dtype
+        attention = _attention_for(ctx, attention).resolved()  # installed kernels detected once per forward
 
         valid = text_mask[0].bool()
         text = text_features[:, valid].to(dtype)  # [1, Lv, 4096], valid tokens only
@@ -404,7 +413,7 @@ class MochiDiT(nn.Module):
         del angles  # not needed by the blocks (273 MB at 848x480x163)
 
         for block in self.blocks:
-            x, y = block(x, c, y, rope, ctx=ctx, video_len=video_len)
+            x, y = block(x, c, y, rope, ctx=ctx, video_len=video_len, attention=attention)
 
         x = self.final_layer(x, c)  # [1, S(_local), p*p*C]
         if ctx is not None:
@@ -412,3 +421,17 @@ class MochiDiT(nn.Module):
         return rearrange(
             x, "b (t hp wp) (p1 p2 c) -> b c t (hp p1) (wp p2)", t=T, hp=pH, wp=pW, p1=p, p2=p
         ).to(dtype)
+
+
+def _attention_for(ctx, attention: AttentionConfig | None) -> AttentionConfig:
+    """The forward's attention config: the given one, the context's, or auto on one device."""
+    if attention is not None and not isinstance(attention, AttentionConfig):
+        raise TypeError(f"attention must be a parallel.kernel.AttentionConfig or None, got {type(attention)}")
+    if ctx is None:
+        return AttentionConfig() if attention is None else attention
+    if attention is not None and attention != ctx.attention:
+        raise ValueError(
+            f"attention={attention} differs from the ParallelContext's ({ctx.attention}); build the context "
+            "with the attention config you want (ParallelContext(..., attention=...)) and pass attention=None"
+        )
+    return ctx.attention

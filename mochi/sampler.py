@@ -148,10 +148,12 @@ class DenoiseLoop:
         compute_dtype: the DiT's activation dtype; default fp32 on CPU, bf16 on CUDA. The CFG
             combine and the Euler update are always fp32.
         device: where sampling runs; default the model's parameter device.
+        attention: a `parallel.kernel.AttentionConfig` for the model's attention (the requested
+            backend), or None for the context's, or auto on one device; passed to every model call.
     """
 
     def __init__(self, model, request: SampleRequest, ctx=None, compute_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, attention=None):
         if not isinstance(request, SampleRequest):
             raise TypeError(f"request must be a SampleRequest, got {type(request)}")
         if device is None:
@@ -169,6 +171,7 @@ class DenoiseLoop:
         self.model = model
         self.request = request
         self.ctx = ctx
+        self.attention = attention
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
         if self.cfg_parallel and not request.uses_cfg:
             raise ValueError(
@@ -205,7 +208,8 @@ class DenoiseLoop:
         """One DiT call for one sample: [1, 12, T, H, W] fp32 -> prediction fp32."""
         features, mask = self._texts[branch]
         sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
-        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx)
+        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx,
+                          attention=self.attention)
         return pred.float()
 
     @torch.no_grad()
