@@ -106,9 +106,11 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), and on a private Ray a PYTHONPATH entry that provides
-    `mochi_xdit` when workers cannot import it already."""
-    env_vars = {"RAY_worker_niceness": "0"}
+    starves the ranks on a busy machine), CUDA's caching allocator with expandable segments (the
+    ranks must not inherit ComfyUI's `cudaMallocAsync`; growing video activations fragment less),
+    and on a private Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it
+    already."""
+    env_vars = {"RAY_worker_niceness": "0", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     if private and not importable:
         python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
