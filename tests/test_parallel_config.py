@@ -2,7 +2,6 @@
 names the valid choices, before any process group exists."""
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
