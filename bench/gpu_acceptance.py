@@ -18,7 +18,10 @@ the GPU's bf16.)
 - one step of a 1-rank Ray pool with num_gpus=1 (demo weights: it checks the pool on a GPU);
 - multi-rank NCCL: one step of a 2-rank Ulysses pool when the machine has two GPUs; otherwise it
   says so and skips it (not counted).
-It ends with ONE JSON line of these figures.
+It ends with ONE JSON line of these figures. A section that fails (an out-of-memory, a kernel
+error) is recorded in the JSON under "error" and the run goes on (exit status 1); when the
+automatic attention kernel fails its check, the DiT runs use PyTorch's flash kernel instead and
+the JSON says so ("attention": {"fallback": ...}).
 
     python bench/gpu_acceptance.py                       # one GPU; < 8 minutes on an H200
     python bench/gpu_acceptance.py --tiny --device cpu   # the same code at demo size, in seconds
@@ -30,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +42,8 @@ from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, demo_checkpo
 from mochi_xdit.mochi.dit import DiTConfig
 from mochi_xdit.mochi.layers import FP8, fp8_compute, quantise_fp8, scaled_mm_linear
 from mochi_xdit.mochi.parallel.config import ParallelConfig
-from mochi_xdit.mochi.parallel.kernel import InstalledKernels, attention, attention_with_lse, choose_backend
+from mochi_xdit.mochi.parallel.kernel import (AttentionConfig, InstalledKernels, attention, attention_with_lse,
+                                              choose_backend)
 from mochi_xdit.mochi.planner.hardware import GB, gpu_from_device_name
 from mochi_xdit.mochi.planner.simulate import count_step, count_tiled_decode
 from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest, default_compute_dtype, latent_shape_for_video
@@ -101,6 +106,19 @@ def ratio(measured: int | None, planned: int) -> float | None:
     return None if measured is None else measured / planned
 
 
+def guarded(what: str, run, **fields) -> dict:
+    """run() or, when it raises, {"error": "<type>: <first line>", **fields} (traceback on stderr)."""
+    try:
+        return run()
+    except Exception as error:  # recorded in the JSON and the exit status, never dropped
+        traceback.print_exc()
+        print(f"{what}: FAILED ({type(error).__name__})", file=sys.stderr, flush=True)
+        message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    if torch.cuda.is_available():  # after the traceback (and the tensors its frames held) is gone
+        torch.cuda.empty_cache()
+    return {**fields, "error": message}
+
+
 def text_conditions() -> tuple[TextCondition, TextCondition]:
     generator = torch.Generator().manual_seed(0)
     positive = TextCondition(torch.randn(1, TEXT_TOKENS, 4096, generator=generator),
@@ -123,15 +141,29 @@ def attention_check(mode: Mode, device: torch.device, installed: InstalledKernel
     scores = (q.float() @ k.float().transpose(-1, -2)) / Dh**0.5  # [1, heads, Sq, Sk] fp32 (small)
     lse = torch.logsumexp(scores, -1)  # [1, heads, Sq]
     expected = torch.softmax(scores, -1) @ v.float()  # [1, heads, Sq, Dh]
-    out = attention(q, k, v, kernel=kernel)
-    ring_out, ring_lse = attention_with_lse(q, k, v, kernel=ring_kernel)
+    figures = {"kernel": kernel.value, "ring_kernel": ring_kernel.value}
+    try:
+        out = attention(q, k, v, kernel=kernel)
+        ring_out, ring_lse = attention_with_lse(q, k, v, kernel=ring_kernel)
+    except RuntimeError as error:  # a kernel this GPU / build refuses: reported, the runs fall back
+        return {**figures, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}", "ok": False}
     errors = {
         "max_abs_error": (out.float() - expected).abs().max().item(),
         "ring_max_abs_error": (ring_out.float() - expected).abs().max().item(),
         "ring_lse_max_abs_error": (ring_lse - lse).abs().max().item(),
     }
-    return {"kernel": kernel.value, "ring_kernel": ring_kernel.value, **errors,
-            "ok": max(errors.values()) <= ATTENTION_CHECK_TOLERANCE}
+    return {**figures, **errors, "ok": max(errors.values()) <= ATTENTION_CHECK_TOLERANCE}
+
+
+def kernels_for_runs(mode: Mode, device: torch.device, installed: InstalledKernels) -> tuple[InstalledKernels, dict]:
+    """The installed kernels the DiT runs use: this machine's, when its automatic kernels pass the
+    check; else PyTorch's flash / efficient kernels only (the check records the fallback)."""
+    check = attention_check(mode, device, installed)
+    if check["ok"]:
+        return installed, check
+    plain = InstalledKernels(cuda_capability=installed.cuda_capability)
+    check["fallback"] = attention_check(mode, device, plain)
+    return plain, check
 
 
 def fp8_check(mode: Mode, device: torch.device) -> dict:
@@ -157,12 +189,12 @@ def fp8_check(mode: Mode, device: torch.device) -> dict:
 
 
 def dit_run(model, mode: Mode, weight_dtype: str, video: tuple[int, int, int], device: torch.device,
-            gpu) -> dict:
+            gpu, installed: InstalledKernels) -> dict:
     """Sampling steps with CFG through DenoiseLoop on one rank, beside the planner's count of the same."""
     width, height, frames = video
     config = mode.dit
     planned = count_step(ParallelConfig(1, num_heads=config.num_heads), width, height, frames, weight_dtype,
-                         TEXT_TOKENS, True, config)
+                         TEXT_TOKENS, True, config, installed=installed)
     figures = {"video": f"{width}x{height}x{frames}", "planned_peak_bytes": planned.peak_bytes,
                "planned_tflop_per_step": planned.total_flops / 1e12,
                "planned_attention_kernel": planned.attention_kernel.value}
@@ -177,7 +209,8 @@ def dit_run(model, mode: Mode, weight_dtype: str, video: tuple[int, int, int], d
     request = SampleRequest(positive, negative, latent_shape=latent_shape_for_video(width, height, frames),
                             seed=0, steps=1 + mode.repeats, cfg=CFG)
     reset_peak(device)
-    loop = DenoiseLoop(model, request, device=device)  # bf16 on a GPU, fp32 on the CPU, as a rank computes
+    # bf16 on a GPU, fp32 on the CPU, as a rank computes
+    loop = DenoiseLoop(model, request, device=device, attention=AttentionConfig(installed=installed))
     loop.begin()
     started = time.perf_counter()
     loop.step(0)  # warm-up: kernel selection, allocator growth
@@ -207,7 +240,7 @@ def dit_run(model, mode: Mode, weight_dtype: str, video: tuple[int, int, int], d
     return figures
 
 
-def dit_figures(mode: Mode, weight_dtype: str, device: torch.device, gpu) -> dict:
+def dit_figures(mode: Mode, weight_dtype: str, device: torch.device, gpu, installed: InstalledKernels) -> dict:
     """Build the DiT on the device, then run every video size of the mode."""
     from mochi_xdit.mochi.planner.simulate import weight_bytes
 
@@ -223,10 +256,10 @@ def dit_figures(mode: Mode, weight_dtype: str, device: torch.device, gpu) -> dic
                "weight_ratio": ratio(measured, planned), "runs": []}
     with torch.no_grad():
         for video in mode.videos:
-            figures["runs"].append(dit_run(model, mode, weight_dtype, video, device, gpu))
-    del model
-    reset_peak(device)
-    return figures
+            label = "x".join(map(str, video))
+            figures["runs"].append(guarded(f"DiT {weight_dtype} {label}", lambda: dit_run(
+                model, mode, weight_dtype, video, device, gpu, installed), video=label))
+    return figures  # the model is freed here; the next phase empties the cache (reset_peak)
 
 
 # -- the VAE ---------------------------------------------------------------------------------------
@@ -306,54 +339,69 @@ def gpu_entry(device: torch.device):
 
 def goals(figures: dict) -> dict:
     """The issue's goals, from the figures (None where this device cannot say)."""
-    bf16_first = figures["dit"]["bf16"]["runs"][0]
-    fraction = bf16_first.get("fraction_of_bf16_peak")
+    bf16_runs = figures["dit"]["bf16"]["runs"]
+    fraction = bf16_runs[0].get("fraction_of_bf16_peak") if bf16_runs else None
     ratios = [run.get("peak_ratio") for dtype in WEIGHT_DTYPES for run in figures["dit"][dtype]["runs"]]
-    ratios.append(figures["vae"]["peak_ratio"])
+    ratios.append(figures["vae"].get("peak_ratio"))
     ratios = [r for r in ratios if r is not None]
     return {
         "bf16_fraction_of_peak_ge_0.5": None if fraction is None else fraction >= PEAK_FRACTION_GOAL,
         "peaks_within_10_percent": (all(abs(r - 1) <= MEMORY_RATIO_GOAL for r in ratios) if ratios else None),
         "attention_matches_math": figures["attention"]["ok"],
-        "fp8_within_rounding": figures["fp8"]["within_fp8_rounding"],
+        "fp8_within_rounding": figures["fp8"].get("within_fp8_rounding"),
     }
 
 
 def print_summary(figures: dict) -> None:
+    """The figures for a reader (the JSON line after it is for tools); failed parts say so."""
     def gb(value):
         return "n/a" if value is None else f"{value / GB:.2f} GB"
 
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f} %"
 
+    def line(label: str, part: dict, text) -> None:
+        print(f"{label}: FAILED {part['error']}" if "error" in part else f"{label}: {text()}")
+
     print(f"device: {figures['device_name']} (table: {figures['gpu_table']}, dense bf16 peak "
-          f"{figures['peak_bf16_tflops']} TFLOP/s); torch {figures['torch']}")
-    attention_figures = figures["attention"]
-    print(f"attention kernel: {attention_figures['kernel']} (with Ring: {attention_figures['ring_kernel']}), "
-          f"max error vs fp32 math {attention_figures['max_abs_error']:.2e} / {attention_figures['ring_max_abs_error']:.2e}")
-    print(f"fp8 weights multiply by: {figures['fp8']['compute']} (fp8 product vs cast path: relative error "
-          f"{figures['fp8']['relative_error']:.3f}, within fp8 input rounding: {figures['fp8']['within_fp8_rounding']})")
+          f"{figures['peak_bf16_tflops']} TFLOP/s); torch {figures['torch']}; installed {figures['installed']}")
+    for label, check in (("attention kernel", figures["attention"]),
+                         ("attention fallback", figures["attention"].get("fallback"))):
+        if check is not None:
+            line(label, check, lambda c=check: (
+                f"{c['kernel']} (with Ring: {c['ring_kernel']}), max error vs fp32 math {c['max_abs_error']:.2e} / "
+                f"{c['ring_max_abs_error']:.2e}, lse {c['ring_lse_max_abs_error']:.2e}"))
+    fp8 = figures["fp8"]
+    line("fp8 weights multiply by", fp8, lambda: (
+        f"{fp8['compute']} (fp8 product vs cast path: relative error {fp8['relative_error']:.3f}, within fp8 "
+        f"input rounding: {fp8['within_fp8_rounding']})"))
     for dtype in WEIGHT_DTYPES:
         dit = figures["dit"][dtype]
-        print(f"DiT {dtype}: built in {dit['build_seconds']:.1f} s, weights {gb(dit['weight_bytes'])} "
-              f"(planner {gb(dit['planned_weight_bytes'])})")
+        line(f"DiT {dtype}", dit, lambda: (f"built in {dit['build_seconds']:.1f} s, weights {gb(dit['weight_bytes'])} "
+                                           f"(planner {gb(dit['planned_weight_bytes'])})"))
         for run in dit["runs"]:
             if "skipped" in run:
                 print(f"  {run['video']}: skipped ({run['skipped']})")
                 continue
-            print(f"  {run['video']}: {run['seconds_per_forward']:.3f} s/forward, {run['achieved_tflops']:.0f} "
-                  f"TFLOP/s ({pct(run['fraction_of_bf16_peak'])} of dense bf16 peak), peak {gb(run['peak_bytes'])} "
-                  f"vs planner {gb(run['planned_peak_bytes'])} (ratio {run['peak_ratio'] or float('nan'):.3f}), "
-                  f"planner kernel {run['planned_attention_kernel']}")
+            line(f"  {run['video']}", run, lambda r=run: (
+                f"{r['seconds_per_forward']:.3f} s/forward, {r['achieved_tflops']:.1f} TFLOP/s "
+                f"({pct(r['fraction_of_bf16_peak'])} of dense bf16 peak), peak {gb(r['peak_bytes'])} vs planner "
+                f"{gb(r['planned_peak_bytes'])} (ratio {r['peak_ratio'] or float('nan'):.3f}), planner kernel "
+                f"{r['planned_attention_kernel']}"))
     vae = figures["vae"]
-    print(f"tiled VAE decode {vae['video']} ({vae['tiles']} tiles, {vae['tile_spec']}): {vae['seconds']:.1f} s, "
-          f"peak {gb(vae['peak_bytes'])} vs planner {gb(vae['planned_peak_bytes'])}")
+    line("tiled VAE decode", vae, lambda: (
+        f"{vae['video']} ({vae['tiles']} tiles, {vae['tile_spec']}): {vae['seconds']:.1f} s, peak "
+        f"{gb(vae['peak_bytes'])} vs planner {gb(vae['planned_peak_bytes'])}"))
     pool = figures["pool"]
-    print(f"1-rank pool on {pool['device']}: started in {pool['start_seconds']:.1f} s, one step {pool['step_seconds']:.3f} s")
+    line("1-rank pool", pool, lambda: (f"on {pool['device']}, started in {pool['start_seconds']:.1f} s, one step "
+                                       f"{pool['step_seconds']:.3f} s"))
     nccl = figures["nccl"]
-    print(f"multi-rank NCCL: {nccl['skipped']}" if "skipped" in nccl else
-          f"multi-rank NCCL: 2-rank Ulysses pool step {nccl['step_seconds']:.3f} s")
-    print(f"goals: {figures['goals']}; total {figures['total_seconds']:.0f} s")
+    if "skipped" in nccl:
+        print(f"multi-rank NCCL: skipped ({nccl['skipped']})")
+    else:
+        line("multi-rank NCCL", nccl, lambda: f"2-rank Ulysses pool step {nccl['step_seconds']:.3f} s")
+    print(f"goals: {figures['goals']}; failed: {figures['failed_sections'] or 'none'}; "
+          f"total {figures['total_seconds']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,21 +431,22 @@ def main(argv: list[str] | None = None) -> int:
                       "cudnn": installed.cudnn_version},
     }
     print("attention and fp8 checks ...", flush=True)
-    figures["attention"] = attention_check(mode, device, installed)
-    figures["fp8"] = fp8_check(mode, device)
+    run_installed, figures["attention"] = kernels_for_runs(mode, device, installed)
+    figures["fp8"] = guarded("fp8 check", lambda: fp8_check(mode, device))
     figures["dit"] = {}
     for dtype in WEIGHT_DTYPES:
         print(f"DiT {dtype} ...", flush=True)
-        figures["dit"][dtype] = dit_figures(mode, dtype, device, gpu)
+        figures["dit"][dtype] = guarded(f"DiT {dtype}", lambda: dit_figures(mode, dtype, device, gpu, run_installed),
+                                        runs=[])
     print("VAE ...", flush=True)
-    figures["vae"] = vae_figures(mode, device)
+    figures["vae"] = guarded("VAE", lambda: vae_figures(mode, device))
     print("Ray pool ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="mochi_xdit_acceptance_") as folder:
         try:
-            figures["pool"] = pool_figures(device, 1, folder)
+            figures["pool"] = guarded("pool", lambda: pool_figures(device, 1, folder))
             gpus = torch.cuda.device_count() if device.type == "cuda" else 0
             if gpus >= 2:
-                figures["nccl"] = pool_figures(device, 2, folder)
+                figures["nccl"] = guarded("NCCL pool", lambda: pool_figures(device, 2, folder))
             else:
                 reason = (f"needs 2 or more GPUs, this machine has {gpus}" if device.type == "cuda"
                           else "NCCL runs on GPUs; this run is on the CPU")
@@ -409,9 +458,25 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_ray()
     figures["total_seconds"] = time.perf_counter() - started
     figures["goals"] = goals(figures)
+    failed = failures(figures)
+    figures["failed_sections"] = failed
     print_summary(figures)
     print(json.dumps(figures))
-    return 0
+    return 1 if failed else 0
+
+
+def failures(figures: dict, path: str = "") -> list[str]:
+    """Where the figures hold an "error" (a failed section or run)."""
+    found = []
+    if isinstance(figures, dict):
+        if "error" in figures:
+            found.append(path or "run")
+        for key, value in figures.items():
+            found += failures(value, f"{path}.{key}" if path else key)
+    elif isinstance(figures, list):
+        for i, value in enumerate(figures):
+            found += failures(value, f"{path}[{i}]")
+    return found
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """bench/gpu_acceptance.py runs its whole code path at demo size on the CPU (`--tiny --device cpu`),
 so the one-shot GPU run cannot rot: every section runs and its JSON line has sane figures."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -68,7 +69,27 @@ def test_vae_pool_and_nccl_sections_ran_or_say_why_not(figures):
     goals = figures["goals"]
     assert goals["attention_matches_math"] and goals["fp8_within_rounding"]
     assert goals["bf16_fraction_of_peak_ge_0.5"] is None and goals["peaks_within_10_percent"] is None
-    assert figures["total_seconds"] > 0
+    assert figures["total_seconds"] > 0 and figures["failed_sections"] == []
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_section_is_recorded_and_found_not_dropped(capsys):
+    script = load_script()
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    part = script.guarded("DiT bf16 848x480x163", out_of_memory, video="848x480x163")
+    assert part == {"video": "848x480x163", "error": "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"}
+    assert "DiT bf16 848x480x163: FAILED (RuntimeError)" in capsys.readouterr().err
+    figures = {"dit": {"bf16": {"runs": [{"video": "a"}, part]}}, "vae": {"error": "x"}, "pool": {}}
+    assert script.failures(figures) == ["dit.bf16.runs[1]", "vae"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the full run would start")
