@@ -20,6 +20,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores (torch._scaled_mm): Ada 8.9, Hopper 9.0, Blackwell
 FP8_MATMUL_ALIGNMENT = 16  # _scaled_mm needs K and N divisible by 16
 FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)  # activations that may go through fp8
+FP8_QUANTISE_CHUNK = 2**24  # elements scaled at a time: the only temporary beside the fp8 copy (32 MB bf16)
 
 
 class Fp8Compute(str, Enum):
@@ -71,7 +72,9 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
     """y = x @ (weight * scale_weight)^T + bias with x quantised per tensor to fp8.
 
     The activation scale is the power of two at or above absmax / 448, so scaling x is exact in
-    its own dtype and the fp8 rounding is the only change to it.
+    its own dtype and the fp8 rounding is the only change to it. Rows are scaled a chunk at a time
+    into one fp8 copy of x, so the extra memory is about a byte per element of x (the cast path's
+    extra is the weight in x's dtype; the planner counts that one).
 
     Args:
         x: [..., K] bf16 or fp16 activations.
@@ -89,7 +92,11 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
     rows = x.reshape(-1, K)  # [M, K]
     absmax = torch.linalg.vector_norm(rows, ord=float("inf")).float().clamp(min=1e-30)  # no |x| temporary
     scale_x = torch.exp2(torch.ceil(torch.log2(absmax / FP8_MAX)))  # fp32 scalar, a power of two
-    quantised = (rows * (1.0 / scale_x).to(x.dtype)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # [M, K] fp8
+    inverse = (1.0 / scale_x).to(x.dtype)
+    quantised = torch.empty(rows.shape, dtype=FP8, device=x.device)  # [M, K]
+    step = max(1, FP8_QUANTISE_CHUNK // K)
+    for start in range(0, rows.shape[0], step):
+        quantised[start : start + step] = (rows[start : start + step] * inverse).clamp_(-FP8_MAX, FP8_MAX)
     bias = None if bias is None else bias.to(x.dtype)
     out = torch._scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
                            bias=bias, out_dtype=x.dtype)  # [M, N]

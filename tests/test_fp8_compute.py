@@ -68,6 +68,16 @@ def test_scaled_mm_differs_from_the_cast_path_by_at_most_fp8_input_rounding():
     assert (y - expected).abs().max() > 0  # the activations really went through fp8
 
 
+def test_scaling_rows_chunk_by_chunk_changes_nothing(monkeypatch):
+    from mochi_xdit.mochi import layers
+
+    linear = fp8_linear()
+    x = (torch.randn(3, 50, 256, generator=torch.Generator().manual_seed(3)) * 3).to(BF16)
+    whole = scaled_mm_linear(x, linear.weight, linear.scale_weight, linear.bias)
+    monkeypatch.setattr(layers, "FP8_QUANTISE_CHUNK", 7 * 256)  # 7 rows a chunk: 22 chunks, the last short
+    assert torch.equal(scaled_mm_linear(x, linear.weight, linear.scale_weight, linear.bias), whole)
+
+
 def test_linear_on_cpu_keeps_the_cast_path():
     linear = fp8_linear()
     x = torch.randn(4, 256).to(BF16)
