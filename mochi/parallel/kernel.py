@@ -20,9 +20,9 @@ what is installed (`InstalledKernels`, a snapshot the tests fake):
 PyTorch's flash kernel (efficient before 8.0); fp32 runs the efficient kernel. An explicit
 flash_attn / flash_attn_3 request is honoured for fp16/bf16 and falls back to PyTorch's kernels
 for other dtypes. The torch kernels return the output and a fp32 log-sum-exp [B, H, Sq] and
-allocate nothing of size S x S, like flash-attn. cuDNN is preferred on Hopper/Blackwell exactly where PyTorch itself
-prefers it (`check_prefer_cudnn_attention` in PyTorch's sdp_utils: sm90/sm100 with cuDNN > 9.15,
-the release that fixed sequence lengths not divisible by 128).
+allocate nothing of size S x S, like flash-attn. cuDNN is preferred on Hopper/Blackwell exactly
+where PyTorch itself prefers it (`check_prefer_cudnn_attention` in PyTorch's sdp_utils: sm90 /
+sm100 with cuDNN > 9.15, the release that fixed sequence lengths not divisible by 128).
 
 The requested backend (`AttentionBackend`, the loader's `attention_backend` and the CLI's
 `--attention`) travels as an `AttentionConfig` in the `ParallelContext` or as the DiT forward's
