@@ -21,7 +21,8 @@ DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 13, "steps": 8}
 # How the resolver's fields are called on this command line.
 FLAGS = {"dit": "--dit", "vae": "--vae", "weight_dtype": "--dtype", "device": "--device",
          "world_size": "--world-size", "degrees": "degrees (--ulysses/--ring/--cfg-parallel)",
-         "cpu_threads": "--cpu-threads", "ray_address": "--ray-address"}
+         "cpu_threads": "--cpu-threads", "ray_address": "--ray-address", "attention_backend": "--attention",
+         "lora": "--lora", "cache": "--cache"}
 
 
 class InputError(ValueError):
@@ -29,7 +30,7 @@ class InputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .workers.choices import DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES
+    from .workers.choices import ATTENTION_CHOICES, DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES
 
     parser = argparse.ArgumentParser(prog="mochi-xdit", description="Mochi-1 text-to-video on many ranks (Ray).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                        help="auto: cuda when this machine has a GPU, else cpu (say cuda for a GPU cluster)")
     ranks.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU rank")
+    ranks.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                       help="attention kernel: auto (fastest installed), torch (PyTorch's fused kernels), flash_attn, "
+                            "flash_attn_3 (Hopper) or xfuser (xDiT's USP layer; CUDA, 2+ ranks)")
     ranks.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (else RAY_ADDRESS, else a private Ray on 127.0.0.1)")
     weights = gen.add_argument_group("weights (all omitted: the built-in demo model)")
@@ -222,7 +226,7 @@ def resolve_spec(args, dit_path: str, vae_path: str):
         dit_path=dit_path, vae_path=vae_path, weight_dtype=args.dtype, world_size=args.world_size,
         cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
         cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
-        steps=args.steps, use_cfg=args.cfg != 1.0,
+        steps=args.steps, use_cfg=args.cfg != 1.0, attention=args.attention,
     )
     try:
         return resolve_load(choices)

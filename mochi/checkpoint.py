@@ -23,7 +23,7 @@ import torch
 from .constants import WEIGHT_DTYPE_NAMES
 from .dit import DiTConfig, MochiDiT
 from .file_kind import MOCHI_ENCODER, FileKind, Slot, recognise, wrong_slot_advice
-from .layers import Linear
+from .layers import Linear, quantise_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = dict(zip(WEIGHT_DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 FP8_MARKER = "scaled_fp8"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP32_ONLY = ("pos_frequencies",)  # learned RoPE frequencies: tiny, kept in fp32 whatever the choice
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -235,12 +234,6 @@ def _split_aux(names: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return weights, scales
 
 
-def _quantise_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor absmax scaling into float8_e4m3fn (as ComfyUI's fp8_scaled files are made)."""
-    scale = (weight.float().abs().max() / FP8_MAX).clamp(min=1e-12)
-    return (weight.float() / scale).to(torch.float8_e4m3fn), scale.reshape(())
-
-
 def _load_into(
     model: torch.nn.Module,
     path: str,
@@ -269,7 +262,7 @@ def _load_into(
                 scale = torch.ones((), device=device)  # plain fp8 file: scale 1
             if weight_dtype == "fp8" and name in linear_weights:
                 if tensor.dtype != torch.float8_e4m3fn:
-                    tensor, scale = _quantise_fp8(tensor if scale is None else tensor.float() * scale)
+                    tensor, scale = quantise_fp8(tensor if scale is None else tensor.float() * scale)
                 fp8_scales[name] = scale
             elif scale is not None:
                 tensor = (tensor.float() * scale).to(high)  # dequantise fp8_scaled

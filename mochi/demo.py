@@ -160,3 +160,78 @@ def load_demo_models(weight_dtype: str = "fp32", device: str = "cpu", directory:
     dit_path, vae_path = demo_checkpoints(directory)  # the loaders shout DEMO_NOTICE for these files
     vae_dtype = "fp32" if weight_dtype in ("fp32", "fp8") else weight_dtype
     return load_dit(dit_path, weight_dtype, device), load_vae_decoder(vae_path, vae_dtype, device)
+
+
+# --- Random weights made on the device, any size (benchmarks of the full model) -------------------
+
+_STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _fill_random(model: torch.nn.Module, value, device: torch.device) -> None:
+    """Replace every parameter of a meta-device `model` by `value(name, shape)` (a tensor on
+    `device`), one at a time, so the device never holds more than the model plus one tensor."""
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                full = f"{module_name}.{name}" if module_name else name
+                module._parameters[name] = torch.nn.Parameter(value(module, full, param.shape), requires_grad=False)
+    left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if left:
+        raise RuntimeError(f"random weights: buffers {left} have no recipe; add one in mochi/demo.py")
+    model.eval()
+
+
+def random_dit(config: DiTConfig, weight_dtype: str = "bf16", device: str | torch.device = "cpu", seed: int = 0) -> MochiDiT:
+    """A DiT of any size with random weights drawn straight on `device`, stored as
+    `checkpoint.load_dit` stores a real file's (no 20 GB file, no CPU copy): "bf16" / "fp16" /
+    "fp32" everywhere, or "fp8" Linear weights (float8_e4m3fn with a per-tensor fp32
+    `scale_weight`) and bf16 elsewhere; `pos_frequencies` always fp32. Recipe as
+    `random_dit_state_dict` (norm weights around 1, 1/sqrt(fan_in) matrices), drawn on the device.
+    Output is noise: for timing and memory, never for quality."""
+    from .layers import Linear, quantise_fp8
+
+    if weight_dtype not in (*_STORAGE_DTYPES, "fp8"):
+        raise ValueError(f"weight_dtype={weight_dtype!r}; use one of {', '.join(_STORAGE_DTYPES)} or fp8")
+    device = torch.device(device)
+    dtype = _STORAGE_DTYPES.get(weight_dtype, torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = MochiDiT(config)
+
+    def value(module, name, shape):
+        if name == "pos_frequencies":
+            return torch.rand(shape, generator=generator, device=device).mul_(0.5)
+        if name.endswith("norm_x.weight") or name.endswith("norm_y.weight"):
+            return torch.empty(shape, dtype=dtype, device=device).normal_(1.0, 0.1, generator=generator)
+        if len(shape) >= 2:
+            fan_in = shape[1:].numel()
+            weight = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in**-0.5, generator=generator)
+            if weight_dtype == "fp8" and isinstance(module, Linear):
+                weight, module.scale_weight = quantise_fp8(weight)  # [out, in] float8_e4m3fn, fp32 scale
+            return weight
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+
+    _fill_random(model, value, device)
+    return model
+
+
+def random_vae_decoder(config: VAEDecoderConfig, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                       seed: int = 0) -> MochiVAEDecoder:
+    """A VAE decoder of any size with random weights drawn straight on `device` in `dtype`
+    (recipe as `random_vae_state_dict`). Output is noise: for timing and memory only."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = MochiVAEDecoder(config)
+
+    def value(module, name, shape):
+        if len(shape) >= 2:
+            return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, shape[1:].numel() ** -0.5,
+                                                                          generator=generator)
+        if ".stack.0." in name or ".stack.3." in name:  # GroupNorm affine
+            mean = 1.0 if name.endswith("weight") else 0.0
+            return torch.empty(shape, dtype=dtype, device=device).normal_(mean, 0.1, generator=generator)
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
+
+    _fill_random(model, value, device)
+    return model

@@ -22,6 +22,7 @@ from einops import rearrange
 from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
 from .joint_attention import joint_attention
 from .layers import Linear, RMSNorm
+from .parallel.kernel import AttentionConfig
 
 ATTENTION_POOL_HEADS = 8  # genmo's T5 attention pool; not visible in tensor shapes
 NORM_EPS = 1e-6  # modulated / residual RMS norms and the final LayerNorm
@@ -254,7 +255,7 @@ class JointAttention(nn.Module):
         self.proj_x = Linear(inner, config.hidden_size_x)
         self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
 
-    def forward(self, x, y, rope, ctx=None, video_len=None):
+    def forward(self, x, y, rope, ctx=None, video_len=None, attention=None):
         """
         Args:
             x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
@@ -262,6 +263,7 @@ class JointAttention(nn.Module):
             rope: [Sx, H, Dh/2] complex64 rotations for these video tokens' global positions.
             ctx: ParallelContext or None.
             video_len: global number of real video tokens (without padding), needed under ctx.
+            attention: AttentionConfig (kernel choice), or None for the context's / auto.
 
         Returns:
             ([B, Sx, Dx], [B, L, Dy] or None when update_y is False).
@@ -278,7 +280,8 @@ class JointAttention(nn.Module):
         q_y = self.q_norm_y(q_y)
         k_y = self.k_norm_y(k_y)
         out_x, out_y = joint_attention(
-            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None
+            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None,
+            attention_config=attention,
         )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
         out_x = self.proj_x(out_x.reshape(B, Sx, H * Dh))  # [B, Sx, Dx]
         if self.proj_y is None:
@@ -306,8 +309,9 @@ class JointBlock(nn.Module):
         scale_msa_x = self.mod_x(F.silu(c)).chunk(4, dim=1)[0]  # [B, Dx]
         return modulated_rmsnorm(x, scale_msa_x)
 
-    def forward(self, x, c, y, rope, ctx=None, video_len=None):
-        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes."""
+    def forward(self, x, c, y, rope, ctx=None, video_len=None, attention=None):
+        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes; ctx, video_len
+        and attention as in `JointAttention.forward`."""
         c = F.silu(c)
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # [B, Dx] each
         mod_y = self.mod_y(c)
@@ -318,7 +322,7 @@ class JointBlock(nn.Module):
 
         attn_x, attn_y = self.attn(
             modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope,
-            ctx=ctx, video_len=video_len,
+            ctx=ctx, video_len=video_len, attention=attention,
         )
         x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
         x = residual_tanh_gated_rmsnorm(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
@@ -359,6 +363,7 @@ class TokenState:
         c: [1, Dx] conditioning (time + pooled text).
         rope: [S(_local), H, Dh/2] complex64 rotations for this shard's positions.
         grid: (T, pH, pW): latent frames and patch rows and columns; S = T * pH * pW.
+        attention: the resolved kernel choice every block of this forward uses.
     """
 
     x: torch.Tensor
@@ -366,6 +371,7 @@ class TokenState:
     c: torch.Tensor
     rope: torch.Tensor
     grid: tuple[int, int, int]
+    attention: AttentionConfig
 
     @property
     def video_len(self) -> int:
@@ -402,6 +408,7 @@ class MochiDiT(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
         ctx=None,
+        attention: AttentionConfig | None = None,
     ) -> torch.Tensor:
         """Predict x0 - noise for a noisy latent.
 
@@ -411,11 +418,14 @@ class MochiDiT(nn.Module):
             text_features: [1, L, 4096] T5 features (padded or not).
             text_mask: [1, L] 1 for valid tokens; may be all zero (empty negative prompt).
             ctx: ParallelContext (sequence parallel inside this call) or None for one device.
+            attention: how attention picks its kernel (`parallel.kernel.AttentionConfig`); None uses
+                the context's, or auto on one device. Given with a context, it must equal the
+                context's (the context was built for it).
 
         Returns:
             [1, C, T, H, W] prediction, in the latent's dtype.
         """
-        state = self.embed(latent, sigma, text_features, text_mask, ctx=ctx)
+        state = self.embed(latent, sigma, text_features, text_mask, ctx=ctx, attention=attention)
         self.run_blocks(state, 0, self.config.depth, ctx=ctx)
         return self.head(state, ctx=ctx)
 
@@ -427,8 +437,10 @@ class MochiDiT(nn.Module):
         text_mask: torch.Tensor,
         ctx=None,
         rope: torch.Tensor | None = None,
+        attention: AttentionConfig | None = None,
     ) -> TokenState:
-        """Everything before the first block: patch and text embeddings, conditioning, RoPE.
+        """Everything before the first block: patch and text embeddings, conditioning, RoPE, and the
+        attention kernel choice.
 
         Args: as `forward`, and
             rope: the RoPE table of an earlier `embed` of a latent of the same size under the same
@@ -445,6 +457,7 @@ class MochiDiT(nn.Module):
             raise ValueError(f"latent height and width ({H}x{W}) must be multiples of the patch size {p}")
         pH, pW = H // p, W // p
         dtype = latent.dtype
+        attention = _attention_for(ctx, attention).resolved()  # installed kernels detected once per forward
 
         valid = text_mask[0].bool()
         text = text_features[:, valid].to(dtype)  # [1, Lv, 4096], valid tokens only
@@ -459,7 +472,7 @@ class MochiDiT(nn.Module):
         elif rope.shape[0] != x.shape[1]:
             raise ValueError(f"a shared RoPE table has {rope.shape[0]} rows but this latent has {x.shape[1]} tokens "
                              "on this rank; share tables only between latents of the same size")
-        return TokenState(x=x, y=y, c=c, rope=rope, grid=(T, pH, pW))
+        return TokenState(x=x, y=y, c=c, rope=rope, grid=(T, pH, pW), attention=attention)
 
     def rope_table(self, T: int, pH: int, pW: int, device, ctx=None) -> torch.Tensor:
         """RoPE rotations of this rank's tokens: [S(_local), H, Dh/2] complex64."""
@@ -486,7 +499,7 @@ class MochiDiT(nn.Module):
         x, y = state.x, state.y
         state.x = state.y = None
         for block in self.blocks[start:stop]:
-            x, y = block(x, state.c, y, state.rope, ctx=ctx, video_len=state.video_len)
+            x, y = block(x, state.c, y, state.rope, ctx=ctx, video_len=state.video_len, attention=state.attention)
         state.x, state.y = x, y
         return state
 
@@ -503,3 +516,17 @@ class MochiDiT(nn.Module):
         return rearrange(
             x, "b (t hp wp) (p1 p2 c) -> b c t (hp p1) (wp p2)", t=T, hp=pH, wp=pW, p1=p, p2=p
         ).to(dtype)
+
+
+def _attention_for(ctx, attention: AttentionConfig | None) -> AttentionConfig:
+    """The forward's attention config: the given one, the context's, or auto on one device."""
+    if attention is not None and not isinstance(attention, AttentionConfig):
+        raise TypeError(f"attention must be a parallel.kernel.AttentionConfig or None, got {type(attention)}")
+    if ctx is None:
+        return AttentionConfig() if attention is None else attention
+    if attention is not None and attention != ctx.attention:
+        raise ValueError(
+            f"attention={attention} differs from the ParallelContext's ({ctx.attention}); build the context "
+            "with the attention config you want (ParallelContext(..., attention=...)) and pass attention=None"
+        )
+    return ctx.attention

@@ -1,12 +1,107 @@
 """Small building blocks shared by the DiT and the VAE: a Linear that stores weights in any
 dtype (bf16, fp16, fp32, or fp8 with a per-tensor scale) and computes in the input's dtype,
-optionally plus a low-rank (LoRA) addition at call time, and the fp32 RMS norms Mochi uses."""
+optionally plus a low-rank (LoRA) addition at call time, and the fp32 RMS norms Mochi uses.
+
+fp8 weights compute in fp8 where the GPU has fp8 tensor cores (compute capability 8.9+: Ada,
+Hopper, Blackwell): the activations are scaled per tensor into float8_e4m3fn and
+`torch._scaled_mm` multiplies them with the stored fp8 weight, accumulating in fp32. Elsewhere the
+weight is cast to the activations' dtype at call time. `fp8_compute` is the pure function that
+decides.
+"""
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores (torch._scaled_mm): Ada 8.9, Hopper 9.0, Blackwell
+FP8_MATMUL_ALIGNMENT = 16  # _scaled_mm needs K and N divisible by 16
+FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)  # activations that may go through fp8
+FP8_QUANTISE_CHUNK = 2**24  # elements scaled at a time: the only temporary beside the fp8 copy (32 MB bf16)
+
+
+class Fp8Compute(str, Enum):
+    """How a Linear with fp8-stored weights multiplies."""
+
+    SCALED_MM = "scaled_mm"  # fp8 x fp8 on tensor cores (torch._scaled_mm), fp32 accumulation
+    CAST = "cast"  # cast the weight to the activations' dtype and multiply in that dtype
+
+
+def fp8_compute(
+    device_type: str,
+    capability: tuple[int, int] | None,
+    weight_dtype: torch.dtype,
+    input_dtype: torch.dtype = torch.bfloat16,
+    in_features: int = FP8_MATMUL_ALIGNMENT,
+    out_features: int = FP8_MATMUL_ALIGNMENT,
+) -> Fp8Compute:
+    """Which multiply a Linear runs.
+
+    Args:
+        device_type: where the activations are ("cuda", "cpu", ...).
+        capability: the CUDA device's (major, minor), None off CUDA.
+        weight_dtype: the stored weight's dtype (only float8_e4m3fn goes to fp8).
+        input_dtype: the activations' dtype; fp32 activations keep full precision (cast path).
+        in_features, out_features: the Linear's sizes (fp8 GEMMs need multiples of 16).
+    """
+    if weight_dtype != FP8 or device_type != "cuda" or capability is None or capability < FP8_MIN_CAPABILITY:
+        return Fp8Compute.CAST
+    if input_dtype not in FP8_OUT_DTYPES:
+        return Fp8Compute.CAST
+    if in_features % FP8_MATMUL_ALIGNMENT or out_features % FP8_MATMUL_ALIGNMENT:
+        return Fp8Compute.CAST
+    return Fp8Compute.SCALED_MM
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+def quantise_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax scaling into float8_e4m3fn (as ComfyUI's fp8_scaled files are made):
+    returns (fp8 tensor, fp32 scalar scale) with tensor ~ fp8 * scale."""
+    scale = (weight.float().abs().max() / FP8_MAX).clamp(min=1e-12)
+    return (weight.float() / scale).to(FP8), scale.reshape(())
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ (weight * scale_weight)^T + bias with x quantised per tensor to fp8.
+
+    The activation scale is the power of two at or above absmax / 448, so scaling x is exact in
+    its own dtype and the fp8 rounding is the only change to it. Rows are scaled a chunk at a time
+    into one fp8 copy of x, so the extra memory is about a byte per element of x (the cast path's
+    extra is the weight in x's dtype; the planner counts that one).
+
+    Args:
+        x: [..., K] bf16 or fp16 activations.
+        weight: [N, K] float8_e4m3fn (row-major; its transpose is the column-major operand
+            `_scaled_mm` wants).
+        scale_weight: fp32 scalar.
+        bias: [N] or None.
+
+    Returns:
+        [..., N] in x's dtype: the product of the dequantised fp8 operands accumulated in fp32 and
+        rounded once to x's dtype. Against the unquantised x it carries fp8's input rounding
+        (at most 2^-4 relative per element).
+    """
+    *lead, K = x.shape
+    rows = x.reshape(-1, K)  # [M, K]
+    absmax = torch.linalg.vector_norm(rows, ord=float("inf")).float().clamp(min=1e-30)  # no |x| temporary
+    scale_x = torch.exp2(torch.ceil(torch.log2(absmax / FP8_MAX)))  # fp32 scalar, a power of two
+    inverse = (1.0 / scale_x).to(x.dtype)
+    quantised = torch.empty(rows.shape, dtype=FP8, device=x.device)  # [M, K]
+    step = max(1, FP8_QUANTISE_CHUNK // K)
+    for start in range(0, rows.shape[0], step):
+        quantised[start : start + step] = (rows[start : start + step] * inverse).clamp_(-FP8_MAX, FP8_MAX)
+    bias = None if bias is None else bias.to(x.dtype)
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
+                           bias=bias, out_dtype=x.dtype)  # [M, N]
+    return out.reshape(*lead, weight.shape[0])
 
 
 @dataclass(frozen=True)
@@ -36,9 +131,10 @@ class Linear(nn.Linear):
     """nn.Linear whose weight may be stored in a narrower dtype than the activations.
 
     The weight is cast to the input's dtype at call time. For ComfyUI `fp8_scaled` files kept in
-    fp8 storage, `scale_weight` (a scalar) multiplies the cast weight: w = fp8_weight * scale.
+    fp8 storage, `scale_weight` (a scalar) multiplies the cast weight: w = fp8_weight * scale; on
+    GPUs with fp8 tensor cores such a weight multiplies in fp8 instead (`fp8_compute`).
     `low_rank` (None, or a LowRankUpdate set by `mochi.lora.apply_loras` / cleared by
-    `clear_loras`) adds a LoRA at call time, in the input's dtype.
+    `clear_loras`) adds a LoRA at call time, in the input's dtype, on either path.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -62,8 +158,13 @@ class Linear(nn.Linear):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, self.base_weight_as(x.dtype), bias)  # [..., out]
+        if self.scale_weight is not None and fp8_compute(
+            x.device.type, _capability(x.device), self.weight.dtype, x.dtype, self.in_features, self.out_features
+        ) is Fp8Compute.SCALED_MM:
+            out = scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)  # [..., out]
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            out = F.linear(x, self.base_weight_as(x.dtype), bias)  # [..., out]
         if self.low_rank is None:
             return out
         hidden = F.linear(x, self.low_rank.down.to(x.dtype))  # [..., R]

@@ -18,6 +18,7 @@ def generate(
     ctx=None,
     callback: Callable[[int, int], None] | None = None,
     compute_dtype: torch.dtype | None = None,
+    attention=None,
 ) -> torch.Tensor:
     """Run every Euler step of `request` on `dit`.
 
@@ -27,11 +28,13 @@ def generate(
         ctx: ParallelContext for a sequence / CFG parallel run, or None for one device.
         callback: called as callback(steps_done, total_steps) after each step (progress bars).
         compute_dtype: DiT activation dtype; default fp32 on CPU, bf16 on CUDA.
+        attention: a `parallel.kernel.AttentionConfig` (requested attention backend), or None for the
+            context's, or auto on one device.
 
     Returns:
         [B, 12, T, H, W] fp32 VAE-space latent (what a ComfyUI LATENT holds).
     """
-    loop = DenoiseLoop(dit, request, ctx=ctx, compute_dtype=compute_dtype)
+    loop = DenoiseLoop(dit, request, ctx=ctx, compute_dtype=compute_dtype, attention=attention)
     loop.begin()
     for i in range(loop.num_steps):
         loop.step(i)

@@ -160,10 +160,12 @@ class DenoiseLoop:
         compute_dtype: the DiT's activation dtype; default fp32 on CPU, bf16 on CUDA. The CFG
             combine and the Euler update are always fp32.
         device: where sampling runs; default the model's parameter device.
+        attention: a `parallel.kernel.AttentionConfig` for the model's attention (the requested
+            backend), or None for the context's, or auto on one device; passed to every model call.
     """
 
     def __init__(self, model, request: SampleRequest, ctx=None, compute_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, attention=None):
         if not isinstance(request, SampleRequest):
             raise TypeError(f"request must be a SampleRequest, got {type(request)}")
         if device is None:
@@ -181,6 +183,7 @@ class DenoiseLoop:
         self.model = model
         self.request = request
         self.ctx = ctx
+        self.attention = attention
         # Under a CFG split a step with cfg 1 has no unconditional pass: cfg rank 0 computes the
         # conditional one and rank 1 sends zeros (any cfg runs on any pool; workers.options says
         # which layout would be faster).
@@ -211,13 +214,15 @@ class DenoiseLoop:
             "cond": (pos.features.to(self.device), pos.mask.to(self.device)),
             "uncond": (neg.features.to(self.device), neg.mask.to(self.device)),
         }
-        self._cache = None if request.cache is None else StepCache(request.cache, self.num_steps, self.ctx)
+        self._cache = (None if request.cache is None
+                       else StepCache(request.cache, self.num_steps, self.ctx, attention=self.attention))
 
     def _predict(self, latent: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
         """One DiT call for one sample: [1, 12, T, H, W] fp32 -> prediction fp32."""
         features, mask = self._texts[branch]
         sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
-        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx)
+        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx,
+                          attention=self.attention)
         return pred.float()
 
     @torch.no_grad()

@@ -160,12 +160,13 @@ class StepCache:
         ctx: ParallelContext or None; its sequence and CFG groups reduce the indicator.
     """
 
-    def __init__(self, spec: StepCacheSpec, num_steps: int, ctx=None):
+    def __init__(self, spec: StepCacheSpec, num_steps: int, ctx=None, attention=None):
         if not isinstance(spec, StepCacheSpec):
             raise TypeError(f"spec must be a StepCacheSpec, got {type(spec)}")
         self.spec = spec
         self.num_steps = num_steps
         self.ctx = ctx
+        self.attention = attention  # parallel.kernel.AttentionConfig for the DiT, or None (the default)
         self._previous: dict[tuple[int, str], torch.Tensor] = {}  # indicator of the previous step, local keys
         self._residual: dict[tuple[int, str], torch.Tensor] = {}  # [1, S_local, Dx] cached residual, local keys
         self._ready: set[tuple[int, str]] = set()  # keys with a cached residual on their ranks (every rank knows)
@@ -198,7 +199,8 @@ class StepCache:
         states, indicators, rope = {}, {}, None
         for evaluation in evaluations:
             state = model.embed(evaluation.latent, evaluation.sigma, evaluation.text_features,
-                                evaluation.text_mask, ctx=self.ctx, rope=rope)  # x [1, S_local, Dx]
+                                evaluation.text_mask, ctx=self.ctx, rope=rope,
+                                attention=self.attention)  # x [1, S_local, Dx]
             rope = state.rope  # one table for every call of the step (same latent size and layout)
             if first_block:
                 block_input = state.x

@@ -10,7 +10,8 @@ from .runs import open_pool
 
 # The resolver's fields, as this node's inputs are called.
 INPUT_NAMES = {"dit": "dit_name", "vae": "vae_name", "weight_dtype": "weight_dtype", "device": "device",
-               "world_size": "world_size", "degrees": "", "cpu_threads": "cpu_threads", "ray_address": "ray_address"}
+               "world_size": "world_size", "degrees": "", "cpu_threads": "cpu_threads", "ray_address": "ray_address",
+               "attention_backend": "attention_backend", "lora": "lora_name", "cache": "cache"}
 
 
 class MochiXDiTLoader:
@@ -28,7 +29,7 @@ class MochiXDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..workers.choices import WEIGHT_DTYPE_CHOICES
+        from ..workers.choices import ATTENTION_CHOICES, WEIGHT_DTYPE_CHOICES
 
         return {
             "required": {
@@ -68,19 +69,27 @@ class MochiXDiTLoader:
                                "address of an existing Ray cluster ('auto', 'host:6379' or "
                                "'ray://host:10001', which needs ray[client]); it is probed before the "
                                "current pool is touched. Enable token auth on that cluster."}),
-            }
+            },
+            "optional": {
+                "attention_backend": (list(ATTENTION_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "Attention kernel on the ranks. auto: the fastest installed (FlashAttention-3 on "
+                               "Hopper, cuDNN or flash-attn 2 where present, else PyTorch's own fused kernels). "
+                               "torch: PyTorch's kernels only. flash_attn / flash_attn_3 / xfuser: refused at "
+                               "queue time, with the install line, when not installed."}),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                        cfg_degree, ray_address):
+                        cfg_degree, ray_address, attention_backend="auto"):
         problem, _ = cls._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                  cfg_degree, ray_address, plan=False)
+                                  cfg_degree, ray_address, attention_backend, plan=False)
         return checks.refuse(problem)
 
     @staticmethod
     def _resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-                 ray_address, plan: bool):
+                 ray_address, attention_backend, plan: bool):
         """(message, None) for a bad input, else (None, PoolSpec). Reads the two files' headers;
         starts nothing (plan=True also asks the planner for automatic degrees on a local GPU)."""
         from ..workers.options import LoadChoices, OptionsError, resolve_load
@@ -101,7 +110,7 @@ class MochiXDiTLoader:
         choices = LoadChoices(
             dit_path=dit_path, vae_path=vae_path, weight_dtype=weight_dtype, world_size=world_size,
             cfg=checks.degree_choice(cfg_degree), ulysses=checks.degree_choice(ulysses_degree),
-            ring=checks.degree_choice(ring_degree), ray_address=ray_address,
+            ring=checks.degree_choice(ring_degree), ray_address=ray_address, attention=attention_backend,
         )
         try:
             return None, resolve_load(choices, plan=plan)
@@ -111,9 +120,9 @@ class MochiXDiTLoader:
             return f"{files.get(error.field.value, '')}{error}" + (f" {advice}" if advice else ""), None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-             ray_address):
+             ray_address, attention_backend="auto"):
         problem, spec = self._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                      cfg_degree, ray_address, plan=True)
+                                      cfg_degree, ray_address, attention_backend, plan=True)
         if problem:
             raise ValueError(problem)
         return (open_pool(spec),)

@@ -54,6 +54,7 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--output", "/nonexistent/folder/out.mp4"], r"folder /nonexistent/folder does not exist"),
         (["--output", "{tmp}"], r"is a directory; give a file name ending in .mp4"),
         (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
+        (["--attention", "flash_attn"], r"--attention: attention_backend=flash_attn runs on CUDA GPUs only"),
         (["--lora", "/nonexistent/x.safetensors:0.5"], r"--lora /nonexistent/x.safetensors:0.5: no such file"),
         (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength must be a finite number"),
         (["--cache", "teacache", "--cache-threshold", "2"], r"--cache/--cache-threshold: .*threshold"),
@@ -180,3 +181,10 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
     assert (plan.parallel.cfg_degree, plan.parallel.ulysses_degree, plan.parallel.ring_degree) == (1, 1, 2)
     explicit = cli.plan_run(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
     assert len(asked) == 1 and explicit.parallel.ulysses_degree == 2
+
+
+def test_attention_choices_are_the_kernel_modules_backends():
+    from mochi_xdit.mochi.parallel.kernel import AttentionBackend
+    from mochi_xdit.workers.choices import ATTENTION_CHOICES
+
+    assert ATTENTION_CHOICES == tuple(backend.value for backend in AttentionBackend)

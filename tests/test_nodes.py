@@ -249,6 +249,8 @@ def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, b
     (dict(world_size=0), "world_size=0 is outside"),
     (dict(weight_dtype="int4"), "weight_dtype='int4' is not one of"),
     (dict(ray_address="http://x y"), "is not a Ray address"),
+    (dict(attention_backend="flash_attn"), "attention_backend=flash_attn runs on CUDA GPUs only"),
+    (dict(attention_backend="sdpa"), "attention_backend='sdpa'; use one of auto, torch"),
 ])
 def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, big_machine, changes, fragment):
     message = validate_loader(**changes)

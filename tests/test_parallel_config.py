@@ -2,10 +2,10 @@
 names the valid choices, before any process group exists."""
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from mochi_xdit.mochi.parallel.config import ParallelConfig, auto
+from mochi_xdit.mochi.parallel.kernel import AttentionBackend, AttentionConfig, InstalledKernels
 from mochi_xdit.mochi.parallel.layout import ParallelContext
 
 
@@ -70,23 +70,19 @@ def test_sp_degree_is_ulysses_times_ring():
 
 
 def test_xfuser_backend_on_cpu_is_a_clear_error_before_any_group():
-    with pytest.raises(ValueError, match="runs on CUDA GPUs only.*use attention_backend='usp'"):
-        ParallelContext(ParallelConfig(world_size=2, ulysses_degree=2), device="cpu", attention_backend="xfuser")
+    xfuser = AttentionConfig(AttentionBackend.XFUSER, installed=InstalledKernels(xfuser=True))
+    with pytest.raises(ValueError, match="runs on CUDA GPUs only.*use attention_backend=auto"):
+        ParallelContext(ParallelConfig(world_size=2, ulysses_degree=2), device="cpu", attention=xfuser)
     assert not dist.is_initialized()
 
 
-def test_xfuser_backend_without_xfuser_installed_names_the_extra():
-    from mochi_xdit.mochi.parallel.xfuser_backend import check_attention_backend
-
-    import importlib.util
-
-    if importlib.util.find_spec("xfuser") is not None:  # a GPU machine with the extra: nothing to refuse
-        check_attention_backend("xfuser", torch.device("cuda"))
-        return
-    with pytest.raises(ValueError, match=r"needs the xfuser and yunchang packages \(pip install"):
-        check_attention_backend("xfuser", torch.device("cuda"))
+def test_xfuser_backend_without_xfuser_installed_names_the_install_line():
+    nothing = AttentionConfig(AttentionBackend.XFUSER, installed=InstalledKernels(), device_type="cuda")
+    with pytest.raises(ValueError, match=r"needs xfuser and yunchang on every rank: pip install xfuser"):
+        ParallelContext(ParallelConfig(world_size=2, ulysses_degree=2), device="cpu", attention=nothing)
+    assert not dist.is_initialized()
 
 
 def test_unknown_attention_backend_lists_the_choices():
-    with pytest.raises(ValueError, match="use one of usp, xfuser"):
-        ParallelContext(ParallelConfig(world_size=1), attention_backend="flash")
+    with pytest.raises(ValueError, match="use one of auto, torch, flash_attn, flash_attn_3, xfuser"):
+        AttentionConfig("flash")

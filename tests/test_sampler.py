@@ -150,7 +150,7 @@ class BranchModel(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(0.5))
         self.texts = []
 
-    def forward(self, latent, sigma, features, mask, ctx=None):
+    def forward(self, latent, sigma, features, mask, ctx=None, attention=None):
         self.texts.append(int(mask.sum()))
         return self.scale * latent + sigma.view(1, 1, 1, 1, 1) + features[:, mask[0].bool()].sum() * 0.01
 

@@ -25,6 +25,20 @@ def _node_id_and_ip() -> tuple[str, str]:
     return "local", LOOPBACK
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the CUDA caching allocator's unused blocks back to the driver (a no-op off CUDA), so the
+    next phase (decoding after sampling) and other processes on the GPU can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes a rank can still allocate on its GPU: the driver's free memory plus what the caching
+    allocator holds unused (reserved but not allocated)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def _available_host_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), else 4 GiB."""
     try:
@@ -59,6 +73,7 @@ class RankWorker:
             self.device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
             torch.cuda.set_device(self.device)
         self._store = None
+        self.attention = self._attention_config(spec)
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.dit = None
         self.vae = None
@@ -66,6 +81,18 @@ class RankWorker:
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
 
     # -- setup -------------------------------------------------------------------------------
+
+    def _attention_config(self, spec: PoolSpec):
+        """The requested attention backend with this rank's installed kernels; refused (with the
+        install line) when it cannot run here."""
+        from ..mochi.parallel.kernel import AttentionBackend, AttentionConfig, InstalledKernels, backend_problem
+
+        backend = AttentionBackend.parse(spec.attention_backend)
+        installed = InstalledKernels.detect()
+        problem = backend_problem(backend, self.device.type, installed, spec.world_size)
+        if problem is not None:
+            raise ValueError(f"rank {self.rank}: {problem}")
+        return AttentionConfig(backend, installed)
 
     def info(self) -> RankInfo:
         """Where this rank runs, and where it imported our package from."""
@@ -117,7 +144,7 @@ class RankWorker:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout)
-        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout)
+        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention)
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
@@ -150,7 +177,7 @@ class RankWorker:
         self._require_loaded("begin()")
         self._loop = None
         self.set_loras(loras)
-        self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device)
+        self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device, attention=self.attention)
         self._loop.begin()
 
     def step(self, i: int, preview: bool = False) -> StepReport:
@@ -168,16 +195,19 @@ class RankWorker:
 
     def finish(self) -> RunResult | None:
         """End the run: on rank 0 the VAE-space latent [B, 12, T, H, W] fp32 and the step cache's
-        counts (every rank decided the same steps), None on the others."""
+        counts (every rank decided the same steps), None on the others. The run's tensors are freed
+        and the GPU cache emptied, so decoding gets the memory."""
         if self._loop is None:
             raise RuntimeError(f"rank {self.rank}: finish() before begin(); call begin(request) and run the steps first")
         latent, stats = self._loop.finish().cpu(), self._loop.cache_stats
         self._loop = None
+        release_cached_memory(self.device)
         return RunResult(latent, stats) if self.rank == 0 else None
 
     def cancel(self) -> None:
-        """Drop the current run, if any (interrupt between steps)."""
+        """Drop the current run, if any (interrupt between steps), and its memory."""
         self._loop = None
+        release_cached_memory(self.device)
 
     # -- decoding ----------------------------------------------------------------------------
 
@@ -197,7 +227,7 @@ class RankWorker:
         if self.vae is None:
             raise RuntimeError(f"rank {self.rank}: auto_tiles() without a VAE; give vae_path when building the pool")
         if self.device.type == "cuda":
-            available = torch.cuda.mem_get_info(self.device)[0]
+            available = free_device_bytes(self.device)
         else:  # ranks of a CPU pool share the machine's memory
             available = _available_host_bytes() // self.spec.world_size
         dtype = next(self.vae.parameters()).dtype

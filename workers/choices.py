@@ -7,3 +7,5 @@ AUTO = "auto"
 WEIGHT_DTYPE_CHOICES = (AUTO, *WEIGHT_DTYPE_NAMES)
 DEVICE_CHOICES = (AUTO, "cpu", "cuda")
 SCHEDULE_CHOICES = SCHEDULE_NAMES
+# mochi.parallel.kernel.AttentionBackend's values (kept here so --help needs no torch; a test pins them)
+ATTENTION_CHOICES = ("auto", "torch", "flash_attn", "flash_attn_3", "xfuser")

@@ -35,6 +35,7 @@ class Field(Enum):
     DEGREES = "degrees"
     CPU_THREADS = "cpu_threads"
     RAY_ADDRESS = "ray_address"
+    ATTENTION = "attention_backend"
     LORA = "lora"
     CACHE = "cache"
 
@@ -71,6 +72,8 @@ class LoadChoices:
         steps: sampling steps, when known (the planner's time estimate).
         use_cfg: whether the runs will have an unconditional pass (cfg != 1).
         timeouts: per-verb deadlines.
+        attention: "auto", "torch", "flash_attn", "flash_attn_3" or "xfuser" (checked against what
+            this process has installed; the ranks check again, for clusters).
     """
 
     dit_path: str
@@ -87,6 +90,7 @@ class LoadChoices:
     steps: int = 64
     use_cfg: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
+    attention: str = AUTO
 
 
 def resolve_device(device: str) -> str:
@@ -213,11 +217,26 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
             check_local_capacity(choices.world_size, device, choices.cpu_threads)
         except CapacityError as error:
             raise OptionsError(Field.WORLD_SIZE, str(error)) from None
+    attention = resolve_attention(choices.attention, device, choices.world_size)
     if plan:
         parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
     return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
                     parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
-                    timeouts=choices.timeouts)
+                    timeouts=choices.timeouts, attention_backend=attention)
+
+
+def resolve_attention(requested: str, device: str, world_size: int):
+    """The attention backend, refused with the install line when this machine cannot run it."""
+    from ..mochi.parallel.kernel import AttentionBackend, backend_problem
+
+    try:
+        backend = AttentionBackend.parse(requested)
+    except ValueError as error:
+        raise OptionsError(Field.ATTENTION, str(error)) from None
+    problem = backend_problem(backend, device, world_size=world_size)
+    if problem:
+        raise OptionsError(Field.ATTENTION, problem)
+    return backend
 
 
 def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) -> str | None:

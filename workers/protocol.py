@@ -12,6 +12,7 @@ import torch
 
 from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
 from ..mochi.parallel.config import ParallelConfig
+from ..mochi.parallel.kernel import AttentionBackend
 
 LOOPBACK = "127.0.0.1"
 DEVICES = ("cpu", "cuda")
@@ -50,6 +51,8 @@ class PoolSpec:
         cpu_threads: torch threads (and Ray CPUs) per rank on CPU; ignored on CUDA.
         ray_address: None to start a private Ray on 127.0.0.1, or a cluster address to join.
         timeouts: per-verb deadlines.
+        attention_backend: the `mochi.parallel.kernel.AttentionBackend` the ranks use (a value name is
+            accepted and converted); each rank refuses at start one it cannot run.
     """
 
     dit_path: str
@@ -60,8 +63,10 @@ class PoolSpec:
     cpu_threads: int = 1
     ray_address: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
 
     def __post_init__(self):
+        object.__setattr__(self, "attention_backend", AttentionBackend.parse(self.attention_backend))
         for name in ("dit_path", "vae_path"):
             path = getattr(self, name)
             if path is None and name == "vae_path":
@@ -84,10 +89,10 @@ class PoolSpec:
 
     def reuse_key(self) -> tuple:
         """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
-        device, threads, cluster and timeouts."""
+        device, threads, cluster, timeouts and attention backend."""
         files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
         return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
-                self.timeouts)
+                self.timeouts, self.attention_backend)
 
 
 @dataclass(frozen=True)

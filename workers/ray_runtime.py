@@ -155,8 +155,8 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), the ranks' own CUDA allocator setting, and on a private
-    Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
+    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`), and
+    on a private Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
     env_vars = {"RAY_worker_niceness": "0", "PYTORCH_CUDA_ALLOC_CONF": RANK_CUDA_ALLOC_CONF}
     if private and not importable:
         python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

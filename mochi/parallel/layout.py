@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from .collective import collective
 from .config import ParallelConfig
-from .xfuser_backend import XFuserAttention, check_attention_backend
+from .kernel import AttentionBackend, AttentionConfig, backend_problem
+from .xfuser_backend import XFuserAttention
 
 
 class ParallelContext:
@@ -24,7 +25,9 @@ class ParallelContext:
         config: a validated ParallelConfig; its world_size must equal the default group's.
         device: where tensors live; the backend follows it (NCCL on CUDA, gloo on CPU).
         timeout: collective timeout for the new groups (None: the default group's).
-        attention_backend: "usp" (ours, everywhere) or "xfuser" (optional, CUDA with the gpu extra).
+        attention: how attention picks its kernel (`kernel.AttentionConfig`; default auto). Its
+            backend `xfuser` swaps our USP layer for xDiT's (CUDA, the gpu extra); a backend that
+            cannot run on `device` is refused here, before any group forms.
 
     Every rank of the default group must construct the same layouts in the same order (group
     creation is collective). Groups of size one are not created: their degree is 1 and no
@@ -36,9 +39,14 @@ class ParallelContext:
         config: ParallelConfig,
         device: torch.device | str = "cpu",
         timeout: timedelta | None = None,
-        attention_backend: str = "usp",
+        attention: AttentionConfig = AttentionConfig(),
     ):
-        check_attention_backend(attention_backend, torch.device(device))
+        if not isinstance(attention, AttentionConfig):
+            raise TypeError(f"attention must be a kernel.AttentionConfig, got {type(attention)}")
+        problem = backend_problem(attention.backend, attention.device_type or torch.device(device).type,
+                                  attention.installed, config.world_size)
+        if problem is not None:
+            raise ValueError(problem)
         if not dist.is_initialized():
             raise RuntimeError(
                 "ParallelContext needs an initialised default process group; call "
@@ -77,8 +85,8 @@ class ParallelContext:
         self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
-        self.attention_backend = attention_backend
-        self.xfuser_attention = XFuserAttention(self) if attention_backend == "xfuser" else None
+        self.attention = attention
+        self.xfuser_attention = XFuserAttention(self) if attention.backend is AttentionBackend.XFUSER else None
 
     def _new_groups(self, rank_lists: list[list[int]], timeout):
         """Create every group of one kind (collective on all ranks); return this rank's group and its
@@ -97,8 +105,13 @@ class ParallelContext:
         return (
             f"ParallelContext(rank={self.rank}/{self.world_size}, cfg={self.cfg_degree}[{self.cfg_rank}], "
             f"ulysses={self.ulysses_degree}[{self.ulysses_rank}], ring={self.ring_degree}[{self.ring_rank}], "
-            f"backend={self.backend})"
+            f"backend={self.backend}, attention={self.attention.backend.value})"
         )
+
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        """The requested attention backend (`attention.backend`)."""
+        return self.attention.backend
 
     def shard_length(self, length: int) -> int:
         """Tokens per sequence rank for a global length: ceil(length / SP) (the last ranks pad)."""

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .collective import collective
-from .kernel import attention_with_lse, merge_attention_partials
+from .kernel import AttentionConfig, attention, attention_with_lse, merge_attention_partials
 
 
 class RingComm:
@@ -77,6 +77,7 @@ def ring_attention(
     comm: RingComm | None,
     ring_rank: int,
     ring_degree: int,
+    attention_config: AttentionConfig = AttentionConfig(),
 ) -> torch.Tensor:
     """Attention of local queries over every rank's video K/V block plus the text K/V.
 
@@ -87,11 +88,13 @@ def ring_attention(
         valid_keys: ring rank j -> number of real (unpadded) tokens in block j; padding is dropped.
         comm: the ring's RingComm (None when ring_degree is 1).
         ring_rank, ring_degree: this rank's position and the ring size.
+        attention_config: picks the kernel (with the log-sum-exp only when there is a ring to merge).
 
     Returns:
         [B, h, Sq, Dh] in q's dtype.
     """
     out = lse = None
+    kernel = attention_config.kernel(q, need_lse=ring_degree > 1)
     block, owner = kv, ring_rank
     for step in range(ring_degree):
         last = step == ring_degree - 1
@@ -104,9 +107,9 @@ def ring_attention(
             keys = torch.cat([keys, text_k], dim=2)  # [B, h, n + L, Dh]
             values = torch.cat([values, text_v], dim=2)
         if q.shape[2] and keys.shape[2]:
-            block_out, block_lse = attention_with_lse(q, keys, values)  # [B, h, Sq, Dh], [B, h, Sq]
-            if ring_degree == 1:
-                return block_out  # one block: nothing to merge (saves a fp32 copy of the output)
+            if ring_degree == 1:  # one block: nothing to merge, no log-sum-exp (nor a fp32 copy of the output)
+                return attention(q, keys, values, kernel=kernel)  # [B, h, Sq, Dh]
+            block_out, block_lse = attention_with_lse(q, keys, values, kernel=kernel)  # [B, h, Sq, Dh], [B, h, Sq]
             out, lse = merge_attention_partials(out, lse, block_out, block_lse)
         if not last:
             comm.wait()

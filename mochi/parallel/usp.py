@@ -10,6 +10,7 @@ gather; only the Ulysses head slices of the text output are all-gathered (L x D/
 
 import torch
 
+from .kernel import AttentionBackend, AttentionConfig
 from .ring import RingComm, ring_attention
 from .ulysses import gather_heads, heads_to_sequence, join_head_chunks, sequence_to_heads
 
@@ -24,6 +25,7 @@ def usp_joint_attention(
     ctx,
     video_len: int,
     need_text: bool = True,
+    attention: AttentionConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Joint attention over all ranks' video tokens and the (replicated) text tokens.
 
@@ -33,13 +35,18 @@ def usp_joint_attention(
         ctx: ParallelContext.
         video_len: global number of real video tokens S.
         need_text: False skips the text output (the last block does not use it).
+        attention: kernel choice; None uses the context's (`ctx.attention`).
 
     Returns:
         video_out [B, S_l, H, Dh] (zeros at padded positions), text_out [B, L, H, Dh] or None.
     """
     if video_len is None:
         raise ValueError("usp_joint_attention needs video_len (the global number of real video tokens)")
-    if ctx.xfuser_attention is not None:  # optional GPU backend, see xfuser_backend.py
+    attention = ctx.attention if attention is None else attention
+    if attention.backend is AttentionBackend.XFUSER:  # optional GPU backend, see xfuser_backend.py
+        if ctx.xfuser_attention is None:
+            raise ValueError("attention_backend=xfuser needs a ParallelContext built with it "
+                             "(ParallelContext(..., attention=AttentionConfig(AttentionBackend.XFUSER)))")
         return ctx.xfuser_attention(video_q, video_k, video_v, text_q, text_k, text_v, ctx, video_len, need_text)
     B, S_l, H, Dh = video_q.shape
     U, R = ctx.ulysses_degree, ctx.ring_degree
@@ -86,7 +93,8 @@ def usp_joint_attention(
         q = qkv[0, :, :, :n_q]  # [B, hc, n_q, Dh], padded queries dropped too
         if need_text:
             q = torch.cat([q, text_q[:, :, first : first + hc].transpose(1, 2)], dim=2)  # [B, hc, n_q + L, Dh]
-        out = ring_attention(q, qkv[1:], text_k_c, text_v_c, valid_keys, comm, ctx.ring_rank, R)  # [B, hc, n_q (+L), Dh]
+        out = ring_attention(q, qkv[1:], text_k_c, text_v_c, valid_keys, comm, ctx.ring_rank, R,
+                             attention)  # [B, hc, n_q (+L), Dh]
         if need_text:
             text_parts.append(out[:, :, n_q:])  # [B, hc, L, Dh]
         if U > 1:

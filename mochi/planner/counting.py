@@ -12,9 +12,11 @@ size takes seconds and no memory. It records
   hold at least; fragmentation and the CUDA context come on top (`plan.py` adds a reserve).
 - Bytes this rank sends in each c10d collective (all-to-all, all-gather, send).
 
-Attention is accounted as a GPU flash kernel allocates it: on fake CPU tensors our kernel calls
-`aten._scaled_dot_product_flash_attention_for_cpu`, whose fake implementation allocates only the
-output and the log-sum-exp (no S x S matrix), exactly what flash-attn allocates on a GPU.
+Attention is accounted as the GPU kernel allocates it: the planner asks `kernel.choose_backend`
+for device "cuda" and runs that PyTorch kernel (`aten._scaled_dot_product_{flash,efficient,
+cudnn}_attention`) on the fake tensors; its fake implementation allocates only the output and the
+log-sum-exp (no S x S matrix), what flash-attn allocates too. A plain CPU forward on fake tensors
+runs `aten._scaled_dot_product_flash_attention_for_cpu`, which allocates the same.
 
 Data-dependent shapes: the DiT packs valid text tokens with a boolean mask, which fake tensors
 cannot evaluate. The counter substitutes an index of `mask_true` entries (the planner passes the
@@ -86,12 +88,14 @@ class Counts:
             they were created inside it).
         end_bytes: live bytes at the end of the run.
         sent_bytes: bytes this rank sent, by collective ("all_to_all", "all_gather", "send").
+        attention_ops: calls per attention kernel op (e.g. "aten._scaled_dot_product_flash_attention").
     """
 
     flops: Tally = field(default_factory=Tally)
     peak_bytes: int = 0
     end_bytes: int = 0
     sent_bytes: Tally = field(default_factory=Tally)
+    attention_ops: Tally = field(default_factory=Tally)
 
     @property
     def total_flops(self) -> int:
@@ -156,6 +160,7 @@ class Counter(TorchDispatchMode):
             counts.flops["conv"] += _conv_flops(args, out)
         elif func in _ATTENTION:
             counts.flops["attention"] += _attention_flops(args)
+            counts.attention_ops[str(func.overloadpacket)] += 1
         elif func.namespace == "c10d":
             name = func._opname
             if name.startswith("alltoall"):

@@ -12,6 +12,10 @@ temporaries); FLOPs and sent bytes of the 46 missing regular blocks are the coun
 times 46. `tests/test_planner.py` checks this against a full-depth run. With a step cache the rank
 runs depth 3: the cache keeps the block-stack input (TeaCache) or block 0's output (first-block
 cache) alive through the later regular blocks, which depth 2 would not show.
+
+Attention: the rank runs the kernel a CUDA rank would (`kernel.choose_backend("cuda", bf16, ...)`
+with the installed kernels given or found here), so memory and FLOPs are the GPU path's, never
+the CPU kernel's or an S x S math fallback's.
 """
 
 import functools
@@ -28,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..dit import DiTConfig, MochiDiT
 from ..layers import Linear
 from ..parallel.config import ParallelConfig
+from ..parallel.kernel import AttentionBackend, AttentionConfig, AttentionKernel, InstalledKernels, choose_backend
 from ..parallel.layout import ParallelContext
 from ..sampler import DenoiseLoop, SampleRequest, latent_shape_for_video
 from ..step_cache import StepCacheSpec
@@ -50,6 +55,9 @@ class StepCount:
         flops: FLOPs by kind ("linear", "conv", "attention") for the rank, full depth.
         sent_bytes: bytes the rank sends, by collective ("all_to_all", "all_gather", "send").
         seconds: wall time of the fake run (for keeping the planner fast).
+        attention_kernel: the kernel a CUDA rank runs (`kernel.choose_backend`), the one counted.
+        attention_ops: the aten attention ops the counted run called (flash-attn 2/3 are counted
+            as PyTorch's flash kernel, which allocates the same).
     """
 
     weight_bytes: int
@@ -57,6 +65,8 @@ class StepCount:
     flops: Tally
     sent_bytes: Tally
     seconds: float
+    attention_kernel: AttentionKernel
+    attention_ops: tuple[str, ...]
 
     @property
     def peak_bytes(self) -> int:
@@ -135,9 +145,9 @@ class _MaskAwareModel:
     def parameters(self):
         return self.model.parameters()
 
-    def __call__(self, latent, sigma, features, mask, ctx=None):
+    def __call__(self, latent, sigma, features, mask, ctx=None, attention=None):
         self.counter.mask_true = self.valid_tokens[id(mask)]
-        return self.model(latent, sigma, features, mask, ctx=ctx)
+        return self.model(latent, sigma, features, mask, ctx=ctx, attention=attention)
 
     def embed(self, latent, sigma, features, mask, ctx=None, rope=None):
         self.counter.mask_true = self.valid_tokens[id(mask)]
@@ -187,6 +197,8 @@ def count_step(
     config: DiTConfig = DiTConfig(),
     full_depth: bool = False,
     cache: StepCacheSpec | None = None,
+    attention_backend: AttentionBackend = AttentionBackend.AUTO,
+    installed: InstalledKernels | None = None,
 ) -> StepCount:
     """Count one sampling step on global rank 0 of `parallel` (the conditional branch, the first
     sequence shard: the largest share when the sequence is padded).
@@ -206,11 +218,22 @@ def count_step(
         config: DiT size (the full 10B model by default).
         full_depth: run all `config.depth` blocks instead of the depth-2 shortcut (slower).
         cache: a `step_cache.StepCacheSpec` to count the cache's memory, or None.
+        attention_backend: the backend the ranks are asked for (xfuser is not counted: it replaces
+            our USP layer).
+        installed: what the ranks have (default: what this process finds, `InstalledKernels.detect()`).
 
     Returns:
         StepCount (cached per argument set).
     """
     _check_weight_dtype(weight_dtype)
+    installed = InstalledKernels.detect() if installed is None else installed
+    kernel = choose_backend("cuda", COMPUTE_DTYPE, parallel.ring_degree > 1, attention_backend, installed)
+    if kernel in (AttentionKernel.MATH, AttentionKernel.XFUSER):
+        raise ValueError(
+            f"the planner counts fused attention kernels, not {kernel.value} (the math path would hold S x S "
+            "scores; xfuser replaces our USP layer); plan with attention_backend=auto"
+        )
+    attention = AttentionConfig(attention_backend, installed, device_type="cuda")
     if parallel.cfg_degree == 2 and not use_cfg:
         raise ValueError("cfg_degree 2 needs use_cfg=True (the second CFG rank runs the unconditional branch)")
     latent_shape = latent_shape_for_video(width, height, frames)
@@ -240,10 +263,11 @@ def count_step(
 
     world = parallel.world_size
     with _fake_world(world, 0) if world > 1 else _nullcontext():
-        ctx = _SimulatedContext(parallel) if world > 1 else None
+        ctx = _SimulatedContext(parallel, attention=attention) if world > 1 else None
         try:
             with fake_mode, torch.no_grad(), counter:
-                loop = DenoiseLoop(wrapped, request, ctx=ctx, compute_dtype=COMPUTE_DTYPE, device="cpu")
+                loop = DenoiseLoop(wrapped, request, ctx=ctx, compute_dtype=COMPUTE_DTYPE, device="cpu",
+                                   attention=attention)
                 loop.begin()
                 loop.step(0)
                 del loop
@@ -259,6 +283,8 @@ def count_step(
         flops=counts.flops + extra_flops,
         sent_bytes=counts.sent_bytes + extra_sent,
         seconds=time.perf_counter() - started,
+        attention_kernel=kernel,
+        attention_ops=tuple(sorted(counts.attention_ops)),
     )
 
 
