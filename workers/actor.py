@@ -41,7 +41,8 @@ class RankWorker:
     """One rank: joins the process group, loads the weights from disk, runs its share of each step.
 
     Verb order: `open_store` (rank 0 only) -> `join_group` -> `load` -> then any number of runs
-    `begin` -> `step(0..n-1)` -> `finish` (or `cancel`), and `decode_tiles` whenever loaded.
+    `begin` -> `step(0..n-1)` -> `finish` (or `cancel`), and `decode_tiles` whenever loaded. A sampler
+    running in the driver instead uses `begin_evaluations` -> `evaluate` (any number) -> `end_evaluations`.
 
     Args:
         rank: this worker's global rank.
@@ -62,6 +63,7 @@ class RankWorker:
         self.dit = None
         self.vae = None
         self._loop = None
+        self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -166,6 +168,45 @@ class RankWorker:
     def cancel(self) -> None:
         """Drop the current run, if any (interrupt between steps)."""
         self._loop = None
+
+    # -- model evaluations for a sampler running in the driver (ComfyUI's own samplers) ----------
+
+    def begin_evaluations(self, request) -> None:
+        """Keep the prompts of a `mochi.guidance.EvaluationRequest` for the `evaluate` calls that
+        follow (replaces an earlier set; an unfinished `begin`/`step` run is left alone)."""
+        from ..mochi.guidance import EvaluationRequest, GuidedDiT
+
+        self._require_loaded("begin_evaluations()")
+        if not isinstance(request, EvaluationRequest):
+            raise TypeError(f"rank {self.rank}: begin_evaluations() takes an EvaluationRequest, got {type(request)}")
+        self._guided = GuidedDiT(self.dit, request.positive, request.negative, self.ctx, device=self.device)
+
+    def evaluate(self, latent: torch.Tensor, sigmas: list[float], cfg: float | None) -> tuple[torch.Tensor | None, float]:
+        """One lockstep model evaluation (every rank runs the same call at the same time).
+
+        Args:
+            latent: [B, 12, T, H, W] model-space noisy latent.
+            sigmas: one sigma per sample (or one for all).
+            cfg: the CFG scale: returns the guided denoised x0 [B, 12, T, H, W] (1 skips the
+                unconditional pass); None: returns both branches' denoised x0 [2, B, 12, T, H, W]
+                (conditional, unconditional) for a sampler that combines them itself.
+
+        Returns:
+            (the fp32 result on CPU on rank 0, None elsewhere; this rank's compute seconds).
+        """
+        if self._guided is None:
+            raise RuntimeError(f"rank {self.rank}: evaluate() before begin_evaluations(); send the prompts first")
+        start = time.perf_counter()
+        if cfg is None:
+            out = self._guided.denoised_branches(latent, sigmas)  # [2, B, 12, T, H, W]
+        else:
+            out = self._guided.denoised(latent, sigmas, cfg)  # [B, 12, T, H, W]
+        out = out.cpu() if self.rank == 0 else None
+        return out, time.perf_counter() - start
+
+    def end_evaluations(self) -> None:
+        """Drop the prompts kept by `begin_evaluations`."""
+        self._guided = None
 
     # -- decoding ----------------------------------------------------------------------------
 
