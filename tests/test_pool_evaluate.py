@@ -8,6 +8,7 @@ d = (x - x0) / sigma, x <- x + (sigma_next - sigma) * d (k-diffusion's Euler, wh
 (CFG parallel: each rank runs one branch, the combine happens on the ranks).
 """
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -86,9 +87,9 @@ def test_rank_evaluations_under_euler_equal_the_on_rank_loop(dit_file, dit, sche
     worker.begin_evaluations(EvaluationRequest(positive, negative))
 
     def evaluate(x, sigma, scale):
-        x0, seconds = worker.evaluate(x, sigma.tolist(), scale)
-        assert x0.dtype == torch.float32 and x0.shape == x.shape and seconds > 0
-        return x0
+        x0, seconds = worker.evaluate(x.numpy(), sigma.tolist(), scale)  # numpy in and out, as through Ray
+        assert x0.dtype == np.float32 and x0.shape == x.shape and seconds > 0
+        return torch.from_numpy(x0)
 
     driven = euler_on(evaluate, request)
     assert (driven - on_rank).abs().max().item() <= TOLERANCE * max(1.0, on_rank.abs().max().item())
@@ -96,8 +97,9 @@ def test_rank_evaluations_under_euler_equal_the_on_rank_loop(dit_file, dit, sche
 
     # both branches unguided, combined here, give the same step
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    branches, _ = worker.evaluate(x, [0.7], None)  # [2, B, 12, T, H, W]
+    branches, _ = worker.evaluate(x, [0.7], None)  # [2, B, 12, T, H, W]; a tensor works too
     guided, _ = worker.evaluate(x, [0.7], 4.5)
+    branches, guided = torch.from_numpy(branches), torch.from_numpy(guided)
     assert branches.shape == (2, *shape)
     assert (branches[1] + 4.5 * (branches[0] - branches[1]) - guided).abs().max().item() <= TOLERANCE
     worker.end_evaluations()

@@ -210,12 +210,13 @@ class Pool:
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
                 self._check_usable()
                 sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
-                latent_ref = ray.put(latent.detach().to("cpu", torch.float32))
+                # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
+                latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
                 answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg) for a in self._actors],
                                        timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
-                return answers[0][0]
+                return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 
             try:
                 yield evaluate
