@@ -18,7 +18,8 @@ CPU pool (Ulysses 2) holding the same weights. Same conditioning, latent, seed, 
 (b) KSampler's LATENT contract: denoise < 1 on a non-empty latent, batch_index, noise_mask, cfg 1;
 (c) euler + linear_quadratic / simple through ComfyUI's sampler equals the pool's on-rank loop;
 (d) SamplerCustomAdvanced with MochiXDiTGuider (+ MochiXDiTModelSampling for BasicScheduler),
-    RandomNoise and KSamplerSelect, against SamplerCustomAdvanced with core's CFGGuider.
+    RandomNoise and KSamplerSelect, against SamplerCustomAdvanced with core's CFGGuider;
+(e) Cancel (ComfyUI's interrupt flag) between evaluations, then the pool still samples.
 Exit status 1 when anything fails or disagrees beyond the tolerance.
 """
 
@@ -247,6 +248,22 @@ def main():
             except Exception as error:
                 report.error(f"SamplerCustomAdvanced {sampler_name}", error)
                 traceback.print_exc()
+
+        print("(e) Cancel mid-run (ComfyUI's interrupt flag), then the pool still samples:")
+        import comfy.model_management as management
+
+        def cancel_after_first_step(step, x0, x, total_steps):
+            if step == 0:
+                management.interrupt_current_processing(True)
+
+        try:
+            sample_latent(handle, pos_text, neg_text, empty, seed=args.seed, steps=args.steps, cfg=4.5,
+                          sampler_name="heun", scheduler="simple", denoise=1.0, callback=cancel_after_first_step)
+            report.error("cancel", RuntimeError("the run was not interrupted"))
+        except management.InterruptProcessingException:
+            print("  ok   InterruptProcessingException raised at the next evaluation", flush=True)
+        report.compare("after the cancel: euler / simple", ours(empty, "euler", "simple"),
+                       core(empty, "euler", "simple"))
     finally:
         shutdown_pools()
         shutdown_ray()
