@@ -13,6 +13,18 @@ Prints, from one invocation:
 - end to end = (pool total - in-process total) / in-process total, in percent.
 Goals (DESIGN.md section 8): <= 2 ms per step, <= 2 % end to end.
 
+It also measures the driver-side path, where a sampler runs in this process (ComfyUI's own samplers
+do, through `nodes/comfy_sampling.py`) and each step is one lockstep model evaluation on the pool
+(`Pool.evaluations`): here driven by k-diffusion's Euler written out, which is what ComfyUI's `euler`
+computes per step. Its per-step overhead is measured the same way (outside the ranks' evaluation
+compute, minus the in-process loop's outside time) and set beside the on-rank path's. Unlike the
+on-rank path, it ships the latent both ways every evaluation, so for a full-size step it is
+extrapolated: the measured overhead + (the measured round trip of a full-size latent
+[1, 12, 28, 60, 106] fp32 through a Ray actor - that of the bench latent) + the driver's Euler update
+on a full-size latent; and set against a full-size step time taken as the planner's counted FLOPs of
+one 848x480x163 step (cfg 4.5, one rank) at 50 % of an H100's dense bf16 peak (an assumption:
+published Mochi runs reach 45-55 %), and the same on 8 ranks with perfect scaling.
+
     python bench/pool_overhead.py [--steps 12] [--repeats 3]
 """
 
@@ -24,7 +36,10 @@ import time
 import torch
 from safetensors.torch import save_file
 
+import ray
+
 from mochi_xdit.mochi.checkpoint import load_dit
+from mochi_xdit.mochi.latent import comfy_noise, to_vae_space
 from mochi_xdit.mochi.demo import random_dit_state_dict
 from mochi_xdit.mochi.dit import DiTConfig
 from mochi_xdit.mochi.parallel.config import ParallelConfig
@@ -36,6 +51,9 @@ from mochi_xdit.workers.service import MochiService
 BENCH_CONFIG = DiTConfig(depth=6, num_heads=4, head_dim=64, hidden_size_x=256, hidden_size_y=128,
                          mlp_hidden_x=768, mlp_hidden_y=512, t5_feat_dim=4096)
 LATENT_SHAPE = (1, 12, 4, 16, 16)  # 4 x 8 x 8 = 256 video tokens
+FULL_WIDTH, FULL_HEIGHT, FULL_FRAMES = 848, 480, 163
+FULL_LATENT_SHAPE = (1, 12, 28, 60, 106)  # latent_shape_for_video(848, 480, 163)
+ASSUMED_MFU = 0.5  # fraction of dense bf16 peak a full-size step reaches (published Mochi runs: 45-55 %)
 
 
 def in_process_run(dit, request) -> tuple[float, float, torch.Tensor]:
@@ -58,6 +76,69 @@ def pool_run(pool, request) -> tuple[float, float, torch.Tensor]:
     start = time.perf_counter()
     latent = pool.sample(request, on_step=lambda report: computes.append(report.seconds))
     return time.perf_counter() - start, sum(computes), latent
+
+
+def driver_run(pool, request) -> tuple[float, float, torch.Tensor]:
+    """(total seconds, seconds the ranks spent evaluating, latent) of k-diffusion's Euler run in this
+    process on the pool's model evaluations (x0 = evaluate(x); d = (x - x0) / sigma; x += dt * d)."""
+    computes = []
+    start = time.perf_counter()
+    with pool.evaluations(request.positive, request.negative, on_evaluation=computes.append) as evaluate:
+        sigmas = request.sigmas
+        x = sigmas[0] * comfy_noise(request.shape, request.seed)  # empty latent: x0 = 0
+        for i, scale in enumerate(request.cfg_scales):
+            x0 = evaluate(x, sigmas[i], scale)
+            x = x + (sigmas[i + 1] - sigmas[i]) * ((x - x0) / sigmas[i])
+    latent = to_vae_space(x)
+    return time.perf_counter() - start, sum(computes), latent
+
+
+@ray.remote(num_cpus=0)
+class _Echo:
+    """A latent's round trip driver -> actor -> driver, moved as `Pool.evaluations` and
+    `RankWorker.evaluate` move it (numpy through the object store, a torch copy at each end)."""
+
+    def echo(self, latent):
+        return (torch.from_numpy(latent.copy()) + 0.0).numpy()
+
+
+def latent_round_trip_ms(shape: tuple[int, ...], repeats: int = 5) -> float:
+    """Median ms of one latent's round trip, what an evaluation moves besides the call itself."""
+    echo = _Echo.remote()
+    latent = torch.randn(shape)
+
+    def round_trip():
+        return torch.from_numpy(ray.get(echo.echo.remote(ray.put(latent.numpy()))).copy())
+
+    round_trip()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        round_trip()
+        times.append(time.perf_counter() - start)
+    ray.kill(echo)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def driver_update_ms(shape: tuple[int, ...], repeats: int = 5) -> float:
+    """Median ms of the driver's Euler update on a latent of this shape."""
+    x, x0 = torch.randn(shape), torch.randn(shape)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x = x + (0.4 - 0.5) * ((x - x0) / 0.5)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def full_size_step_s() -> tuple[float, float]:
+    """(planner-counted FLOPs of one 848x480x163 step with CFG on one rank, seconds at ASSUMED_MFU of an H100)."""
+    from mochi_xdit.mochi.parallel.config import ParallelConfig as Degrees
+    from mochi_xdit.mochi.planner import get_gpu
+    from mochi_xdit.mochi.planner.simulate import count_step
+
+    flops = count_step(Degrees(1, num_heads=24), FULL_WIDTH, FULL_HEIGHT, FULL_FRAMES, "bf16").total_flops
+    return flops, flops / (ASSUMED_MFU * get_gpu("H100").bf16_tflops * 1e12)
 
 
 def main():
@@ -85,12 +166,19 @@ def main():
     try:
         in_process_run(dit, request)  # warm-up both sides (allocator, first-call costs)
         pool.sample(request)
-        runs = []
+        driver_run(pool, request)
+        runs, driver_runs = [], []
         for _ in range(args.repeats):  # alternate, so slow phases of a busy machine hit both sides
             local_total, local_stepping, local_latent = in_process_run(dit, request)
             pool_total, rank_stepping, pool_latent = pool_run(pool, request)
             assert (pool_latent - local_latent).abs().max().item() <= 1e-5, "the pool computed something else"
             runs.append((local_total, local_stepping, pool_total, rank_stepping))
+            driver_total, rank_evaluating, driver_latent = driver_run(pool, request)
+            scale = max(1.0, local_latent.abs().max().item())
+            assert (driver_latent - local_latent).abs().max().item() <= 1e-5 * scale, "driver-side Euler differs"
+            driver_runs.append((driver_total, rank_evaluating))
+        round_trip_bench = latent_round_trip_ms(LATENT_SHAPE)
+        round_trip_full = latent_round_trip_ms(FULL_LATENT_SHAPE)
     finally:
         service.shutdown()
 
@@ -113,6 +201,24 @@ def main():
           f"{end_to_end:+.2f} %   goal <= 2 %")
     print(f"  of which outside step compute: {(pool_outside - local_outside) / local_total * 100:+.2f} % "
           "(the rest is the rank's step compute running slower or faster than in-process on a shared machine)")
+
+    driver_outside = sum(total - evaluating for total, evaluating in driver_runs)
+    driver_overhead_ms = (driver_outside - local_outside) / steps * 1e3
+    print(f"driver-side path (sampler in this process, one Pool.evaluations call per step; ComfyUI's samplers): "
+          f"per-step overhead {driver_overhead_ms:.2f} ms = {driver_overhead_ms / step_ms * 100:.2f} % of a "
+          f"{step_ms:.0f} ms step; on-rank path {overhead_ms:.2f} ms = {overhead_ms / step_ms * 100:.2f} %")
+    update_full, update_bench = driver_update_ms(FULL_LATENT_SHAPE), driver_update_ms(LATENT_SHAPE)
+    extrapolated_ms = driver_overhead_ms + (round_trip_full - round_trip_bench) + (update_full - update_bench)
+    flops, full_step_s = full_size_step_s()
+    print(f"full size {FULL_WIDTH}x{FULL_HEIGHT}x{FULL_FRAMES} (latent {FULL_LATENT_SHAPE} fp32, "
+          f"{torch.Size(FULL_LATENT_SHAPE).numel() * 4 / 2**20:.1f} MiB): latent round trip {round_trip_full:.1f} ms "
+          f"(bench latent {round_trip_bench:.1f} ms), driver Euler update {update_full:.1f} ms "
+          f"-> driver-side overhead ~{extrapolated_ms:.1f} ms per evaluation")
+    print(f"  full-size step: planner count {flops / 1e12:,.0f} TFLOP (cfg 4.5, one rank) at {ASSUMED_MFU:.0%} of "
+          f"H100 dense bf16 peak (an assumption) = {full_step_s:.2f} s -> driver-side overhead "
+          f"{extrapolated_ms / 1e3 / full_step_s * 100:.3f} % of a step on 1 GPU, "
+          f"{extrapolated_ms / 1e3 / (full_step_s / 8) * 100:.2f} % on 8 GPUs (perfect scaling); on-rank path "
+          f"{overhead_ms / 1e3 / (full_step_s / 8) * 100:.3f} % on 8 GPUs")
     print(f"machine load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -3,7 +3,8 @@
 The Ray actors drive this loop in lockstep (one `step` per call), the single-process pipeline runs
 it straight through; both go through the same code. Conventions (genmo): the DiT takes sigma
 (1 = noise) and predicts `x0 - noise`; one Euler step is z <- z + (sigma_i - sigma_{i+1}) * pred with
-pred = u + cfg_i * (c - u), done in fp32 whatever the compute dtype. Noise, img2img noising and the
+pred = u + cfg_i * (c - u), done in fp32 whatever the compute dtype (`guidance.GuidedDiT`, shared with the
+model evaluations ComfyUI's own samplers ask the pool for). Noise, img2img noising and the
 latent spaces follow ComfyUI exactly (see `latent.py`), so the same seed gives the same start as
 core KSampler.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .constants import LATENT_CHANNELS, PATCH_SIZE, SIZE_MULTIPLE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from .guidance import GuidedDiT, default_compute_dtype, guided_combine  # noqa: F401 (default_compute_dtype: re-exported)
 from .latent import comfy_noise, is_empty_latent, to_model_space, to_vae_space
 from .schedule import SCHEDULES, cfg_schedule, sigma_schedule
 from .step_cache import CacheStats, Evaluation, StepCache, StepCacheSpec
@@ -137,11 +139,6 @@ class SampleRequest:
         return any(scale != 1.0 for scale in self.cfg_scales)
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (no fast bf16 matmuls, and tests compare at 1e-5), bf16 on GPUs."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
 class DenoiseLoop:
     """Euler sampling driven one step at a time.
 
@@ -168,18 +165,10 @@ class DenoiseLoop:
                  device: torch.device | str | None = None, attention=None):
         if not isinstance(request, SampleRequest):
             raise TypeError(f"request must be a SampleRequest, got {type(request)}")
-        if device is None:
-            device = next(model.parameters()).device
-        self.device = torch.device(device)
-        self.compute_dtype = compute_dtype or default_compute_dtype(self.device)
-        t5_dim = getattr(getattr(model, "config", None), "t5_feat_dim", None)
-        for name in ("positive", "negative"):
-            width = getattr(request, name).features.shape[-1]
-            if t5_dim is not None and width != t5_dim:
-                raise ValueError(
-                    f"{name} text features are {width} wide but this DiT takes {t5_dim} (T5-XXL for "
-                    "Mochi); encode the prompt with the text encoder that matches the model"
-                )
+        self.guided = GuidedDiT(model, request.positive, request.negative, ctx=ctx, compute_dtype=compute_dtype,
+                                device=device, attention=attention)  # checks the text width against the DiT
+        self.device = self.guided.device
+        self.compute_dtype = self.guided.compute_dtype
         self.model = model
         self.request = request
         self.ctx = ctx
@@ -187,7 +176,7 @@ class DenoiseLoop:
         # Under a CFG split a step with cfg 1 has no unconditional pass: cfg rank 0 computes the
         # conditional one and rank 1 sends zeros (any cfg runs on any pool; workers.options says
         # which layout would be faster).
-        self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
+        self.cfg_parallel = self.guided.cfg_parallel
         self.sigmas = request.sigmas
         self.cfg_scales = request.cfg_scales
         self.num_steps = len(self.sigmas) - 1
@@ -209,21 +198,8 @@ class DenoiseLoop:
         sigma = self.sigmas[0]
         self._latent = sigma * noise + (1.0 - sigma) * clean  # ComfyUI CONST.noise_scaling
         self._next_step = 0
-        pos, neg = request.positive, request.negative
-        self._texts = {
-            "cond": (pos.features.to(self.device), pos.mask.to(self.device)),
-            "uncond": (neg.features.to(self.device), neg.mask.to(self.device)),
-        }
         self._cache = (None if request.cache is None
                        else StepCache(request.cache, self.num_steps, self.ctx, attention=self.attention))
-
-    def _predict(self, latent: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:
-        """One DiT call for one sample: [1, 12, T, H, W] fp32 -> prediction fp32."""
-        features, mask = self._texts[branch]
-        sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
-        pred = self.model(latent.to(self.compute_dtype), sigma_t, features, mask, ctx=self.ctx,
-                          attention=self.attention)
-        return pred.float()
 
     @torch.no_grad()
     def step(self, i: int) -> None:
@@ -238,21 +214,13 @@ class DenoiseLoop:
         sigma, sigma_next, scale = self.sigmas[i], self.sigmas[i + 1], self.cfg_scales[i]
         batch = self._latent.shape[0]
         needed = ("cond",) if scale == 1.0 else ("cond", "uncond")  # cfg 1: no unconditional pass
-        if self.cfg_parallel:
-            mine = "cond" if self.ctx.cfg_rank == 0 else "uncond"
-            local = (mine,) if mine in needed else ()
-        else:
-            local = needed
+        local = self.guided.local_branches(with_uncond=scale != 1.0)
         calls = [(b, branch) for b in range(batch) for branch in local]
         predictions = self._predict_all(i, sigma, calls, [(b, branch) for b in range(batch) for branch in needed])
         for b in range(batch):
             latent = self._latent[b : b + 1]  # [1, 12, T, H, W] fp32
-            if self.cfg_parallel:
-                own = predictions[(b, mine)] if mine in local else torch.zeros_like(latent)  # unused at cfg 1
-                cond, uncond = self.ctx.gather_cfg(own)
-            else:
-                cond, uncond = predictions[(b, "cond")], predictions.get((b, "uncond"))
-            pred = cond if scale == 1.0 else uncond + scale * (cond - uncond)  # fp32
+            own = {branch: predictions[(b, branch)] for branch in local}
+            pred = guided_combine(*self.guided.exchange(own, latent, scale != 1.0), scale)  # fp32
             self._latent[b : b + 1] = latent + (sigma - sigma_next) * pred  # fp32 Euler
         self._next_step = i + 1
 
@@ -260,10 +228,11 @@ class DenoiseLoop:
         """{(sample, branch): fp32 prediction} for this rank's calls of step i; through the step
         cache when one is on (every rank enters it, even with no call of its own)."""
         if self._cache is None:
-            return {(b, branch): self._predict(self._latent[b : b + 1], sigma, branch) for b, branch in calls}
+            return {(b, branch): self.guided.branch(self._latent[b : b + 1], sigma, branch) for b, branch in calls}
         sigma_t = torch.full((1,), sigma, device=self.device, dtype=torch.float32)
         evaluations = [
-            Evaluation((b, branch), self._latent[b : b + 1].to(self.compute_dtype), sigma_t, *self._texts[branch])
+            Evaluation((b, branch), self._latent[b : b + 1].to(self.compute_dtype), sigma_t,
+                       *self.guided.text(branch))
             for b, branch in calls
         ]
         predictions = self._cache.predict(self.model, i, evaluations, needed)

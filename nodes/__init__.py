@@ -4,8 +4,10 @@ so the pool's ranks release theirs (`comfy_hooks`)."""
 
 from .comfy_hooks import install_free_memory_hook
 from .decode import MochiTiledVAEDecode
+from .guider import MochiXDiTGuider
 from .loader import MochiXDiTLoader
 from .lora_loader import MochiXDiTLoraLoader
+from .model_sampling import MochiXDiTModelSampling
 from .sampler import MochiXDiTSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -13,12 +15,16 @@ NODE_CLASS_MAPPINGS = {
     "MochiXDiTSampler": MochiXDiTSampler,
     "MochiTiledVAEDecode": MochiTiledVAEDecode,
     "MochiXDiTLoraLoader": MochiXDiTLoraLoader,
+    "MochiXDiTGuider": MochiXDiTGuider,
+    "MochiXDiTModelSampling": MochiXDiTModelSampling,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MochiXDiTLoader": "Mochi xDiT Loader (multi-GPU pool)",
     "MochiXDiTSampler": "Mochi xDiT Sampler",
     "MochiTiledVAEDecode": "Mochi xDiT Tiled VAE Decode",
     "MochiXDiTLoraLoader": "Mochi xDiT LoRA Loader",
+    "MochiXDiTGuider": "Mochi xDiT Guider (for SamplerCustomAdvanced)",
+    "MochiXDiTModelSampling": "Mochi xDiT Model Sampling (for scheduler nodes)",
 }
 
 install_free_memory_hook()

@@ -77,8 +77,9 @@ def latent_samples(latent: dict) -> torch.Tensor:
 
 
 def output_latent(latent_in: dict, samples: torch.Tensor) -> dict:
-    """A LATENT like `latent_in` (extra keys kept, noise_mask dropped) holding VAE-space samples."""
-    out = {key: value for key, value in latent_in.items() if key not in ("samples", "noise_mask")}
+    """A LATENT like `latent_in` (every other key kept, noise_mask and batch_index too, as core
+    KSampler returns it) holding VAE-space samples."""
+    out = dict(latent_in)
     out["samples"] = samples
     return out
 

@@ -12,11 +12,40 @@ MAX_CFG = 100.0
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MIN_DENOISE = 0.01
 CACHE_CHOICES = ("off", "teacache", "first_block")
+DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"  # core KSampler's defaults for Mochi
+# What runs whole on the ranks (one round trip per step, step caching available); any other
+# sampler/scheduler runs ComfyUI's own sampler code here with the pool as the model.
+ON_RANK_SAMPLER, ON_RANK_SCHEDULERS = "euler", SCHEDULES
 DEFAULT_CACHE_THRESHOLD = 0.06  # TeaCache's published Mochi setting (~1.5x); 0.09 gave ~2.1x
 
 
-def sampler_problem(seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD) -> str | None:
+def runs_on_ranks(sampler_name: str, scheduler: str, latent: dict | None = None) -> bool:
+    """Whether a run takes the on-rank path: euler with genmo's or the simple schedule, and a LATENT
+    without a noise mask or batch index (those follow core's code, in ComfyUI's process)."""
+    plain = latent is None or (latent.get("noise_mask") is None and latent.get("batch_index") is None)
+    return sampler_name == ON_RANK_SAMPLER and scheduler in ON_RANK_SCHEDULERS and plain
+
+
+def comfy_choices() -> tuple[list[str], list[str]]:
+    """ComfyUI's sampler and scheduler names (comfy.samplers.KSampler.SAMPLERS / .SCHEDULERS)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def sampler_problem(seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD,
+                    sampler_name=DEFAULT_SAMPLER, scheduler=None) -> str | None:
     """Checks of the widget inputs; None values (inputs fed by a link) are checked at run time."""
+    if sampler_name is not None or scheduler is not None:
+        samplers, schedulers = comfy_choices()
+        for name, value, choices in (("sampler_name", sampler_name, samplers), ("scheduler", scheduler, schedulers)):
+            problem = None if value is None else checks.choice_problem(name, value, choices)
+            if problem:
+                return problem
+    if cache not in (None, "off") and None not in (sampler_name, scheduler) \
+            and not runs_on_ranks(sampler_name, scheduler or schedule):
+        return (f"cache={cache!r} runs on the on-rank path only (sampler_name euler with scheduler simple or "
+                f"linear_quadratic); set cache to off for {sampler_name} / {scheduler}")
     checks_to_run = (
         (cache, lambda: checks.choice_problem("cache", cache, CACHE_CHOICES)),
         (cache_threshold, lambda: checks.float_problem("cache_threshold", cache_threshold, 0.0, 1.0)),
@@ -73,13 +102,24 @@ class MochiXDiTSampler:
                 "schedule": (list(SCHEDULES), {
                     "default": "linear_quadratic",
                     "tooltip": "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "
-                               "ComfyUI's KSampler schedule for Mochi (flow shift 6)."}),
+                               "ComfyUI's KSampler schedule for Mochi (flow shift 6). The scheduler input, when "
+                               "present, supersedes this one (kept so saved workflows keep working)."}),
                 "denoise": ("FLOAT", {
                     "default": 1.0, "min": MIN_DENOISE, "max": 1.0, "step": 0.01,
                     "tooltip": "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
                                "(video-to-video); the run then covers the last steps of a longer schedule."}),
             },
             "optional": {
+                "sampler_name": (comfy_choices()[0], {
+                    "default": DEFAULT_SAMPLER,
+                    "tooltip": "ComfyUI's sampler, as in KSampler. euler with scheduler simple or linear_quadratic "
+                               "runs whole on the ranks; any other runs ComfyUI's own sampler code with every "
+                               "model evaluation done in lockstep on the pool (CFG on the ranks)."}),
+                "scheduler": (comfy_choices()[1], {
+                    "default": DEFAULT_SCHEDULER,
+                    "tooltip": "ComfyUI's scheduler, as in KSampler (simple: KSampler's Mochi default; "
+                               "linear_quadratic: genmo's schedule). Supersedes 'schedule', which only applies "
+                               "to prompts saved before this input existed."}),
                 "cache": (list(CACHE_CHOICES), {
                     "default": "off",
                     "tooltip": "Step caching: skip the transformer's blocks on steps where their input barely "
@@ -94,19 +134,31 @@ class MochiXDiTSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD):
-        return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold))
+    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD,
+                        sampler_name=DEFAULT_SAMPLER, scheduler=None):
+        return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold,
+                                             sampler_name, scheduler))
 
     def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise, cache="off",
-               cache_threshold=DEFAULT_CACHE_THRESHOLD):
-        problem = (sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold)
-                   or checks.latent_problem(latent_image))
+               cache_threshold=DEFAULT_CACHE_THRESHOLD, sampler_name=DEFAULT_SAMPLER, scheduler=None):
+        scheduler = scheduler or schedule  # prompts saved before `scheduler` existed keep their schedule
+        problem = (sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold, sampler_name,
+                                   scheduler) or checks.latent_problem(latent_image))
         if problem:
             raise ValueError(problem)
+        if cache != "off" and not runs_on_ranks(sampler_name, scheduler, latent_image):
+            raise ValueError("step caching runs on the on-rank path only, and this LATENT carries a noise_mask or "
+                             "batch_index (ComfyUI's own sampler code handles those); set cache to off")
         positive_text = conditioning_to_text(positive, "positive")
         negative_text = conditioning_to_text(negative, "negative")
-        progress = ProgressReporter(steps)  # created here: ComfyUI's hook belongs to this node
-        samples = run_sample(pool, positive_text, negative_text, latent_samples(latent_image), seed=seed,
-                             steps=steps, cfg=cfg, schedule=schedule, denoise=denoise, progress=progress,
-                             cache=cache, cache_threshold=cache_threshold)
+        if runs_on_ranks(sampler_name, scheduler, latent_image):
+            progress = ProgressReporter(steps)  # created here: ComfyUI's hook belongs to this node
+            samples = run_sample(pool, positive_text, negative_text, latent_samples(latent_image), seed=seed,
+                                 steps=steps, cfg=cfg, schedule=scheduler, denoise=denoise, progress=progress,
+                                 cache=cache, cache_threshold=cache_threshold)
+        else:
+            from .comfy_sampling import sample_latent  # imports ComfyUI
+
+            samples = sample_latent(pool, positive_text, negative_text, latent_image, seed=seed, steps=steps, cfg=cfg,
+                                    sampler_name=sampler_name, scheduler=scheduler, denoise=denoise)
         return (output_latent(latent_image, samples),)

@@ -21,7 +21,8 @@ from mochi_xdit.nodes.checks import QueueTimeError, degrees_problem, model_name_
 from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
-NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode", "MochiXDiTLoraLoader")
+NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode", "MochiXDiTLoraLoader", "MochiXDiTGuider",
+            "MochiXDiTModelSampling")
 
 
 class InterruptProcessingException(Exception):
@@ -88,8 +89,12 @@ def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
     management.processing_interrupted = processing_interrupted
     management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     management.interrupt_current_processing = interrupt_current_processing
-    comfy.utils, comfy.model_management = utils, management
-    return {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": management}
+    samplers = types.ModuleType("comfy.samplers")  # names from ComfyUI's lists (a few of them)
+    samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "euler_ancestral", "dpmpp_2m_sde"],
+                                              SCHEDULERS=["simple", "karras", "linear_quadratic"])
+    comfy.utils, comfy.model_management, comfy.samplers = utils, management, samplers
+    return {"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": management,
+            "comfy.samplers": samplers}
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,8 @@ def test_node_mappings_export_every_prefixed_node_in_one_category(fake_comfy):
 def test_node_class_follows_comfyui_v1_schema_rules(fake_comfy, node_id):
     cls = NODE_CLASS_MAPPINGS[node_id]
     spec = cls.INPUT_TYPES()
-    assert isinstance(spec, dict) and set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    assert isinstance(spec, dict) and set(spec) <= {"required", "optional", "hidden"}
+    assert spec["required"] or node_id == "MochiXDiTModelSampling"  # a source node with nothing to set
     inputs = {**spec.get("required", {}), **spec.get("optional", {})}
     for name, entry in inputs.items():
         assert isinstance(entry, tuple) and len(entry) == 2, name
@@ -160,7 +166,7 @@ def test_node_class_follows_comfyui_v1_schema_rules(fake_comfy, node_id):
     function = getattr(cls, cls.FUNCTION)
     parameters = inspect.signature(function).parameters
     assert set(spec["required"]) <= set(parameters), "FUNCTION must accept every required input"
-    validate = inspect.getfullargspec(cls.VALIDATE_INPUTS).args
+    validate = inspect.getfullargspec(cls.VALIDATE_INPUTS).args if hasattr(cls, "VALIDATE_INPUTS") else []
     assert set(validate) - {"cls"} <= set(inputs), "VALIDATE_INPUTS may only name inputs"
     # ComfyUI skips its min/max/combo checks for inputs VALIDATE_INPUTS names: ours must be widgets
     linked = {name for name, (kind, _) in inputs.items() if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN")}
@@ -306,6 +312,21 @@ def validate_sampler(**changes):
 def test_invalid_sampler_values_are_refused_not_clamped(fake_comfy, changes, fragment):
     message = validate_sampler(**changes)
     assert isinstance(message, str) and fragment in message
+
+
+def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path(fake_comfy):
+    from mochi_xdit.nodes.sampler import runs_on_ranks
+
+    assert validate_sampler(sampler_name="dpmpp_2m_sde", scheduler="karras") is True
+    assert "sampler_name='ddim' is not one of euler" in validate_sampler(sampler_name="ddim")
+    assert "scheduler='exp' is not one of" in validate_sampler(scheduler="exp")
+    assert "runs on the on-rank path only" in validate_sampler(sampler_name="euler_ancestral", scheduler="simple",
+                                                               cache="teacache")
+    assert validate_sampler(sampler_name="euler", scheduler="linear_quadratic", cache="teacache") is True
+    assert runs_on_ranks("euler", "simple", {"samples": None})
+    assert not runs_on_ranks("euler", "simple", {"samples": None, "noise_mask": torch.ones(1)})
+    assert not runs_on_ranks("euler", "simple", {"samples": None, "batch_index": [3]})
+    assert not runs_on_ranks("euler", "karras") and not runs_on_ranks("dpmpp_2m_sde", "simple")
 
 
 def test_sampler_inputs_fed_by_links_are_left_for_run_time(fake_comfy):

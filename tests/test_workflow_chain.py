@@ -106,10 +106,13 @@ def comfy_env(tmp_path_factory):
         management.unloaded += 1
 
     management.unload_all_models = unload_all_models
-    comfy.utils, comfy.model_management = utils, management
-    saved = {name: sys.modules.get(name) for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management")}
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "dpmpp_2m_sde"], SCHEDULERS=["simple", "linear_quadratic"])
+    comfy.utils, comfy.model_management, comfy.samplers = utils, management, samplers
+    saved = {name: sys.modules.get(name) for name in ("folder_paths", "comfy", "comfy.utils", "comfy.model_management",
+                                                      "comfy.samplers")}
     sys.modules.update({"folder_paths": folder_paths, "comfy": comfy, "comfy.utils": utils,
-                        "comfy.model_management": management})
+                        "comfy.model_management": management, "comfy.samplers": samplers})
     yield types.SimpleNamespace(folders=folders, utils=utils, management=management)
     for name, module in saved.items():
         if module is None:
@@ -199,7 +202,8 @@ def test_ui_workflow_matches_api_workflow(comfy_env):
             assert values.pop(1) in ("fixed", "randomize", "increment", "decrement")
         assert values == widgets, node["type"]
         if node["type"] in NODE_CLASS_MAPPINGS:
-            spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()["required"]
+            spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+            spec = {**spec["required"], **spec.get("optional", {})}  # the UI's widget order: required, then optional
             order = [name for name, (kind, _) in spec.items() if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING")]
             assert [k for k, v in api_inputs.items() if not isinstance(v, list)] == order
     assert ui["last_link_id"] == len(ui["links"]) and ui["version"] == 0.4

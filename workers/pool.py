@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 
 import ray
@@ -215,6 +216,50 @@ class Pool:
             self._check_usable()
             self._gather("set_loras", [a.set_loras.remote(tuple(loras)) for a in self._actors],
                          self.spec.timeouts.call_s)
+
+    @contextmanager
+    def evaluations(self, positive, negative, on_evaluation=None, loras: tuple = ()):
+        """Hold the pool for a sampler that runs in this process (ComfyUI's own samplers): the ranks
+        keep the prompts, and each call of the yielded function is one lockstep model evaluation.
+
+        Usage: `with pool.evaluations(positive, negative) as evaluate: x0 = evaluate(x, sigma, cfg)`.
+        `evaluate(latent, sigma, cfg)` takes a model-space latent [B, 12, T, H, W], sigma (a float,
+        or a tensor/sequence of one per sample) and the CFG scale, and returns ComfyUI's denoised x0
+        [B, 12, T, H, W] fp32 on CPU, CFG-combined on the ranks (cfg 1 skips the unconditional pass);
+        with cfg None it returns both branches unguided, [2, B, 12, T, H, W] (conditional,
+        unconditional). Each call waits with the step deadline; the pool stays locked for other
+        requests until the block ends, and an exception inside the block leaves the pool usable.
+
+        Args:
+            positive, negative: `mochi.text.TextCondition`s.
+            on_evaluation: called with the slowest rank's compute seconds after each evaluation.
+            loras: `mochi.lora.LoraSpec`s active for these evaluations; () is the base model.
+        """
+        from ..mochi.guidance import EvaluationRequest
+
+        with self._lock:
+            self._check_usable()
+            timeouts = self.spec.timeouts
+            request_ref = ray.put(EvaluationRequest(_valid_tokens_only(positive), _valid_tokens_only(negative)))
+            self._gather("begin_evaluations", [a.begin_evaluations.remote(request_ref, tuple(loras))
+                                               for a in self._actors], timeouts.call_s)
+
+            def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
+                self._check_usable()
+                sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
+                # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
+                latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
+                answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg) for a in self._actors],
+                                       timeouts.step_s)
+                if on_evaluation is not None:
+                    on_evaluation(max(seconds for _, seconds in answers))
+                return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
+
+            try:
+                yield evaluate
+            finally:
+                if not self.dead:
+                    self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors], timeouts.call_s)
 
     def _cancel(self, queued: list | None) -> None:
         """Let the already queued step finish, then drop the run on every rank."""

@@ -149,9 +149,9 @@ class _MaskAwareModel:
         self.counter.mask_true = self.valid_tokens[id(mask)]
         return self.model(latent, sigma, features, mask, ctx=ctx, attention=attention)
 
-    def embed(self, latent, sigma, features, mask, ctx=None, rope=None):
+    def embed(self, latent, sigma, features, mask, ctx=None, rope=None, attention=None):
         self.counter.mask_true = self.valid_tokens[id(mask)]
-        return self.model.embed(latent, sigma, features, mask, ctx=ctx, rope=rope)
+        return self.model.embed(latent, sigma, features, mask, ctx=ctx, rope=rope, attention=attention)
 
     def first_block_modulated_input(self, state):
         return self.model.first_block_modulated_input(state)

@@ -1,0 +1,169 @@
+"""Model evaluations for a sampler that runs outside the ranks (ComfyUI's own samplers).
+
+The oracle is a plain Euler loop written here from the published rectified-flow formulas, fed by
+the ranks' `evaluate` (denoised x0 at one sigma): x_t = sigma * noise + (1 - sigma) * x0,
+d = (x - x0) / sigma, x <- x + (sigma_next - sigma) * d (k-diffusion's Euler, what ComfyUI's
+`euler` sampler runs). On the same sigmas it must equal the Euler loop that runs whole on the ranks
+(`DenoiseLoop`), in fp32 to 1e-5: in-process on a `RankWorker`, and once on a 2-rank Ray pool
+(CFG parallel: each rank runs one branch, the combine happens on the ranks).
+"""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mochi_xdit.mochi.checkpoint import load_dit
+from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
+from mochi_xdit.mochi.guidance import EvaluationRequest
+from mochi_xdit.mochi.latent import comfy_noise, is_empty_latent, to_model_space, to_vae_space
+from mochi_xdit.mochi.parallel.config import ParallelConfig
+from mochi_xdit.mochi.pipeline import generate
+from mochi_xdit.mochi.sampler import SampleRequest
+from mochi_xdit.mochi.text import TextCondition
+from mochi_xdit.workers.actor import RankWorker
+from mochi_xdit.workers.protocol import PoolSpec, Timeouts
+
+TOLERANCE = 1e-5
+HEADS = DEMO_DIT_CONFIG.num_heads
+
+
+@pytest.fixture(scope="module")
+def dit_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("weights") / "dit.safetensors")
+    save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dit(dit_file):
+    return load_dit(dit_file, "fp32", "cpu")
+
+
+def prompts() -> tuple[TextCondition, TextCondition]:
+    generator = torch.Generator().manual_seed(1)
+    positive = TextCondition(torch.randn(1, 16, 4096, generator=generator), torch.tensor([[1] * 9 + [0] * 7]))
+    negative = TextCondition(torch.randn(1, 16, 4096, generator=generator), torch.tensor([[1] * 3 + [0] * 13]))
+    return positive, negative
+
+
+def euler_on(evaluate, request: SampleRequest) -> torch.Tensor:
+    """k-diffusion Euler on the request's sigmas, the model being `evaluate(x, sigma, cfg) -> x0`.
+    Returns the VAE-space latent."""
+    sigmas = request.sigmas
+    noise = comfy_noise(request.shape, request.seed)  # [B, 12, T, H, W]
+    clean = torch.zeros(request.shape) if request.init_latent is None else request.init_latent.float()
+    if not is_empty_latent(clean):
+        clean = to_model_space(clean)
+    x = sigmas[0] * noise + (1.0 - sigmas[0]) * clean
+    for i, scale in enumerate(request.cfg_scales):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = evaluate(x, torch.full((x.shape[0],), sigma), scale)
+        d = (x - x0) / sigma  # the velocity noise - x0
+        x = x + (sigma_next - sigma) * d
+    return to_vae_space(x)
+
+
+CASES = [
+    ("linear_quadratic", 1.0, 1, 1.0),
+    ("linear_quadratic", 4.5, 1, 1.0),
+    ("simple", 1.0, 1, 1.0),
+    ("simple", 4.5, 1, 1.0),
+    ("simple", 4.5, 2, 0.6),  # batch 2, img2img from a non-empty latent
+]
+
+
+@pytest.mark.parametrize("schedule,cfg,batch,denoise", CASES)
+def test_rank_evaluations_under_euler_equal_the_on_rank_loop(dit_file, dit, schedule, cfg, batch, denoise):
+    positive, negative = prompts()
+    shape = (batch, 12, 2, 8, 12)
+    init = torch.randn(shape, generator=torch.Generator().manual_seed(3)) if denoise < 1 else torch.zeros(shape)
+    request = SampleRequest(positive, negative, init_latent=init, seed=7, steps=4, cfg=cfg, schedule=schedule,
+                            denoise=denoise)
+    on_rank = generate(dit, request)
+
+    worker = RankWorker(0, PoolSpec(dit_file, None, "fp32", ParallelConfig(1, num_heads=HEADS)))
+    worker.load()
+    worker.begin_evaluations(EvaluationRequest(positive, negative))
+
+    def evaluate(x, sigma, scale):
+        x0, seconds = worker.evaluate(x.numpy(), sigma.tolist(), scale)  # numpy in and out, as through Ray
+        assert x0.dtype == np.float32 and x0.shape == x.shape and seconds > 0
+        return torch.from_numpy(x0)
+
+    driven = euler_on(evaluate, request)
+    assert (driven - on_rank).abs().max().item() <= TOLERANCE * max(1.0, on_rank.abs().max().item())
+    assert on_rank.abs().max().item() > 0.1  # a real latent, not zeros on both sides
+
+    # both branches unguided, combined here, give the same step
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    branches, _ = worker.evaluate(x, [0.7], None)  # [2, B, 12, T, H, W]; a tensor works too
+    guided, _ = worker.evaluate(x, [0.7], 4.5)
+    branches, guided = torch.from_numpy(branches), torch.from_numpy(guided)
+    assert branches.shape == (2, *shape)
+    assert (branches[1] + 4.5 * (branches[0] - branches[1]) - guided).abs().max().item() <= TOLERANCE
+    worker.end_evaluations()
+    with pytest.raises(RuntimeError, match="begin_evaluations"):
+        worker.evaluate(x, [0.7], 4.5)
+
+
+def test_evaluation_checks_its_inputs(dit_file):
+    worker = RankWorker(0, PoolSpec(dit_file, None, "fp32", ParallelConfig(1, num_heads=HEADS)))
+    positive, negative = prompts()
+    with pytest.raises(RuntimeError, match="before load"):
+        worker.begin_evaluations(EvaluationRequest(positive, negative))
+    worker.load()
+    with pytest.raises(TypeError, match="EvaluationRequest"):
+        worker.begin_evaluations((positive, negative))
+    with pytest.raises(TypeError, match="TextCondition"):
+        EvaluationRequest(positive, negative.features)
+    narrow = TextCondition(torch.zeros(1, 4, 64), torch.ones(1, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="4096"):
+        worker.begin_evaluations(EvaluationRequest(narrow, negative))
+    worker.begin_evaluations(EvaluationRequest(positive, negative))
+    with pytest.raises(ValueError, match="3 sigmas for a batch of 2"):
+        worker.evaluate(torch.zeros(2, 12, 1, 4, 4), [0.5, 0.4, 0.3], 4.5)
+
+
+# -- one 2-rank Ray pool (CFG parallel: the combine runs on the ranks) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def cfg_pool(dit_file):
+    from mochi_xdit.workers.service import MochiService
+
+    service = MochiService(log=lambda line: None)
+    timeouts = Timeouts(start_s=120, load_s=120, step_s=60, call_s=60, decode_s=120, collective_s=30)
+    yield service.pool(PoolSpec(dit_file, None, "fp32", ParallelConfig(2, 2, 1, 1, num_heads=HEADS), device="cpu",
+                                cpu_threads=1, timeouts=timeouts))
+    service.shutdown()
+
+
+@pytest.mark.parametrize("schedule", ["linear_quadratic", "simple"])
+def test_pool_evaluations_under_euler_equal_the_on_rank_loop(cfg_pool, dit, schedule):
+    positive, negative = prompts()
+    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=11, steps=3, cfg=4.5,
+                            schedule=schedule)
+    on_rank = generate(dit, request)
+    assert (cfg_pool.sample(request) - on_rank).abs().max().item() <= TOLERANCE
+
+    seconds = []
+    with cfg_pool.evaluations(positive, negative, on_evaluation=seconds.append) as evaluate:
+        driven = euler_on(evaluate, request)
+        x = torch.randn(request.shape, generator=torch.Generator().manual_seed(5))
+        branches = evaluate(x, 0.5, None)  # [2, B, 12, T, H, W]
+        guided = evaluate(x, 0.5, 4.5)
+    assert (driven - on_rank).abs().max().item() <= TOLERANCE * max(1.0, on_rank.abs().max().item())
+    assert (branches[1] + 4.5 * (branches[0] - branches[1]) - guided).abs().max().item() <= TOLERANCE
+    assert len(seconds) == request.steps + 2 and min(seconds) > 0
+
+
+def test_pool_stays_usable_after_an_exception_inside_evaluations(cfg_pool, dit):
+    positive, negative = prompts()
+    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=11, steps=2, cfg=4.5)
+    with pytest.raises(KeyError, match="cancelled by the test"):
+        with cfg_pool.evaluations(positive, negative) as evaluate:
+            evaluate(torch.zeros(request.shape), 1.0, 4.5)
+            raise KeyError("cancelled by the test")  # e.g. ComfyUI's interrupt between evaluations
+    assert not cfg_pool.dead
+    assert (cfg_pool.sample(request) - generate(dit, request)).abs().max().item() <= TOLERANCE
