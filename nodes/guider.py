@@ -3,9 +3,7 @@ sampling nodes (KSamplerSelect, BasicScheduler, SplitSigmas, RandomNoise, ...)."
 
 from . import checks
 from .comfy_types import conditioning_to_text
-from .handle import POOL_TYPE
-
-MAX_CFG = 100.0
+from .inputs import CFG_INPUT, MAX_CFG, NEGATIVE_INPUT, POOL_INPUT, POSITIVE_INPUT
 
 
 class MochiXDiTGuider:
@@ -23,16 +21,10 @@ class MochiXDiTGuider:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader."}),
-                "positive": ("CONDITIONING", {
-                    "tooltip": "What the video should show: CLIPTextEncode with a CLIPLoader of type 'mochi'."}),
-                "negative": ("CONDITIONING", {
-                    "tooltip": "What to steer away from (CLIPTextEncode). Unused when cfg is 1."}),
-                "cfg": ("FLOAT", {
-                    "default": 4.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
-                    "tooltip": "Classifier-free guidance: higher follows the prompt more closely, too high "
-                               "over-saturates. 4.5 is Mochi's default; 1 skips the negative pass (half "
-                               "the work)."}),
+                "pool": POOL_INPUT,
+                "positive": POSITIVE_INPUT,
+                "negative": NEGATIVE_INPUT,
+                "cfg": CFG_INPUT,
             }
         }
 

@@ -3,12 +3,11 @@
 from ..mochi.constants import SCHEDULE_NAMES as SCHEDULES
 from . import checks
 from .comfy_types import conditioning_to_text, latent_samples, output_latent
-from .handle import POOL_TYPE
+from .inputs import CFG_INPUT, MAX_CFG, NEGATIVE_INPUT, POOL_INPUT, POSITIVE_INPUT
 from .progress import ProgressReporter
 from .runs import run_sample
 
 MAX_STEPS = 1000
-MAX_CFG = 100.0
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MIN_DENOISE = 0.01
 CACHE_CHOICES = ("off", "teacache", "first_block")
@@ -78,12 +77,9 @@ class MochiXDiTSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader."}),
-                "positive": ("CONDITIONING", {
-                    "tooltip": "What the video should show: CLIPTextEncode with a CLIPLoader of type 'mochi'."}),
-                "negative": ("CONDITIONING", {
-                    "tooltip": "What to steer away from (CLIPTextEncode; an empty prompt is usual). "
-                               "Unused when cfg is 1."}),
+                "pool": POOL_INPUT,
+                "positive": POSITIVE_INPUT,
+                "negative": NEGATIVE_INPUT,
                 "latent_image": ("LATENT", {
                     "tooltip": "Size and length of the video: EmptyMochiLatentVideo (width/height multiples of "
                                "16, length 6k+1), or a Mochi latent to re-noise (see denoise)."}),
@@ -94,11 +90,7 @@ class MochiXDiTSampler:
                     "default": 64, "min": 1, "max": MAX_STEPS, "step": 1,
                     "tooltip": "Denoising steps. Mochi's default is 64; fewer is faster and blurrier. Time "
                                "grows linearly with steps."}),
-                "cfg": ("FLOAT", {
-                    "default": 4.5, "min": 0.0, "max": MAX_CFG, "step": 0.1, "round": 0.01,
-                    "tooltip": "Classifier-free guidance: higher follows the prompt more closely, too high "
-                               "over-saturates. 4.5 is Mochi's default; 1 skips the negative pass (half "
-                               "the work; on a cfg_degree 2 pool the second half of the ranks then idles)."}),
+                "cfg": CFG_INPUT,
                 "schedule": (list(SCHEDULES), {
                     "default": "linear_quadratic",
                     "tooltip": "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "

@@ -56,7 +56,9 @@ def test_finish_and_cancel_drop_the_run_and_release_its_memory(demo_spec, monkey
     assert worker.attention.backend is AttentionBackend.AUTO and worker.attention.installed is not None
     worker.step(0)
     worker.step(1)
-    latent = worker.finish()
+    result = worker.finish()
+    latent = result.latent
+    assert result.cache_stats is None  # no step cache asked for: nothing to report
     assert latent.shape == (1, 12, 1, 4, 4) and worker._loop is None
     assert released == [worker.device]
     worker.begin(tiny_request())

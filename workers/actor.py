@@ -98,12 +98,10 @@ class RankWorker:
         return AttentionConfig(backend, installed)
 
     def info(self) -> RankInfo:
-        """Where this rank runs, and where it imported our package from."""
-        from .. import __file__ as package_init
-
+        """Where this rank runs, and where it imported our package from (the folder above workers/)."""
         node_id, node_ip = _node_id_and_ip()
-        return RankInfo(self.rank, node_id, node_ip, os.getpid(), os.path.dirname(os.path.abspath(package_init)),
-                        os.nice(0))
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return RankInfo(self.rank, node_id, node_ip, os.getpid(), package_dir, os.nice(0))
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0 of a cluster pool: open the TCP rendezvous store on a free port of this node and
@@ -202,7 +200,8 @@ class RankWorker:
         and the GPU cache emptied, so decoding gets the memory."""
         if self._loop is None:
             raise RuntimeError(f"rank {self.rank}: finish() before begin(); call begin(request) and run the steps first")
-        latent, stats = self._loop.finish().cpu(), self._loop.cache_stats
+        latent = self._loop.finish().cpu()
+        stats = self._loop.cache_stats if self._loop.request.cache is not None else None
         self._loop = None
         release_cached_memory(self.device)
         return RunResult(latent, stats) if self.rank == 0 else None
