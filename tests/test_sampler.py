@@ -155,12 +155,8 @@ class BranchModel(torch.nn.Module):
         return self.scale * latent + sigma.view(1, 1, 1, 1, 1) + features[:, mask[0].bool()].sum() * 0.01
 
 
-def test_cfg_parallel_ranks_run_one_branch_each_and_match_single_device():
-    positive, negative = text(5, 1), text(2, 2)
-    request = SampleRequest(positive, negative, latent_shape=(2, 12, 1, 2, 2), steps=3, cfg=[4.5, 1.0, 3.0])
-    single_model = BranchModel()
-    single = generate(single_model, request)
-
+def run_two_cfg_ranks(request):
+    """Both CFG ranks of a cfg_degree 2 layout, as two threads; returns ({rank: latent}, {rank: model})."""
     shared, barrier, results, models = {}, threading.Barrier(2), {}, {0: BranchModel(), 1: BranchModel()}
 
     def rank(r):
@@ -171,6 +167,14 @@ def test_cfg_parallel_ranks_run_one_branch_each_and_match_single_device():
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    return results, models
+
+
+def test_cfg_parallel_ranks_run_one_branch_each_and_match_single_device():
+    positive, negative = text(5, 1), text(2, 2)
+    request = SampleRequest(positive, negative, latent_shape=(2, 12, 1, 2, 2), steps=3, cfg=[4.5, 1.0, 3.0])
+    single = generate(BranchModel(), request)
+    results, models = run_two_cfg_ranks(request)
     assert models[0].texts == [5] * 6  # the conditional branch, every step and sample
     # one branch per rank; at the cfg-1 step (no negative pass) rank 1 evaluates nothing
     assert models[1].texts == [2, 2, 2, 2]
@@ -181,16 +185,7 @@ def test_cfg_parallel_ranks_run_one_branch_each_and_match_single_device():
 def test_cfg_parallel_with_cfg_one_runs_and_matches_single_device():
     request = SampleRequest(text(1, 1), text(1, 2), latent_shape=(1, 12, 1, 2, 2), steps=2, cfg=1.0)
     single = generate(BranchModel(), request)
-    shared, barrier, results, models = {}, threading.Barrier(2), {}, {0: BranchModel(), 1: BranchModel()}
-
-    def rank(r):
-        results[r] = generate(models[r], request, ctx=ThreadCfgContext(r, shared, barrier))
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    results, models = run_two_cfg_ranks(request)
     assert models[0].texts == [1, 1] and models[1].texts == []  # no unconditional pass to run
     for r in (0, 1):
         assert (results[r] - single).abs().max().item() == 0.0

@@ -181,6 +181,19 @@ def small_workflow() -> dict:
     return prompt
 
 
+def oracle_request(prompt: dict, **extra) -> SampleRequest:
+    """The single-process SampleRequest the workflow's sampler (node 6) runs: same prompts, seed,
+    steps, cfg and schedule (its `scheduler` input, which supersedes `schedule`)."""
+    sampler = prompt["6"]["inputs"]
+    positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
+    negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
+    return SampleRequest(
+        positive=TextCondition(positive[0], positive[1]["attention_mask"]),
+        negative=TextCondition(negative[0], negative[1]["attention_mask"]),
+        init_latent=torch.zeros(1, 12, 2, 4, 6), seed=sampler["seed"], steps=sampler["steps"], cfg=sampler["cfg"],
+        schedule=sampler.get("scheduler", sampler["schedule"]), denoise=sampler["denoise"], **extra)
+
+
 def test_ui_workflow_matches_api_workflow(comfy_env):
     """Same nodes, same links, and widget values in each node's input order (seed has the extra
     control_after_generate value in the UI file)."""
@@ -218,13 +231,7 @@ def test_api_workflow_chain_matches_single_process_pipeline(comfy_env):
 
     # the oracle: one process, same files, same request
     folders = comfy_env.folders
-    positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
-    negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
-    request = SampleRequest(
-        positive=TextCondition(positive[0], positive[1]["attention_mask"]),
-        negative=TextCondition(negative[0], negative[1]["attention_mask"]),
-        init_latent=torch.zeros(1, 12, 2, 4, 6), seed=prompt["6"]["inputs"]["seed"], steps=3,
-        cfg=prompt["6"]["inputs"]["cfg"], schedule=prompt["6"]["inputs"]["schedule"], denoise=1.0)
+    request = oracle_request(prompt)
     expected_latent = generate(load_dit(str(folders["diffusion_models"] / "demo_dit.safetensors"), "fp32"), request)
     from mochi_xdit.nodes.decode import tile_spec
 
@@ -321,14 +328,7 @@ def test_lora_and_step_cache_through_the_chain_equal_one_process_and_leave_the_n
     latent = run_api_workflow(prompt)["6"][0]["samples"]
 
     folders = comfy_env.folders
-    positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
-    negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
-    request = SampleRequest(
-        positive=TextCondition(positive[0], positive[1]["attention_mask"]),
-        negative=TextCondition(negative[0], negative[1]["attention_mask"]),
-        init_latent=torch.zeros(1, 12, 2, 4, 6), seed=prompt["6"]["inputs"]["seed"], steps=6,
-        cfg=prompt["6"]["inputs"]["cfg"], schedule=prompt["6"]["inputs"]["schedule"],
-        cache=StepCacheSpec(StepCacheKind.FIRST_BLOCK, 0.9))
+    request = oracle_request(prompt, cache=StepCacheSpec(StepCacheKind.FIRST_BLOCK, 0.9))
     dit = load_dit(str(folders["diffusion_models"] / "demo_dit.safetensors"), "fp32")
     LoraSwitch(dit, torch.float32).set((LoraSpec(str(folders["loras"] / "demo_lora.safetensors"), 0.7),))
     loop = DenoiseLoop(dit, request)
