@@ -1,7 +1,8 @@
 """ComfyUI's own samplers driving the rank pool, checked against a real ComfyUI (not CI: ComfyUI is not
 on PyPI). Run with ComfyUI's python and this pack importable as `mochi_xdit`:
 
-    PYTHONPATH=/tmp/pkgs_<name> /tmp/comfy/venv/bin/python -O tools/comfy_sampler_check.py [--comfy DIR]
+    mkdir -p /tmp/pkgs && ln -sfn "$PWD" /tmp/pkgs/mochi_xdit     # a `mochi_xdit` link to this folder
+    PYTHONPATH=/tmp/pkgs /tmp/comfy/venv/bin/python tools/comfy_sampler_check.py [--quick] [--comfy DIR]
 
 The oracle is core itself: ComfyUI's own Mochi model (`comfy.ldm.genmo...AsymmDiTJoint`, inside
 `comfy.model_base.GenmoMochi`, built by `comfy.supported_models.GenmoMochi.get_model` from a unet
