@@ -370,14 +370,9 @@ def _resolve(source: str) -> tuple[_Naming, _Target, str] | str:
 
 def _peft_config(metadata: dict[str, str], path: str) -> dict | None:
     """diffusers' saved PEFT LoraConfig (keys under `transformer.` when a pipeline saved it), or None."""
-    raw = metadata.get(PEFT_METADATA_KEY)
-    if not raw:
+    config = _json_metadata(metadata, PEFT_METADATA_KEY, path, "re-save the LoRA with diffusers")
+    if config is None:
         return None
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise LoraError(LoraProblem.INCONSISTENT, f"{path}: metadata {PEFT_METADATA_KEY} is not JSON ({error}); "
-                        "re-save the LoRA with diffusers") from None
     if any(k.startswith("transformer.") for k in config):
         config = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
     if not any(k in config for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")):
@@ -400,15 +395,21 @@ def _pattern_value(patterns: dict, name: str):
 
 
 def _genmo_kwargs(metadata: dict[str, str], path: str) -> dict | None:
-    raw = metadata.get(GENMO_METADATA_KEY)
+    return _json_metadata(metadata, GENMO_METADATA_KEY, path,
+                          "it should hold genmo's LoRA kwargs (qkv_proj_lora_rank, ...)")
+
+
+def _json_metadata(metadata: dict[str, str], key: str, path: str, fix: str) -> dict | None:
+    """A safetensors metadata entry holding a JSON object, or None when absent (or not an object);
+    a LoraError saying `fix` when it is not JSON."""
+    raw = metadata.get(key)
     if not raw:
         return None
     try:
-        kwargs = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise LoraError(LoraProblem.INCONSISTENT, f"{path}: metadata '{GENMO_METADATA_KEY}' is not JSON ({error}); "
-                        "it should hold genmo's LoRA kwargs (qkv_proj_lora_rank, ...)") from None
-    return kwargs if isinstance(kwargs, dict) else None
+        raise LoraError(LoraProblem.INCONSISTENT, f"{path}: metadata '{key}' is not JSON ({error}); {fix}") from None
+    return value if isinstance(value, dict) else None
 
 
 def inspect_lora(path: str | os.PathLike, config: DiTConfig | None = None) -> LoraInfo:
