@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .parallel.kernel import AttentionConfig
 from .text import TextCondition
 
 
@@ -91,6 +92,8 @@ class GuidedDiT:
                 )
         self.model = model
         self.ctx = ctx
+        if ctx is None:  # one device: resolve the kernel choice once here, not in every forward
+            attention = (attention or AttentionConfig()).resolved()
         self.attention = attention
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
         self._texts = {

@@ -85,7 +85,7 @@ class ParallelContext:
         self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
-        self.attention = attention
+        self.attention = attention.resolved()  # installed kernels detected once, not per forward
         self.xfuser_attention = XFuserAttention(self) if attention.backend is AttentionBackend.XFUSER else None
 
     def _new_groups(self, rank_lists: list[list[int]], timeout):
