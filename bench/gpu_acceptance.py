@@ -42,6 +42,7 @@ from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, demo_checkpo
 from mochi_xdit.mochi.dit import DiTConfig
 from mochi_xdit.mochi.layers import FP8, fp8_compute, quantise_fp8, scaled_mm_linear
 from mochi_xdit.mochi.parallel.config import ParallelConfig
+from mochi_xdit.mochi.parallel.kernel_choice import KernelChoice  # noqa: E402
 from mochi_xdit.mochi.parallel.kernel import (AttentionConfig, InstalledKernels, attention, attention_with_lse,
                                               choose_backend)
 from mochi_xdit.mochi.planner.hardware import GB, gpu_from_device_name
@@ -210,7 +211,8 @@ def dit_run(model, mode: Mode, weight_dtype: str, video: tuple[int, int, int], d
                             seed=0, steps=1 + mode.repeats, cfg=CFG)
     reset_peak(device)
     # bf16 on a GPU, fp32 on the CPU, as a rank computes
-    loop = DenoiseLoop(model, request, device=device, attention=AttentionConfig(installed=installed))
+    loop = DenoiseLoop(model, request, device=device,
+                       attention=KernelChoice(AttentionConfig(installed=installed), measure=True))
     loop.begin()
     started = time.perf_counter()
     loop.step(0)  # warm-up: kernel selection, allocator growth

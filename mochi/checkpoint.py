@@ -10,6 +10,7 @@ decoder (a full VAE's `encoder.*` keys are ignored), and ComfyUI `fp8_scaled` fi
 Anything else is refused with a message that says what the file looks like.
 """
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .constants import WEIGHT_DTYPE_NAMES
-from .dit import DiTConfig, MochiDiT
+from .dit import DiTCompile, DiTConfig, MochiDiT
 from .file_kind import MOCHI_ENCODER, FileKind, Slot, recognise, wrong_slot_advice
 from .layers import Linear, quantise_fp8
 
@@ -284,7 +285,8 @@ def _check_dtype(weight_dtype: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"weight_dtype={weight_dtype!r}; use one of {', '.join(allowed)}")
 
 
-def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | torch.device = "cpu") -> MochiDiT:
+def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | torch.device = "cpu",
+             compile: DiTCompile = DiTCompile.OFF) -> MochiDiT:
     """Load a Mochi DiT of any size from safetensors (genmo names, optional ComfyUI prefix, fp8_scaled).
 
     Args:
@@ -293,6 +295,8 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
             a per-tensor scale, cast at call time; everything else bf16). `pos_frequencies` is
             always fp32.
         device: where the weights live; on CPU, weights already in the target dtype stay memory-mapped.
+        compile: `dit.DiTCompile` (ON compiles the blocks' regions between collectives at the first
+            forward).
 
     Returns:
         MochiDiT in eval mode without gradients; `model.config` holds the inferred size.
@@ -307,7 +311,8 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     prefix = info.dit_prefix
     names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     weights, scales = _split_aux(names)
-    model = _build_on_meta(path, info, weights, DiTConfig, MochiDiT, "the model", hint)
+    model = _build_on_meta(path, info, weights, DiTConfig, functools.partial(MochiDiT, compile=compile), "the model",
+                           hint)
     _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model
 

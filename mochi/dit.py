@@ -13,6 +13,7 @@ different prompt lengths are separate calls.
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn as nn
@@ -23,10 +24,45 @@ from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
 from .joint_attention import joint_attention
 from .layers import Linear, RMSNorm
 from .parallel.kernel import AttentionConfig
+from .parallel.kernel_choice import KernelChoice
 
 ATTENTION_POOL_HEADS = 8  # genmo's T5 attention pool; not visible in tensor shapes
 NORM_EPS = 1e-6  # modulated / residual RMS norms and the final LayerNorm
 QK_NORM_EPS = 1e-5
+
+
+class DiTCompile(str, Enum):
+    """Whether the DiT's blocks run through `torch.compile` (the loader's `compile`, the CLI's
+    `--compile`). ON compiles, per block, the two regions between collectives: before attention
+    (modulation, modulated RMSNorms, q/k/v projections, q/k norms, RoPE) and after it (output
+    projections, gates, SwiGLU MLPs, residuals). Attention and every collective stay eager. The
+    regions are compiled with dynamic shapes, so a new token count (another size, another prompt
+    length) does not recompile; token counts 0 and 1 (an empty prompt) compile once more."""
+
+    OFF = "off"
+    ON = "on"
+
+    @classmethod
+    def parse(cls, value: "DiTCompile | str") -> "DiTCompile":
+        """The member for a member or its value; a ValueError listing the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"compile={value!r}; use one of {', '.join(c.value for c in cls)}") from None
+
+
+def _region(function, compile: DiTCompile):
+    """`function` itself, or compiled (see `DiTCompile`; `_token_dims_dynamic` marks its inputs)."""
+    return torch.compile(function) if compile is DiTCompile.ON else function
+
+
+def _token_dims_dynamic(*tensors_and_dims) -> None:
+    """Mark the token-count dims of a compiled region's inputs dynamic, so the first compile is
+    already general in them (and only in them: widths, heads and head_dim stay static, which
+    keeps the kernels specialised). Takes (tensor or None, dim) pairs."""
+    for tensor, dim in tensors_and_dims:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 @dataclass(frozen=True)
@@ -108,32 +144,43 @@ class DiTConfig:
 
 
 def modulated_rmsnorm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """rmsnorm(x) * (1 + scale), fp32 inside. x [B, S, D], scale [B, D].
+    """rmsnorm(x) * (1 + scale). x [B, S, D], scale [B, D].
 
-    Written to allocate one [B, S, D] buffer (the fused norm's output, then scaled in place): on
-    CPU every fresh large temporary costs page faults that cost as much as the arithmetic."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)  # fresh fp32 [B, S, D]
-    return normed.mul_(1.0 + scale.float()[:, None]).to(x.dtype)
+    The fused norm accumulates in fp32 whatever x's dtype, so x is not copied to fp32 first; its
+    output (in x's dtype) is scaled in place: one [B, S, D] allocation."""
+    normed = F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)  # fresh [B, S, D], fp32 inside
+    return normed.mul_((1.0 + scale.float())[:, None].to(x.dtype))
 
 
 def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + rmsnorm(residual) * tanh(gate). x, residual [B, S, D], gate [B, D]. One [B, S, D]
-    allocation in fp32 (normalise, gate and add in place)."""
-    normed = F.rms_norm(residual.float(), (residual.shape[-1],), eps=NORM_EPS)  # fresh fp32 [B, S, D]
-    normed.mul_(torch.tanh(gate.float())[:, None])
-    if x.dtype == torch.float32:
-        return normed.add_(x)
-    return x + normed.to(x.dtype)
+    allocation (normalise with fp32 accumulation, gate in place, add)."""
+    normed = F.rms_norm(residual, (residual.shape[-1],), eps=NORM_EPS)  # fresh [B, S, D], fp32 inside
+    normed.mul_(torch.tanh(gate.float())[:, None].to(residual.dtype))
+    return normed.add_(x) if normed.dtype == x.dtype else x + normed.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs as one complex multiply, in fp32.
-    x [B, S, H, Dh] (contiguous pairs), rope [S, H, Dh/2] complex64 (cos + i sin of the angles).
-    inplace=True may overwrite x (pass it only a fresh temporary)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, Dh/2] complex64
-    # x.float() of a narrower x is a fresh copy, so rotating it in place is always safe
-    rotated = pairs.mul_(rope) if inplace or x.dtype != torch.float32 else pairs * rope
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # [B, S, H, Dh]
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs by the table's angles, in fp32 real arithmetic
+    (even' = even cos - odd sin, odd' = even sin + odd cos; no complex tensors, which Inductor
+    handles poorly).
+
+    Args:
+        x: [B, S, H, Dh] (contiguous pairs); not modified.
+        rope: [S, H, Dh/2, 2] (cos, sin) in fp32 or the compute dtype (`MochiDiT.rope_table`).
+        out: where to write the result ([B, S, H, Dh], any float dtype, not overlapping x), e.g.
+            the projection's own q slot; None allocates one in x's dtype.
+
+    Returns:
+        `out` (or the new tensor).
+    """
+    even, odd = x.unflatten(-1, (-1, 2)).float().unbind(-1)  # [B, S, H, Dh/2] fp32 each
+    cos, sin = rope.unbind(-1)  # [S, H, Dh/2] each
+    out = torch.empty_like(x) if out is None else out
+    out_even, out_odd = out.unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, Dh/2] views of out
+    out_even.copy_(even * cos - odd * sin)  # fp32 arithmetic, rounded once into out's dtype
+    out_odd.copy_(even * sin + odd * cos)
+    return out
 
 
 def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
@@ -164,7 +211,9 @@ class PatchEmbed(nn.Module):
         # weights cast to the compute dtype (the latent's), like `Linear`: [B*T, D, H/p, W/p]
         weight, bias = self.proj.weight.to(latent.dtype), self.proj.bias.to(latent.dtype)
         patches = F.conv2d(frames, weight, bias, stride=self.proj.stride)
-        return rearrange(patches, "(b t) d h w -> b (t h w) d", b=B)  # [B, S, D]
+        # contiguous: with one frame the rearrange is a transposed view, whose strides would give
+        # every later op (and every compiled region's guards) a second layout to handle
+        return rearrange(patches, "(b t) d h w -> b (t h w) d", b=B).contiguous()  # [B, S, D]
 
 
 class TimestepEmbedder(nn.Module):
@@ -238,8 +287,9 @@ class FeedForward(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """Attention over [video tokens, valid text tokens] with separate projections per stream.
-    RoPE applies to video q, k only. `update_y=False` (last block) has no text output projection."""
+    """The projections around attention over [video tokens, valid text tokens], separate per
+    stream. RoPE applies to video q, k only. `update_y=False` (last block) has no text output
+    projection. `JointBlock` runs `project`, the (eager) joint attention, then `project_out`."""
 
     def __init__(self, config: DiTConfig, update_y: bool):
         super().__init__()
@@ -255,44 +305,51 @@ class JointAttention(nn.Module):
         self.proj_x = Linear(inner, config.hidden_size_x)
         self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
 
-    def forward(self, x, y, rope, ctx=None, video_len=None, attention=None):
-        """
+    def project(self, x: torch.Tensor, y: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v of both streams, q and k normalised (video's also rotated).
+
+        The normalised (and rotated) q and k are written back into the fused projection's own
+        slots, so each stream's q, k and v stay one buffer: nothing else is held beside them (a
+        fresh q and k next to a `v` view would keep the whole projection alive for 5/3 of it).
+
         Args:
             x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
             y: [B, L, Dy] normalised valid text tokens (replicated on every rank).
-            rope: [Sx, H, Dh/2] complex64 rotations for these video tokens' global positions.
-            ctx: ParallelContext or None.
-            video_len: global number of real video tokens (without padding), needed under ctx.
-            attention: AttentionConfig (kernel choice), or None for the context's / auto.
+            rope: [Sx, H, Dh/2, 2] (cos, sin) for these video tokens' global positions.
 
         Returns:
-            ([B, Sx, Dx], [B, L, Dy] or None when update_y is False).
+            (q_x, k_x, v_x) [B, Sx, H, Dh] and (q_y, k_y, v_y) [B, L, H, Dh], views of the projections.
         """
         B, Sx, _ = x.shape
         L = y.shape[1]
         H, Dh = self.num_heads, self.head_dim
         q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
-        q_x = apply_rope(self.q_norm_x(q_x), rope, inplace=True)  # the norm's output is a fresh tensor
-        k_x = apply_rope(self.k_norm_x(k_x), rope, inplace=True)
-        if ctx is not None:  # v alone would keep the whole [B, Sx, 3 * inner] projection alive through USP
-            v_x = v_x.contiguous()
+        apply_rope(self.q_norm_x(q_x), rope, out=q_x)  # the norm's output is a fresh temporary
+        apply_rope(self.k_norm_x(k_x), rope, out=k_x)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
-        q_y = self.q_norm_y(q_y)
-        k_y = self.k_norm_y(k_y)
-        out_x, out_y = joint_attention(
-            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.proj_y is not None,
-            attention_config=attention,
-        )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
+        q_y.copy_(self.q_norm_y(q_y))
+        k_y.copy_(self.k_norm_y(k_y))
+        return q_x, k_x, v_x, q_y, k_y, v_y
+
+    def project_out(self, out_x: torch.Tensor, out_y: torch.Tensor | None):
+        """Attention outputs [B, Sx, H, Dh], [B, L, H, Dh] (None on the last block) ->
+        ([B, Sx, Dx], [B, L, Dy] or None)."""
+        B, Sx, H, Dh = out_x.shape
         out_x = self.proj_x(out_x.reshape(B, Sx, H * Dh))  # [B, Sx, Dx]
         if self.proj_y is None:
             return out_x, None
-        return out_x, self.proj_y(out_y.reshape(B, L, H * Dh))  # [B, L, Dy]
+        return out_x, self.proj_y(out_y.reshape(B, out_y.shape[1], H * Dh))  # [B, L, Dy]
 
 
 class JointBlock(nn.Module):
-    """One asymmetric joint block: adaLN-style modulation (scale, gate; no shift) from c."""
+    """One asymmetric joint block: adaLN-style modulation (scale, gate; no shift) from c.
 
-    def __init__(self, config: DiTConfig, update_y: bool):
+    The forward is three parts: `before_attention`, the joint attention (eager: under a parallel
+    context it is where the collectives are), `after_attention`. With `compile` ON the two outer
+    parts run compiled (`DiTCompile`).
+    """
+
+    def __init__(self, config: DiTConfig, update_y: bool, compile: DiTCompile = DiTCompile.OFF):
         super().__init__()
         self.update_y = update_y
         self.mod_x = Linear(config.hidden_size_x, 4 * config.hidden_size_x)
@@ -301,6 +358,9 @@ class JointBlock(nn.Module):
         self.attn = JointAttention(config, update_y)
         self.mlp_x = FeedForward(config.hidden_size_x, config.mlp_hidden_x)
         self.mlp_y = FeedForward(config.hidden_size_y, config.mlp_hidden_y) if update_y else None
+        self.compiled = compile is DiTCompile.ON
+        self._before_attention = _region(self.before_attention, compile)
+        self._after_attention = _region(self.after_attention, compile)
 
     def attention_input_x(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The visual stream's modulated attention input rmsnorm(x) * (1 + scale_msa_x), exactly as
@@ -309,27 +369,54 @@ class JointBlock(nn.Module):
         scale_msa_x = self.mod_x(F.silu(c)).chunk(4, dim=1)[0]  # [B, Dx]
         return modulated_rmsnorm(x, scale_msa_x)
 
-    def forward(self, x, c, y, rope, ctx=None, video_len=None, attention=None):
-        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy] -> (x, y) same shapes; ctx, video_len
-        and attention as in `JointAttention.forward`."""
+    def before_attention(self, x, c, y, rope):
+        """Modulation, modulated RMSNorms and `JointAttention.project`.
+
+        Returns:
+            (q_x, k_x, v_x, q_y, k_y, v_y) as `JointAttention.project`, and the modulation
+            `after_attention` takes: (gate_msa_x, scale_mlp_x, gate_mlp_x) [B, Dx] each, then
+            (gate_msa_y, scale_mlp_y, gate_mlp_y) [B, Dy] each or three None on the last block.
+        """
         c = F.silu(c)
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # [B, Dx] each
         mod_y = self.mod_y(c)
         if self.update_y:
             scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y.chunk(4, dim=1)  # [B, Dy] each
         else:
-            scale_msa_y = mod_y
+            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y, None, None, None
+        qkv = self.attn.project(modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope)
+        return qkv, (gate_msa_x, scale_mlp_x, gate_mlp_x, gate_msa_y, scale_mlp_y, gate_mlp_y)
 
-        attn_x, attn_y = self.attn(
-            modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope,
-            ctx=ctx, video_len=video_len, attention=attention,
-        )
+    def after_attention(self, x, y, out_x, out_y, modulation):
+        """Output projections, gated residuals and the MLPs: x [B, Sx, Dx], y [B, L, Dy] and the
+        attention outputs [B, Sx, H, Dh], [B, L, H, Dh] (None on the last block) -> new (x, y)."""
+        gate_msa_x, scale_mlp_x, gate_mlp_x, gate_msa_y, scale_mlp_y, gate_mlp_y = modulation
+        attn_x, attn_y = self.attn.project_out(out_x, out_y)  # [B, Sx, Dx], [B, L, Dy] or None
         x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
         x = residual_tanh_gated_rmsnorm(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
         if self.update_y:
             y = residual_tanh_gated_rmsnorm(y, attn_y, gate_msa_y)
             y = residual_tanh_gated_rmsnorm(y, self.mlp_y(modulated_rmsnorm(y, scale_mlp_y)), gate_mlp_y)
         return x, y
+
+    def forward(self, x, c, y, rope, ctx=None, video_len=None, attention=None):
+        """x [B, Sx, Dx], c [B, Dx] (conditioning), y [B, L, Dy], rope [Sx, H, Dh/2, 2] -> (x, y) same
+        shapes.
+
+        Args (beyond those): ctx: ParallelContext or None; video_len: global number of real video
+        tokens (without padding), needed under ctx; attention: the kernel choice (see `MochiDiT.forward`).
+        """
+        if self.compiled:
+            _token_dims_dynamic((x, 1), (y, 1), (rope, 0))
+        (q_x, k_x, v_x, q_y, k_y, v_y), modulation = self._before_attention(x, c, y, rope)
+        out_x, out_y = joint_attention(
+            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.update_y,
+            kernels=attention,
+        )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
+        del q_x, k_x, v_x, q_y, k_y, v_y  # the projections are freed before the MLPs run
+        if self.compiled:
+            _token_dims_dynamic((x, 1), (y, 1), (out_x, 1), (out_y, 1))
+        return self._after_attention(x, y, out_x, out_y, modulation)
 
 
 class FinalLayer(nn.Module):
@@ -343,8 +430,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.mod(F.silu(c)).chunk(2, dim=1)  # [B, Dx] each
-        x = F.layer_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)
-        x = torch.addcmul(shift.float()[:, None], x, 1.0 + scale.float()[:, None]).to(c.dtype)
+        x = F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)  # fp32 accumulation inside, x's dtype out
+        x = torch.addcmul(shift[:, None], x, (1.0 + scale.float())[:, None].to(x.dtype))  # [B, S, Dx]
         return self.linear(x)  # [B, S, p*p*C]
 
 
@@ -361,9 +448,9 @@ class TokenState:
         x: [1, S(_local), Dx] visual tokens (this rank's shard under a parallel context, padded).
         y: [1, Lv, Dy] valid text tokens (replicated on every rank).
         c: [1, Dx] conditioning (time + pooled text).
-        rope: [S(_local), H, Dh/2] complex64 rotations for this shard's positions.
+        rope: [S(_local), H, Dh/2, 2] (cos, sin) for this shard's positions (`MochiDiT.rope_table`).
         grid: (T, pH, pW): latent frames and patch rows and columns; S = T * pH * pW.
-        attention: the resolved kernel choice every block of this forward uses.
+        attention: the kernel choice every block of this forward uses.
     """
 
     x: torch.Tensor
@@ -371,7 +458,7 @@ class TokenState:
     c: torch.Tensor
     rope: torch.Tensor
     grid: tuple[int, int, int]
-    attention: AttentionConfig
+    attention: KernelChoice
 
     @property
     def video_len(self) -> int:
@@ -386,20 +473,24 @@ class MochiDiT(nn.Module):
 
     Args:
         config: DiTConfig (use `DiTConfig.from_shapes` for a checkpoint).
+        compile: DiTCompile.ON runs each block's regions between collectives through torch.compile
+            (compiled at the first forward; see `DiTCompile`).
     """
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, compile: DiTCompile = DiTCompile.OFF):
         super().__init__()
         self.config = config
+        self.compile_option = DiTCompile.parse(compile)
         self.x_embedder = PatchEmbed(config)
         self.t_embedder = TimestepEmbedder(config)
         self.t5_y_embedder = AttentionPool(config)
         self.t5_yproj = Linear(config.t5_feat_dim, config.hidden_size_y)
         self.pos_frequencies = nn.Parameter(torch.zeros(3, config.num_heads, config.head_dim // 2))
         self.blocks = nn.ModuleList(
-            [JointBlock(config, update_y=i < config.depth - 1) for i in range(config.depth)]
+            [JointBlock(config, update_y=i < config.depth - 1, compile=self.compile_option) for i in range(config.depth)]
         )
         self.final_layer = FinalLayer(config)
+        self._rope_memo = None  # (size key, the frequencies it used, the table): see `_shared_rope_table`
 
     def forward(
         self,
@@ -408,7 +499,7 @@ class MochiDiT(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
         ctx=None,
-        attention: AttentionConfig | None = None,
+        attention: KernelChoice | None = None,
     ) -> torch.Tensor:
         """Predict x0 - noise for a noisy latent.
 
@@ -418,9 +509,10 @@ class MochiDiT(nn.Module):
             text_features: [1, L, 4096] T5 features (padded or not).
             text_mask: [1, L] 1 for valid tokens; may be all zero (empty negative prompt).
             ctx: ParallelContext (sequence parallel inside this call) or None for one device.
-            attention: how attention picks its kernel (`parallel.kernel.AttentionConfig`); None uses
-                the context's, or auto on one device. Given with a context, it must equal the
-                context's (the context was built for it).
+            attention: the attention kernel choice (`parallel.kernel_choice.KernelChoice`: the one
+                place the kernel is decided, measured once per pool where the pool's ranks build
+                it measuring); None: the version guess for the context's backend (auto on one
+                device). Given with a context, its backend must be the context's.
 
         Returns:
             [1, C, T, H, W] prediction, in the latent's dtype.
@@ -437,14 +529,14 @@ class MochiDiT(nn.Module):
         text_mask: torch.Tensor,
         ctx=None,
         rope: torch.Tensor | None = None,
-        attention: AttentionConfig | None = None,
+        attention: KernelChoice | None = None,
     ) -> TokenState:
         """Everything before the first block: patch and text embeddings, conditioning, RoPE, and the
         attention kernel choice.
 
         Args: as `forward`, and
-            rope: the RoPE table of an earlier `embed` of a latent of the same size under the same
-                ctx, to share instead of building another (step caching holds several states).
+            rope: the RoPE table of an earlier `embed` of a latent of the same size and dtype under
+                the same ctx, to share (None: the model's table for this size, see `rope_table`).
 
         Returns:
             TokenState with x [1, S(_local), Dx] in the latent's dtype (sharded and padded under ctx).
@@ -457,7 +549,7 @@ class MochiDiT(nn.Module):
             raise ValueError(f"latent height and width ({H}x{W}) must be multiples of the patch size {p}")
         pH, pW = H // p, W // p
         dtype = latent.dtype
-        attention = _attention_for(ctx, attention).resolved()  # installed kernels detected once per forward
+        attention = _kernel_choice_for(ctx, attention)
 
         valid = text_mask[0].bool()
         text = text_features[:, valid].to(dtype)  # [1, Lv, 4096], valid tokens only
@@ -468,20 +560,37 @@ class MochiDiT(nn.Module):
         if ctx is not None:
             x = ctx.shard_sequence(x, dim=1)  # [1, S_local, Dx], padded to a multiple of the SP degree
         if rope is None:
-            rope = self.rope_table(T, pH, pW, latent.device, ctx)
+            rope = self._shared_rope_table(T, pH, pW, latent.device, ctx, rope_dtype(dtype))
         elif rope.shape[0] != x.shape[1]:
             raise ValueError(f"a shared RoPE table has {rope.shape[0]} rows but this latent has {x.shape[1]} tokens "
                              "on this rank; share tables only between latents of the same size")
         return TokenState(x=x, y=y, c=c, rope=rope, grid=(T, pH, pW), attention=attention)
 
-    def rope_table(self, T: int, pH: int, pW: int, device, ctx=None) -> torch.Tensor:
-        """RoPE rotations of this rank's tokens: [S(_local), H, Dh/2] complex64."""
+    def _shared_rope_table(self, T: int, pH: int, pW: int, device, ctx, dtype: torch.dtype) -> torch.Tensor:
+        """`rope_table`, built once per latent size and reused by every later forward of that size
+        (every step and branch of a run, every block): the last table is kept with what it was built
+        from (the size, this rank's shard, the dtype and the frequencies' storage and version)."""
+        shard = (0, 1) if ctx is None else (ctx.sp_rank, ctx.sp_degree)
+        frequencies = self.pos_frequencies
+        key = (T, pH, pW, torch.device(device), dtype, shard, frequencies._version)
+        memo = self._rope_memo
+        if memo is None or memo[0] != key or memo[1] is not frequencies:
+            self._rope_memo = None  # the old table is freed before the new one is built
+            self._rope_memo = (key, frequencies, self.rope_table(T, pH, pW, device, ctx, dtype=dtype))
+        return self._rope_memo[2]
+
+    def rope_table(self, T: int, pH: int, pW: int, device, ctx=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """RoPE rotations of this rank's tokens as real (cos, sin) pairs: [S(_local), H, Dh/2, 2] in
+        `dtype`. The angles are computed in fp32; the table is stored in the compute dtype (bf16 on
+        GPUs: 273 MB at 848x480x163 on one rank, where a complex64 table took 547 MB)."""
         positions = rope_positions(T, pH, pW, device)  # [S, 3]
         if ctx is not None:
             # RoPE for this shard only (padded rows get angle 0; padded tokens are dropped in attention)
             positions = ctx.shard_sequence(positions, dim=0)  # [S_local, 3]
         angles = torch.einsum("sd,dhf->shf", positions, self.pos_frequencies.float())  # [S(_local), H, Dh/2] fp32
-        rope = torch.complex(torch.cos(angles), torch.sin(angles))  # [S(_local), H, Dh/2] complex64
+        rope = angles.new_empty((*angles.shape, 2), dtype=dtype)  # [S(_local), H, Dh/2, 2]
+        torch.cos(angles, out=rope[..., 0])
+        torch.sin(angles, out=rope[..., 1])
         del angles  # not needed by the blocks (273 MB at 848x480x163)
         return rope
 
@@ -518,15 +627,25 @@ class MochiDiT(nn.Module):
         ).to(dtype)
 
 
-def _attention_for(ctx, attention: AttentionConfig | None) -> AttentionConfig:
-    """The forward's attention config: the given one, the context's, or auto on one device."""
-    if attention is not None and not isinstance(attention, AttentionConfig):
-        raise TypeError(f"attention must be a parallel.kernel.AttentionConfig or None, got {type(attention)}")
+def rope_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The RoPE table's dtype: the compute dtype for bf16 / fp16 (the rotation itself runs in fp32),
+    fp32 otherwise."""
+    return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _kernel_choice_for(ctx, attention: KernelChoice | None) -> KernelChoice:
+    """The forward's kernel choice: the given one, or the guess for the context's backend (auto on
+    one device)."""
+    if attention is not None and not isinstance(attention, KernelChoice):
+        raise TypeError(f"attention must be a parallel.kernel_choice.KernelChoice or None, got {type(attention)}")
     if ctx is None:
-        return AttentionConfig() if attention is None else attention
-    if attention is not None and attention != ctx.attention:
+        return KernelChoice() if attention is None else attention
+    if attention is None:
+        return KernelChoice(AttentionConfig(ctx.attention_backend))
+    if attention.backend is not ctx.attention_backend:
         raise ValueError(
-            f"attention={attention} differs from the ParallelContext's ({ctx.attention}); build the context "
-            "with the attention config you want (ParallelContext(..., attention=...)) and pass attention=None"
+            f"attention backend {attention.backend.value} differs from the ParallelContext's "
+            f"({ctx.attention_backend.value}); build the context with the backend you want "
+            "(ParallelContext(..., attention=AttentionConfig(backend))) and a KernelChoice for the same one"
         )
-    return ctx.attention
+    return attention

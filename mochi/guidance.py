@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .parallel.kernel import AttentionConfig
+from .parallel.kernel_choice import KernelChoice
 from .text import TextCondition
 
 
@@ -69,8 +70,9 @@ class GuidedDiT:
         ctx: ParallelContext or None for a single device.
         compute_dtype: the DiT's activation dtype; default fp32 on CPU, bf16 on CUDA.
         device: where the DiT runs; default the model's parameter device.
-        attention: a `parallel.kernel.AttentionConfig` passed to every DiT call, or None (the
-            context's, or auto on one device).
+        attention: the `parallel.kernel_choice.KernelChoice` passed to every DiT call (a pool's
+            rank passes its own, measured once for the pool's life), or None: one made here that
+            keeps the version guess for the context's backend (auto on one device).
     """
 
     def __init__(self, model, positive: TextCondition, negative: TextCondition, ctx=None,
@@ -92,8 +94,8 @@ class GuidedDiT:
                 )
         self.model = model
         self.ctx = ctx
-        if ctx is None:  # one device: resolve the kernel choice once here, not in every forward
-            attention = (attention or AttentionConfig()).resolved()
+        if attention is None:  # installed kernels detected once here, not in every forward
+            attention = KernelChoice() if ctx is None else KernelChoice(AttentionConfig(ctx.attention_backend))
         self.attention = attention
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
         self._texts = {
@@ -129,6 +131,11 @@ class GuidedDiT:
         there is no unconditional pass; every rank must join), else they are already all here."""
         if self.cfg_parallel:
             mine = "cond" if self.ctx.cfg_rank == 0 else "uncond"
+            if mine not in own and self.attention.measures:
+                # No forward ran here, but the other cfg half's first one may be measuring the
+                # kernel with every rank of the pool: take part (a no-op once it is chosen).
+                self.attention.join(self.device.type, self.compute_dtype, self.model.config.head_dim,
+                                    need_lse=self.ctx.ring_degree > 1)
             cond, uncond = self.ctx.gather_cfg(own.get(mine, torch.zeros_like(latent, dtype=torch.float32)))
             return cond, (uncond if with_uncond else None)
         return own["cond"], own.get("uncond")

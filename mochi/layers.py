@@ -1,6 +1,6 @@
 """Small building blocks shared by the DiT and the VAE: a Linear that stores weights in any
 dtype (bf16, fp16, fp32, or fp8 with a per-tensor scale) and computes in the input's dtype,
-optionally plus a low-rank (LoRA) addition at call time, and the fp32 RMS norms Mochi uses.
+optionally plus a low-rank (LoRA) addition at call time, and the RMS norms Mochi uses (fp32 accumulation).
 
 fp8 weights compute in fp8 where the GPU has fp8 tensor cores (compute capability 8.9+: Ada,
 Hopper, Blackwell): the activations are scaled per tensor into float8_e4m3fn and
@@ -182,5 +182,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel, fp32 inside (the input is upcast first)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        # one fused kernel that accumulates in fp32 whatever x's dtype: no fp32 copy of x first
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)

@@ -28,8 +28,8 @@ def generate(
         ctx: ParallelContext for a sequence / CFG parallel run, or None for one device.
         callback: called as callback(steps_done, total_steps) after each step (progress bars).
         compute_dtype: DiT activation dtype; default fp32 on CPU, bf16 on CUDA.
-        attention: a `parallel.kernel.AttentionConfig` (requested attention backend), or None for the
-            context's, or auto on one device.
+        attention: a `parallel.kernel_choice.KernelChoice` (the attention kernel choice), or None for
+            the version guess of the context's backend (auto on one device).
 
     Returns:
         [B, 12, T, H, W] fp32 VAE-space latent (what a ComfyUI LATENT holds).

@@ -157,8 +157,9 @@ class DenoiseLoop:
         compute_dtype: the DiT's activation dtype; default fp32 on CPU, bf16 on CUDA. The CFG
             combine and the Euler update are always fp32.
         device: where sampling runs; default the model's parameter device.
-        attention: a `parallel.kernel.AttentionConfig` for the model's attention (the requested
-            backend), or None for the context's, or auto on one device; passed to every model call.
+        attention: the `parallel.kernel_choice.KernelChoice` passed to every model call (a pool's
+            rank passes its own), or None for the version guess of the context's backend (auto on
+            one device).
     """
 
     def __init__(self, model, request: SampleRequest, ctx=None, compute_dtype: torch.dtype | None = None,

@@ -166,7 +166,7 @@ class StepCache:
         self.spec = spec
         self.num_steps = num_steps
         self.ctx = ctx
-        self.attention = attention  # parallel.kernel.AttentionConfig for the DiT, or None (the default)
+        self.attention = attention  # parallel.kernel_choice.KernelChoice for the DiT, or None (the default)
         self._previous: dict[tuple[int, str], torch.Tensor] = {}  # indicator of the previous step, local keys
         self._residual: dict[tuple[int, str], torch.Tensor] = {}  # [1, S_local, Dx] cached residual, local keys
         self._ready: set[tuple[int, str]] = set()  # keys with a cached residual on their ranks (every rank knows)

@@ -26,6 +26,7 @@ from mochi_xdit.mochi.parallel.kernel import (
     backend_problem,
     choose_backend,
 )
+from mochi_xdit.mochi.parallel.kernel_choice import KernelChoice
 from mochi_xdit.mochi.planner.counting import Counter
 from mochi_xdit.mochi.planner.simulate import count_step
 
@@ -254,7 +255,7 @@ def test_xfuser_on_one_device_is_refused_with_the_fix():
     video = torch.zeros(1, 4, 2, 8)
     text = torch.zeros(1, 0, 2, 8)
     with pytest.raises(ValueError, match="needs two or more ranks.*use attention_backend=auto on one device"):
-        joint_attention(video, video, video, text, text, text, attention_config=AttentionConfig(A.XFUSER))
+        joint_attention(video, video, video, text, text, text, kernels=KernelChoice(AttentionConfig(A.XFUSER)))
 
 
 def test_attention_config_plans_another_device_with_pytorch_stand_ins():
@@ -270,20 +271,20 @@ def test_attention_config_plans_another_device_with_pytorch_stand_ins():
 
 
 class _StubContext:
-    """Only what the DiT forward reads before any collective: the context's attention config."""
+    """Only what the DiT forward reads before any collective: the context's attention backend."""
 
-    def __init__(self, attention: AttentionConfig):
-        self.attention = attention
+    def __init__(self, backend: AttentionBackend):
+        self.attention_backend = backend
 
 
-def test_dit_forward_refuses_an_attention_config_that_contradicts_its_context():
+def test_dit_forward_refuses_a_kernel_choice_that_contradicts_its_context():
     with torch.device("meta"):
         model = MochiDiT(DEMO_DIT_CONFIG)
     latent = torch.zeros(1, 12, 1, 4, 4, device="meta")
     features, mask = torch.zeros(1, 3, 4096, device="meta"), torch.ones(1, 3, device="meta")
     with pytest.raises(ValueError, match="differs from the ParallelContext's"):
-        model(latent, torch.ones(1, device="meta"), features, mask, ctx=_StubContext(AttentionConfig()),
-              attention=AttentionConfig("torch"))
+        model(latent, torch.ones(1, device="meta"), features, mask, ctx=_StubContext(A.AUTO),
+              attention=KernelChoice(AttentionConfig("torch")))
 
 
 # -- the planner counts the CUDA kernel ---------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from mochi_xdit.mochi.constants import LATENT_MEAN, LATENT_STD
 from mochi_xdit.mochi.demo import random_dit_state_dict
 from mochi_xdit.mochi.dit import DiTConfig, MochiDiT
+from mochi_xdit.mochi.parallel.kernel import AttentionBackend
 from mochi_xdit.mochi.pipeline import generate
 from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest, latent_shape_for_video
 from mochi_xdit.mochi.text import TextCondition
@@ -130,6 +131,7 @@ class ThreadCfgContext:
     """Stands in for a ParallelContext with cfg_degree 2: two threads exchange predictions."""
 
     cfg_degree = 2
+    attention_backend = AttentionBackend.AUTO
 
     def __init__(self, rank, shared, barrier):
         self.cfg_rank, self.shared, self.barrier = rank, shared, barrier

@@ -77,6 +77,7 @@ class RankWorker:
         self._store = None
         self.attention = self._attention_config(spec)
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
+        self.kernels = None  # the pool's KernelChoice (attention kernel, measured once), made by load()
         self.dit = None
         self.vae = None
         self._loop = None
@@ -149,11 +150,17 @@ class RankWorker:
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
+        import torch.distributed as dist
+
         from ..mochi.checkpoint import load_dit, load_vae_decoder
+        from ..mochi.parallel.kernel_choice import KernelChoice
 
         if self.spec.world_size > 1 and self.ctx is None:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
-        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device)
+        # one choice for the pool's life; every rank of the pool agrees on it (see kernel_choice)
+        self.kernels = KernelChoice(self.attention, measure=True,
+                                    group=dist.group.WORLD if self.ctx is not None else None)
+        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device, compile=self.spec.compile)
         heads = self.dit.config.num_heads
         if heads % self.spec.parallel.ulysses_degree:
             raise ValueError(
@@ -178,7 +185,7 @@ class RankWorker:
         self._require_loaded("begin()")
         self._loop = None
         self.set_loras(loras)
-        self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device, attention=self.attention)
+        self._loop = DenoiseLoop(self.dit, request, self.ctx, device=self.device, attention=self.kernels)
         self._loop.begin()
 
     def step(self, i: int, preview: bool = False) -> StepReport:
@@ -224,7 +231,7 @@ class RankWorker:
         self._loop = self._guided = None
         self.set_loras(loras)
         self._guided = GuidedDiT(self.dit, request.positive, request.negative, self.ctx, device=self.device,
-                                 attention=self.attention)
+                                 attention=self.kernels)
 
     def evaluate(self, latent, sigmas: list[float], cfg: float | None) -> tuple[np.ndarray | None, float]:
         """One lockstep model evaluation (every rank runs the same call at the same time).

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
+from ..mochi.dit import DiTCompile
 from ..mochi.parallel.config import ParallelConfig
 from ..mochi.parallel.kernel import AttentionBackend
 
@@ -53,6 +54,8 @@ class PoolSpec:
         timeouts: per-verb deadlines.
         attention_backend: the `mochi.parallel.kernel.AttentionBackend` the ranks use (a value name is
             accepted and converted); each rank refuses at start one it cannot run.
+        compile: the `mochi.dit.DiTCompile` the ranks build their DiT with (ON: the blocks' regions
+            between collectives run through torch.compile; a value name is accepted).
     """
 
     dit_path: str
@@ -64,9 +67,11 @@ class PoolSpec:
     ray_address: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention_backend: AttentionBackend = AttentionBackend.AUTO
+    compile: DiTCompile = DiTCompile.OFF
 
     def __post_init__(self):
         object.__setattr__(self, "attention_backend", AttentionBackend.parse(self.attention_backend))
+        object.__setattr__(self, "compile", DiTCompile.parse(self.compile))
         for name in ("dit_path", "vae_path"):
             path = getattr(self, name)
             if path is None and name == "vae_path":
@@ -89,10 +94,10 @@ class PoolSpec:
 
     def reuse_key(self) -> tuple:
         """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
-        device, threads, cluster, timeouts and attention backend."""
+        device, threads, cluster, timeouts, attention backend and compile option."""
         files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
         return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
-                self.timeouts, self.attention_backend)
+                self.timeouts, self.attention_backend, self.compile)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,11 @@ class ParallelContext:
         config: a validated ParallelConfig; its world_size must equal the default group's.
         device: where tensors live; the backend follows it (NCCL on CUDA, gloo on CPU).
         timeout: collective timeout for the new groups (None: the default group's).
-        attention: how attention picks its kernel (`kernel.AttentionConfig`; default auto). Its
-            backend `xfuser` swaps our USP layer for xDiT's (CUDA, the gpu extra); a backend that
-            cannot run on `device` is refused here, before any group forms.
+        attention: the requested attention backend (`kernel.AttentionConfig`; default auto). A
+            backend that cannot run on `device` is refused here, before any group forms, and
+            `xfuser` swaps our USP layer for xDiT's (CUDA, the gpu extra). The context keeps only
+            the backend's name: the kernel choice itself travels as the DiT forward's `attention`
+            (a `kernel_choice.KernelChoice`, one per pool).
 
     Every rank of the default group must construct the same layouts in the same order (group
     creation is collective). Groups of size one are not created: their degree is 1 and no
@@ -85,7 +87,7 @@ class ParallelContext:
         self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
-        self.attention = attention.resolved()  # installed kernels detected once, not per forward
+        self.attention_backend = attention.backend
         self.xfuser_attention = XFuserAttention(self) if attention.backend is AttentionBackend.XFUSER else None
 
     def _new_groups(self, rank_lists: list[list[int]], timeout):
@@ -105,13 +107,8 @@ class ParallelContext:
         return (
             f"ParallelContext(rank={self.rank}/{self.world_size}, cfg={self.cfg_degree}[{self.cfg_rank}], "
             f"ulysses={self.ulysses_degree}[{self.ulysses_rank}], ring={self.ring_degree}[{self.ring_rank}], "
-            f"backend={self.backend}, attention={self.attention.backend.value})"
+            f"backend={self.backend}, attention={self.attention_backend.value})"
         )
-
-    @property
-    def attention_backend(self) -> AttentionBackend:
-        """The requested attention backend (`attention.backend`)."""
-        return self.attention.backend
 
     def shard_length(self, length: int) -> int:
         """Tokens per sequence rank for a global length: ceil(length / SP) (the last ranks pad)."""

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from .collective import collective
-from .kernel import AttentionConfig, attention, attention_with_lse, merge_attention_partials
+from .kernel import attention, attention_with_lse, merge_attention_partials
+from .kernel_choice import KernelChoice
 
 
 class RingComm:
@@ -77,7 +78,7 @@ def ring_attention(
     comm: RingComm | None,
     ring_rank: int,
     ring_degree: int,
-    attention_config: AttentionConfig = AttentionConfig(),
+    kernels: KernelChoice,
 ) -> torch.Tensor:
     """Attention of local queries over every rank's video K/V block plus the text K/V.
 
@@ -88,13 +89,14 @@ def ring_attention(
         valid_keys: ring rank j -> number of real (unpadded) tokens in block j; padding is dropped.
         comm: the ring's RingComm (None when ring_degree is 1).
         ring_rank, ring_degree: this rank's position and the ring size.
-        attention_config: picks the kernel (with the log-sum-exp only when there is a ring to merge).
+        kernels: picks the kernel (with the log-sum-exp only when there is a ring to merge), once,
+            at the first block: every rank asks there, also with no queries (the choice may be
+            measured collectively at a class's first call).
 
     Returns:
         [B, h, Sq, Dh] in q's dtype.
     """
-    out = lse = None
-    kernel = attention_config.kernel(q, need_lse=ring_degree > 1)
+    out = lse = kernel = None
     block, owner = kv, ring_rank
     for step in range(ring_degree):
         last = step == ring_degree - 1
@@ -106,6 +108,8 @@ def ring_attention(
         if step == 0 and text_k.shape[2]:
             keys = torch.cat([keys, text_k], dim=2)  # [B, h, n + L, Dh]
             values = torch.cat([values, text_v], dim=2)
+        if kernel is None:
+            kernel = kernels.kernel(q, keys, values, need_lse=ring_degree > 1)
         if q.shape[2] and keys.shape[2]:
             if ring_degree == 1:  # one block: nothing to merge, no log-sum-exp (nor a fp32 copy of the output)
                 return attention(q, keys, values, kernel=kernel)  # [B, h, Sq, Dh]

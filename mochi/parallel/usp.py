@@ -11,6 +11,7 @@ gather; only the Ulysses head slices of the text output are all-gathered (L x D/
 import torch
 
 from .kernel import AttentionBackend, AttentionConfig
+from .kernel_choice import KernelChoice
 from .ring import RingComm, ring_attention
 from .ulysses import gather_heads, heads_to_sequence, join_head_chunks, sequence_to_heads
 
@@ -25,7 +26,7 @@ def usp_joint_attention(
     ctx,
     video_len: int,
     need_text: bool = True,
-    attention: AttentionConfig | None = None,
+    kernels: KernelChoice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Joint attention over all ranks' video tokens and the (replicated) text tokens.
 
@@ -35,15 +36,15 @@ def usp_joint_attention(
         ctx: ParallelContext.
         video_len: global number of real video tokens S.
         need_text: False skips the text output (the last block does not use it).
-        attention: kernel choice; None uses the context's (`ctx.attention`).
+        kernels: the kernel choice; None: the guess for the context's backend.
 
     Returns:
         video_out [B, S_l, H, Dh] (zeros at padded positions), text_out [B, L, H, Dh] or None.
     """
     if video_len is None:
         raise ValueError("usp_joint_attention needs video_len (the global number of real video tokens)")
-    attention = ctx.attention if attention is None else attention
-    if attention.backend is AttentionBackend.XFUSER:  # optional GPU backend, see xfuser_backend.py
+    kernels = KernelChoice(AttentionConfig(ctx.attention_backend)) if kernels is None else kernels
+    if kernels.backend is AttentionBackend.XFUSER:  # optional GPU backend, see xfuser_backend.py
         if ctx.xfuser_attention is None:
             raise ValueError("attention_backend=xfuser needs a ParallelContext built with it "
                              "(ParallelContext(..., attention=AttentionConfig(AttentionBackend.XFUSER)))")
@@ -91,10 +92,10 @@ def usp_joint_attention(
         text_k_c = text_k[:, :, first : first + hc].transpose(1, 2)  # [B, hc, L, Dh]
         text_v_c = text_v[:, :, first : first + hc].transpose(1, 2)
         q = qkv[0, :, :, :n_q]  # [B, hc, n_q, Dh], padded queries dropped too
-        if need_text:
+        if need_text and text_q.shape[1]:
             q = torch.cat([q, text_q[:, :, first : first + hc].transpose(1, 2)], dim=2)  # [B, hc, n_q + L, Dh]
         out = ring_attention(q, qkv[1:], text_k_c, text_v_c, valid_keys, comm, ctx.ring_rank, R,
-                             attention)  # [B, hc, n_q (+L), Dh]
+                             kernels)  # [B, hc, n_q (+L), Dh]
         if need_text:
             text_parts.append(out[:, :, n_q:])  # [B, hc, L, Dh]
         if U > 1:
