@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .constants import ROPE_TARGET_AREA, TIMESTEP_FREQ_DIM, TIMESTEP_SCALE
-from .joint_attention import joint_attention
+from .joint_attention import joined_attention, joint_attention
 from .layers import Linear, RMSNorm
 from .parallel.kernel import AttentionConfig
 from .parallel.kernel_choice import KernelChoice
@@ -160,27 +160,22 @@ def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: t
     return normed.add_(x) if normed.dtype == x.dtype else x + normed.to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs by the table's angles, in fp32 real arithmetic
-    (even' = even cos - odd sin, odd' = even sin + odd cos; no complex tensors, which Inductor
-    handles poorly).
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved (even, odd) channel pairs by the table's angles, in fp32 real arithmetic:
+    even' = even cos - odd sin, odd' = even sin + odd cos (no complex tensors: Inductor handles
+    them poorly, and compiled the whole rotation is one fused pass).
 
     Args:
-        x: [B, S, H, Dh] (contiguous pairs); not modified.
+        x: [B, S, H, Dh] (contiguous pairs).
         rope: [S, H, Dh/2, 2] (cos, sin) in fp32 or the compute dtype (`MochiDiT.rope_table`).
-        out: where to write the result ([B, S, H, Dh], any float dtype, not overlapping x), e.g.
-            the projection's own q slot; None allocates one in x's dtype.
 
     Returns:
-        `out` (or the new tensor).
+        [B, S, H, Dh] in x's dtype.
     """
     even, odd = x.unflatten(-1, (-1, 2)).float().unbind(-1)  # [B, S, H, Dh/2] fp32 each
     cos, sin = rope.unbind(-1)  # [S, H, Dh/2] each
-    out = torch.empty_like(x) if out is None else out
-    out_even, out_odd = out.unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, Dh/2] views of out
-    out_even.copy_(even * cos - odd * sin)  # fp32 arithmetic, rounded once into out's dtype
-    out_odd.copy_(even * sin + odd * cos)
-    return out
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [B, S, H, Dh/2, 2] fp32
+    return rotated.flatten(-2).to(x.dtype)
 
 
 def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
@@ -305,31 +300,37 @@ class JointAttention(nn.Module):
         self.proj_x = Linear(inner, config.hidden_size_x)
         self.proj_y = Linear(inner, config.hidden_size_y) if update_y else None
 
-    def project(self, x: torch.Tensor, y: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, y: torch.Tensor, rope: torch.Tensor, joined: bool) -> tuple[torch.Tensor, ...]:
         """q, k, v of both streams, q and k normalised (video's also rotated).
 
-        The normalised (and rotated) q and k are written back into the fused projection's own
-        slots, so each stream's q, k and v stay one buffer: nothing else is held beside them (a
-        fresh q and k next to a `v` view would keep the whole projection alive for 5/3 of it).
+        Nothing returned is a view of a fused projection (a `v` view would keep the whole
+        [B, S, 3 * inner] buffer alive through attention).
 
         Args:
             x: [B, Sx, Dx] normalised video tokens (the local shard under a parallel context).
             y: [B, L, Dy] normalised valid text tokens (replicated on every rank).
             rope: [Sx, H, Dh/2, 2] (cos, sin) for these video tokens' global positions.
+            joined: one device: return the joint sequence [video, text] the kernel attends over
+                (compiled, the norms and RoPE write straight into it); else the streams apart.
 
         Returns:
-            (q_x, k_x, v_x) [B, Sx, H, Dh] and (q_y, k_y, v_y) [B, L, H, Dh], views of the projections.
+            joined: (q [B, Sx(+L), H, Dh] (text queries only when the text is updated), k, v
+            [B, Sx+L, H, Dh]); else (q_x, k_x, v_x) [B, Sx, H, Dh] and (q_y, k_y, v_y) [B, L, H, Dh].
         """
         B, Sx, _ = x.shape
         L = y.shape[1]
         H, Dh = self.num_heads, self.head_dim
-        q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each
-        apply_rope(self.q_norm_x(q_x), rope, out=q_x)  # the norm's output is a fresh temporary
-        apply_rope(self.k_norm_x(k_x), rope, out=k_x)
+        q_x, k_x, v_x = self.qkv_x(x).view(B, Sx, 3, H, Dh).unbind(2)  # [B, Sx, H, Dh] each (views)
+        q_x = apply_rope(self.q_norm_x(q_x), rope)  # fresh [B, Sx, H, Dh]
+        k_x = apply_rope(self.k_norm_x(k_x), rope)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # [B, L, H, Dh] each
-        q_y.copy_(self.q_norm_y(q_y))
-        k_y.copy_(self.k_norm_y(k_y))
-        return q_x, k_x, v_x, q_y, k_y, v_y
+        q_y, k_y = self.q_norm_y(q_y), self.k_norm_y(k_y)
+        if not joined:
+            return q_x, k_x, v_x.contiguous(), q_y, k_y, v_y
+        if L == 0:  # no text: the video tensors are the sequence (only v needs its own copy)
+            return q_x, k_x, v_x.contiguous()
+        q = torch.cat([q_x, q_y], dim=1) if self.proj_y is not None else q_x  # [B, Sx(+L), H, Dh]
+        return q, torch.cat([k_x, k_y], dim=1), torch.cat([v_x, v_y], dim=1)  # [B, Sx+L, H, Dh] each
 
     def project_out(self, out_x: torch.Tensor, out_y: torch.Tensor | None):
         """Attention outputs [B, Sx, H, Dh], [B, L, H, Dh] (None on the last block) ->
@@ -369,11 +370,11 @@ class JointBlock(nn.Module):
         scale_msa_x = self.mod_x(F.silu(c)).chunk(4, dim=1)[0]  # [B, Dx]
         return modulated_rmsnorm(x, scale_msa_x)
 
-    def before_attention(self, x, c, y, rope):
+    def before_attention(self, x, c, y, rope, joined: bool):
         """Modulation, modulated RMSNorms and `JointAttention.project`.
 
         Returns:
-            (q_x, k_x, v_x, q_y, k_y, v_y) as `JointAttention.project`, and the modulation
+            q, k, v as `JointAttention.project` (joined or not), and the modulation
             `after_attention` takes: (gate_msa_x, scale_mlp_x, gate_mlp_x) [B, Dx] each, then
             (gate_msa_y, scale_mlp_y, gate_mlp_y) [B, Dy] each or three None on the last block.
         """
@@ -384,7 +385,7 @@ class JointBlock(nn.Module):
             scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y.chunk(4, dim=1)  # [B, Dy] each
         else:
             scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y, None, None, None
-        qkv = self.attn.project(modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope)
+        qkv = self.attn.project(modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope, joined)
         return qkv, (gate_msa_x, scale_mlp_x, gate_mlp_x, gate_msa_y, scale_mlp_y, gate_mlp_y)
 
     def after_attention(self, x, y, out_x, out_y, modulation):
@@ -408,12 +409,13 @@ class JointBlock(nn.Module):
         """
         if self.compiled:
             _token_dims_dynamic((x, 1), (y, 1), (rope, 0))
-        (q_x, k_x, v_x, q_y, k_y, v_y), modulation = self._before_attention(x, c, y, rope)
-        out_x, out_y = joint_attention(
-            q_x, k_x, v_x, q_y, k_y, v_y, ctx=ctx, video_len=video_len, need_text=self.update_y,
-            kernels=attention,
-        )  # [B, Sx, H, Dh], [B, L, H, Dh] or None
-        del q_x, k_x, v_x, q_y, k_y, v_y  # the projections are freed before the MLPs run
+        qkv, modulation = self._before_attention(x, c, y, rope, ctx is None)
+        if ctx is None:  # one device: q, k, v already joined
+            out_x, out_y = joined_attention(*qkv, x.shape[1], need_text=self.update_y, kernels=attention)
+        else:
+            out_x, out_y = joint_attention(*qkv, ctx=ctx, video_len=video_len, need_text=self.update_y,
+                                           kernels=attention)
+        del qkv  # [B, Sx, H, Dh], [B, L, H, Dh] or None above; q, k, v are freed before the MLPs run
         if self.compiled:
             _token_dims_dynamic((x, 1), (y, 1), (out_x, 1), (out_y, 1))
         return self._after_attention(x, y, out_x, out_y, modulation)

@@ -41,23 +41,38 @@ def joint_attention(
             video_q, video_k, video_v, text_q, text_k, text_v, ctx=ctx, video_len=video_len, need_text=need_text,
             kernels=kernels,
         )
+    if need_text and text_q.shape[1]:
+        q = torch.cat([video_q, text_q], dim=1)  # [B, Sx+L, H, Dh]
+    else:
+        q = video_q  # a view serves: no text queries
+    if text_k.shape[1]:
+        k, v = torch.cat([video_k, text_k], dim=1), torch.cat([video_v, text_v], dim=1)  # [B, Sx+L, H, Dh]
+    else:
+        k, v = video_k, video_v
+    return joined_attention(q, k, v, video_q.shape[1], need_text, kernels)
+
+
+def joined_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_tokens: int, need_text: bool = True,
+    kernels: KernelChoice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One device's joint attention on the already joined sequence [video, text].
+
+    Args:
+        q: [B, Sx(+L), H, Dh] (the text queries only when need_text); k, v: [B, Sx+L, H, Dh].
+        video_tokens: Sx.
+        need_text: whether q holds the text queries and the text output is wanted.
+        kernels: the kernel choice; None: the guess for auto.
+
+    Returns:
+        video_out [B, Sx, H, Dh] and text_out [B, L, H, Dh] (None when need_text is False), views of
+        one output.
+    """
     kernels = KernelChoice() if kernels is None else kernels
     if kernels.backend is AttentionBackend.XFUSER:
         raise ValueError("attention_backend=xfuser is xDiT's multi-rank attention layer and needs two or more ranks "
                          "(a ParallelContext); use attention_backend=auto on one device")
-    Sx = video_q.shape[1]
-    q = _joined(video_q, text_q if need_text else None)  # [B, H, Sx(+L), Dh]
-    k = _joined(video_k, text_k)  # [B, H, Sx+L, Dh]
-    v = _joined(video_v, text_v)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, Dh]: the kernels take this layout
     out = attention(q, k, v, kernel=kernels.kernel(q, k, v, need_lse=False))
     out = out.transpose(1, 2)  # [B, Sx(+L), H, Dh]
-    return out[:, :Sx], (out[:, Sx:] if need_text else None)
-
-
-def _joined(video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-    """[video, text] along the sequence in the kernel's layout: [B, Sx, H, Dh] (+ [B, L, H, Dh]) ->
-    [B, H, Sx(+L), Dh]. A view of the video tensor when there is no text (the last block's
-    queries, an empty prompt): the kernels take any layout whose last dim is contiguous."""
-    if text is None or text.shape[1] == 0:
-        return video.transpose(1, 2)
-    return torch.cat([video, text], dim=1).transpose(1, 2)
+    return out[:, :video_tokens], (out[:, video_tokens:] if need_text else None)
