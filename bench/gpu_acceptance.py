@@ -17,7 +17,11 @@ prints:
 the GPU's bf16.)
 - one step of a 1-rank Ray pool with num_gpus=1 (demo weights: it checks the pool on a GPU);
 - multi-rank NCCL: one step of a 2-rank Ulysses pool when the machine has two GPUs; otherwise it
-  says so and skips it (not counted).
+  says so and skips it (not counted);
+- every attention kernel's measured TFLOP/s at the real 848x480x49 shape, without and with the
+  log-sum-exp, and the one a pool keeps (`kernel_choice.KernelChoice`); the bf16 forward without and
+  with `DiTCompile.ON` (first compiled forward, steady seconds, speedup; on a GPU only: Inductor's
+  CPU build takes minutes, `bench/compile_speedup.py` measures it).
 It ends with ONE JSON line of these figures. A section that fails (an out-of-memory, a kernel
 error) is recorded in the JSON under "error" and the run goes on (exit status 1); when the
 automatic attention kernel fails its check, the DiT runs use PyTorch's flash kernel instead and
@@ -42,9 +46,9 @@ from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, demo_checkpo
 from mochi_xdit.mochi.dit import DiTConfig
 from mochi_xdit.mochi.layers import FP8, fp8_compute, quantise_fp8, scaled_mm_linear
 from mochi_xdit.mochi.parallel.config import ParallelConfig
-from mochi_xdit.mochi.parallel.kernel_choice import KernelChoice  # noqa: E402
 from mochi_xdit.mochi.parallel.kernel import (AttentionConfig, InstalledKernels, attention, attention_with_lse,
                                               choose_backend)
+from mochi_xdit.mochi.parallel.kernel_choice import KernelChoice
 from mochi_xdit.mochi.planner.hardware import GB, gpu_from_device_name
 from mochi_xdit.mochi.planner.simulate import count_step, count_tiled_decode
 from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest, default_compute_dtype, latent_shape_for_video
@@ -454,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
                       else "NCCL runs on GPUs; this run is on the CPU")
             figures["nccl"] = {"skipped": reason}
             print(f"multi-rank NCCL: skipped ({reason})", flush=True)
+    print("attention kernels measured; forward with and without compile ...", flush=True)
+    figures["kernel_choice"] = guarded("kernel choice", lambda: kernel_choice_figures(mode, device, run_installed))
+    figures["compile"] = guarded("compile", lambda: compile_figures(mode, device))
     figures["total_seconds"] = time.perf_counter() - started
     figures["goals"] = goals(figures)
     failed = failures(figures)
@@ -461,6 +468,58 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(figures)
     print(json.dumps(figures))
     return 1 if failed else 0
+
+
+def kernel_choice_figures(mode: Mode, device: torch.device, installed: InstalledKernels) -> dict:
+    """Each kernel's TFLOP/s on one forward's attention shape [1, heads, S, Dh] (the first video),
+    as a pool measures it, without and with the log-sum-exp (Ring)."""
+    config = mode.dit
+    _, _, T, H, W = latent_shape_for_video(*mode.videos[0])
+    tokens = T * (H // config.patch_size) * (W // config.patch_size) + TEXT_TOKENS
+    generator = torch.Generator(device=device).manual_seed(2)
+    q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, generator=generator, device=device,
+                           dtype=default_compute_dtype(device)) for _ in range(3))
+    figures = {}
+    for need_lse in (False, True):
+        choice = KernelChoice(AttentionConfig(installed=installed), measure=True)
+        choice.kernel(q, k, v, need_lse)
+        (measurement,) = choice.measurements.values()
+        print(f"  {measurement.summary()}", flush=True)
+        figures["ring" if need_lse else "plain"] = {
+            "shape": list(q.shape), "chosen": measurement.chosen.value,
+            "tflops": {kernel.value: measurement.tflops(kernel) for kernel in measurement.seconds},
+            "left_out": {kernel.value: reason for kernel, reason in measurement.rejected.items()}}
+    return figures
+
+
+def compile_figures(mode: Mode, device: torch.device) -> dict:
+    """One bf16 forward of the first video eager and with DiTCompile.ON (the same weights)."""
+    if device.type != "cuda":
+        return {"skipped": "compile is measured on a GPU here; on the CPU run bench/compile_speedup.py"}
+    from mochi_xdit.mochi.dit import DiTCompile, MochiDiT
+
+    eager = random_dit(mode.dit, "bf16", device, seed=0)
+    with torch.device("meta"):
+        compiled = MochiDiT(mode.dit, compile=DiTCompile.ON)
+    compiled.load_state_dict(eager.state_dict(), assign=True)  # shares the tensors: no second copy
+    positive, _ = text_conditions()
+    latent = torch.randn(latent_shape_for_video(*mode.videos[0]), device=device, dtype=torch.bfloat16)
+    inputs = (latent, torch.tensor([0.7], device=device), positive.features.to(device), positive.mask.to(device))
+
+    def forward(model) -> tuple[float, torch.Tensor]:
+        synchronize(device)
+        start = time.perf_counter()
+        out = model(*inputs)
+        synchronize(device)
+        return time.perf_counter() - start, out
+
+    with torch.no_grad():
+        forward(eager)  # warm-up
+        first, _ = forward(compiled)
+        eager_s, expected = forward(eager)
+        compiled_s, got = forward(compiled)
+    return {"first_compiled_forward_s": first, "eager_forward_s": eager_s, "compiled_forward_s": compiled_s,
+            "speedup": eager_s / compiled_s, "max_abs_difference": (got.float() - expected.float()).abs().max().item()}
 
 
 def failures(figures: dict, path: str = "") -> list[str]:

@@ -34,8 +34,8 @@ QK_NORM_EPS = 1e-5
 class DiTCompile(str, Enum):
     """Whether the DiT's blocks run through `torch.compile` (the loader's `compile`, the CLI's
     `--compile`). ON compiles, per block, the two regions between collectives: before attention
-    (modulation, modulated RMSNorms, q/k/v projections, q/k norms, RoPE) and after it (output
-    projections, gates, SwiGLU MLPs, residuals). Attention and every collective stay eager. The
+    (modulation, modulated RMSNorms, q/k/v projections, q/k norms, RoPE) and after it and its
+    output projections (gates, SwiGLU MLPs, residuals). Attention and every collective stay eager. The
     regions are compiled with dynamic shapes, so a new token count (another size, another prompt
     length) does not recompile; token counts 0 and 1 (an empty prompt) compile once more."""
 
@@ -163,19 +163,30 @@ def residual_tanh_gated_rmsnorm(x: torch.Tensor, residual: torch.Tensor, gate: t
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs by the table's angles, in fp32 real arithmetic:
     even' = even cos - odd sin, odd' = even sin + odd cos (no complex tensors: Inductor handles
-    them poorly, and compiled the whole rotation is one fused pass).
+    them poorly).
+
+    Eager, one fp32 copy of x is rotated in place (one half-size temporary); compiled, the same
+    arithmetic is written without in-place updates of views (those pin the token count in the
+    graph) and Inductor fuses it into one pass.
 
     Args:
         x: [B, S, H, Dh] (contiguous pairs).
         rope: [S, H, Dh/2, 2] (cos, sin) in fp32 or the compute dtype (`MochiDiT.rope_table`).
 
     Returns:
-        [B, S, H, Dh] in x's dtype.
+        [B, S, H, Dh] in x's dtype (a new tensor).
     """
-    even, odd = x.unflatten(-1, (-1, 2)).float().unbind(-1)  # [B, S, H, Dh/2] fp32 each
     cos, sin = rope.unbind(-1)  # [S, H, Dh/2] each
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [B, S, H, Dh/2, 2] fp32
-    return rotated.flatten(-2).to(x.dtype)
+    if torch.compiler.is_compiling():
+        even, odd = x.unflatten(-1, (-1, 2)).float().unbind(-1)  # [B, S, H, Dh/2] fp32 each
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # [B, S, H, Dh/2, 2]
+        return rotated.flatten(-2).to(x.dtype)
+    pairs = x.to(torch.float32, copy=True)  # [B, S, H, Dh] fp32, rotated in place below
+    even, odd = pairs.unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, Dh/2] views
+    even_sin = even * sin
+    even.mul_(cos).addcmul_(odd, sin, value=-1.0)
+    odd.mul_(cos).add_(even_sin)
+    return pairs.to(x.dtype)
 
 
 def rope_positions(T: int, pH: int, pW: int, device=None) -> torch.Tensor:
@@ -202,13 +213,14 @@ class PatchEmbed(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = latent.shape
-        frames = rearrange(latent, "b c t h w -> (b t) c h w")
+        # frames in channels-last layout, so the conv writes its output already in token order
+        # (t, h, w, channel): the [B, S, D] result is a view of it, not a second full-size copy
+        frames = rearrange(latent, "b c t h w -> (b t) h w c").contiguous().permute(0, 3, 1, 2)  # [B*T, C, H, W]
         # weights cast to the compute dtype (the latent's), like `Linear`: [B*T, D, H/p, W/p]
         weight, bias = self.proj.weight.to(latent.dtype), self.proj.bias.to(latent.dtype)
         patches = F.conv2d(frames, weight, bias, stride=self.proj.stride)
-        # contiguous: with one frame the rearrange is a transposed view, whose strides would give
-        # every later op (and every compiled region's guards) a second layout to handle
-        return rearrange(patches, "(b t) d h w -> b (t h w) d", b=B).contiguous()  # [B, S, D]
+        tokens = patches.permute(0, 2, 3, 1)  # [B*T, H/p, W/p, D]
+        return tokens.reshape(B, -1, tokens.shape[-1])  # [B, S, D], S = T * H/p * W/p (a view when contiguous)
 
 
 class TimestepEmbedder(nn.Module):
@@ -345,9 +357,9 @@ class JointAttention(nn.Module):
 class JointBlock(nn.Module):
     """One asymmetric joint block: adaLN-style modulation (scale, gate; no shift) from c.
 
-    The forward is three parts: `before_attention`, the joint attention (eager: under a parallel
-    context it is where the collectives are), `after_attention`. With `compile` ON the two outer
-    parts run compiled (`DiTCompile`).
+    The forward is three parts: `before_attention`, the joint attention and the output
+    projections (eager: under a parallel context the collectives are there), `after_attention`.
+    With `compile` ON the two outer parts run compiled (`DiTCompile`).
     """
 
     def __init__(self, config: DiTConfig, update_y: bool, compile: DiTCompile = DiTCompile.OFF):
@@ -388,11 +400,10 @@ class JointBlock(nn.Module):
         qkv = self.attn.project(modulated_rmsnorm(x, scale_msa_x), modulated_rmsnorm(y, scale_msa_y), rope, joined)
         return qkv, (gate_msa_x, scale_mlp_x, gate_mlp_x, gate_msa_y, scale_mlp_y, gate_mlp_y)
 
-    def after_attention(self, x, y, out_x, out_y, modulation):
-        """Output projections, gated residuals and the MLPs: x [B, Sx, Dx], y [B, L, Dy] and the
-        attention outputs [B, Sx, H, Dh], [B, L, H, Dh] (None on the last block) -> new (x, y)."""
+    def after_attention(self, x, y, attn_x, attn_y, modulation):
+        """Gated residuals and the MLPs: x [B, Sx, Dx], y [B, L, Dy] and the projected attention
+        outputs [B, Sx, Dx], [B, L, Dy] (None on the last block) -> new (x, y)."""
         gate_msa_x, scale_mlp_x, gate_mlp_x, gate_msa_y, scale_mlp_y, gate_mlp_y = modulation
-        attn_x, attn_y = self.attn.project_out(out_x, out_y)  # [B, Sx, Dx], [B, L, Dy] or None
         x = residual_tanh_gated_rmsnorm(x, attn_x, gate_msa_x)
         x = residual_tanh_gated_rmsnorm(x, self.mlp_x(modulated_rmsnorm(x, scale_mlp_x)), gate_mlp_x)
         if self.update_y:
@@ -415,10 +426,12 @@ class JointBlock(nn.Module):
         else:
             out_x, out_y = joint_attention(*qkv, ctx=ctx, video_len=video_len, need_text=self.update_y,
                                            kernels=attention)
-        del qkv  # [B, Sx, H, Dh], [B, L, H, Dh] or None above; q, k, v are freed before the MLPs run
+        del qkv  # out: [B, Sx, H, Dh], [B, L, H, Dh] or None
+        attn_x, attn_y = self.attn.project_out(out_x, out_y)  # [B, Sx, Dx], [B, L, Dy] or None
+        del out_x, out_y  # the kernel's output is freed before the MLPs run
         if self.compiled:
-            _token_dims_dynamic((x, 1), (y, 1), (out_x, 1), (out_y, 1))
-        return self._after_attention(x, y, out_x, out_y, modulation)
+            _token_dims_dynamic((x, 1), (y, 1), (attn_x, 1), (attn_y, 1))
+        return self._after_attention(x, y, attn_x, attn_y, modulation)
 
 
 class FinalLayer(nn.Module):

@@ -98,6 +98,11 @@ class RankWorker:
             raise ValueError(f"rank {self.rank}: {problem}")
         return AttentionConfig(backend, installed)
 
+    def _report(self, line: str) -> None:
+        """A one-time note for the server log: rank 0's output (Ray forwards it to the driver)."""
+        if self.rank == 0:
+            print(f"Mochi xDiT rank 0: {line}", flush=True)
+
     def info(self) -> RankInfo:
         """Where this rank runs, and where it imported our package from (the folder above workers/)."""
         node_id, node_ip = _node_id_and_ip()
@@ -159,7 +164,7 @@ class RankWorker:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
         # one choice for the pool's life; every rank of the pool agrees on it (see kernel_choice)
         self.kernels = KernelChoice(self.attention, measure=True,
-                                    group=dist.group.WORLD if self.ctx is not None else None)
+                                    group=dist.group.WORLD if self.ctx is not None else None, report=self._report)
         self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device, compile=self.spec.compile)
         heads = self.dit.config.num_heads
         if heads % self.spec.parallel.ulysses_degree:

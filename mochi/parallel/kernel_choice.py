@@ -172,10 +172,12 @@ class KernelChoice:
             type, fake or meta tensors, xfuser).
         group: the process group whose ranks must agree (every rank of the pool); None alone.
         run: how a kernel is called (tests inject wrong or raising kernels); default the model's.
+        report: where each measurement's one-line summary goes (default this module's logger at
+            INFO; a pool's rank prints it, since Ray forwards a rank's output to the driver's log).
     """
 
     def __init__(self, config: AttentionConfig | None = None, measure: bool = False, group=None,
-                 run: KernelRunner = run_kernel):
+                 run: KernelRunner = run_kernel, report: Callable[[str], None] = logger.info):
         config = AttentionConfig() if config is None else config
         if not isinstance(config, AttentionConfig):
             raise TypeError(f"config must be a kernel.AttentionConfig, got {type(config)}")
@@ -183,6 +185,7 @@ class KernelChoice:
         self.measure = measure
         self.group = group
         self.run = run
+        self.report = report
         self._chosen: dict[tuple, AttentionKernel] = {}
         self.measurements: dict[tuple, KernelMeasurement] = {}  # per measured class, in order
 
@@ -247,7 +250,7 @@ class KernelChoice:
         if has_work:
             measurement = KernelMeasurement(tuple(q.shape), k.shape[2], dtype, need_lse, agreed or {}, rejected, chosen)
             self.measurements[key] = measurement
-            logger.info(measurement.summary())
+            self.report(measurement.summary())
         return chosen
 
     def _time_candidates(self, q, k, v, need_lse, candidates):
