@@ -161,6 +161,15 @@ def rank_main() -> dict:
     # no queries on rank 1 (a shard of padding): it takes part without timing
     results["no_queries_on_rank_1"] = choice_kernel_without_queries(rank)
 
+    model = build_model()
+    for name, (ulysses, ring) in {"ulysses2": (2, 1), "ring2": (1, 2)}.items():  # measured inside USP / the ring
+        ctx = ParallelContext(ParallelConfig(2, 1, ulysses, ring, num_heads=DEMO_DIT_CONFIG.num_heads))
+        choice = KernelChoice(measure=True, group=dist.group.WORLD)
+        with torch.no_grad():
+            measured = model(*forward_inputs(), ctx=ctx, attention=choice)
+            results[name] = ((measured - model(*forward_inputs(), ctx=ctx)).abs().max().item(), dict(choice._chosen))
+        ctx.close()
+
     ctx = ParallelContext(ParallelConfig(2, cfg_degree=2, num_heads=DEMO_DIT_CONFIG.num_heads))
     choice = KernelChoice(measure=True, group=dist.group.WORLD)
     mask = torch.zeros(1, 8, dtype=torch.int64)
@@ -191,6 +200,9 @@ def test_ranks_of_a_pool_agree_on_one_kernel():
     assert first["fails_on_rank_1"] is second["fails_on_rank_1"] is K.MATH  # failing anywhere: out
     assert first["no_queries_on_rank_1"] is second["no_queries_on_rank_1"] is K.MATH  # rank 0's measurement
     assert first["cfg1_chosen"] == second["cfg1_chosen"] and len(first["cfg1_chosen"]) == 1
+    for layout in ("ulysses2", "ring2"):
+        assert first[layout][1] == second[layout][1] and len(first[layout][1]) == 1
+        assert first[layout][0] <= 1e-5 and second[layout][0] <= 1e-5  # against the guessed kernel
 
 
 def test_xfuser_and_planned_devices_never_measure():
