@@ -22,6 +22,7 @@ DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 13, "steps": 8}
 FLAGS = {"dit": "--dit", "vae": "--vae", "weight_dtype": "--dtype", "device": "--device",
          "world_size": "--world-size", "degrees": "degrees (--ulysses/--ring/--cfg-parallel)",
          "cpu_threads": "--cpu-threads", "ray_address": "--ray-address", "attention_backend": "--attention",
+         "compile": "--compile",
          "lora": "--lora", "cache": "--cache"}
 
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                        help="attention kernel: auto (fastest installed), torch (PyTorch's fused kernels), flash_attn, "
                             "flash_attn_3 (Hopper) or xfuser (xDiT's USP layer; CUDA, 2+ ranks)")
+    ranks.add_argument("--compile", action="store_true",
+                       help="compile the DiT's blocks with torch.compile on every rank when the pool loads "
+                            "(minutes longer to load; meant for faster steps on GPUs)")
     ranks.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (else RAY_ADDRESS, else a private Ray on 127.0.0.1)")
     weights = gen.add_argument_group("weights (all omitted: the built-in demo model)")
@@ -227,6 +231,7 @@ def resolve_spec(args, dit_path: str, vae_path: str):
         cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
         cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
         steps=args.steps, use_cfg=args.cfg != 1.0, attention=args.attention,
+        compile="on" if args.compile else "off",
     )
     try:
         return resolve_load(choices)

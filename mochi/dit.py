@@ -609,6 +609,35 @@ class MochiDiT(nn.Module):
         del angles  # not needed by the blocks (273 MB at 848x480x163)
         return rope
 
+    @torch.no_grad()
+    def compile_now(self, device, dtype: torch.dtype, joined: bool) -> None:
+        """Build the compiled regions (`DiTCompile.ON`) on tiny inputs now, before any forward; a
+        no-op otherwise. Their token dims are dynamic, so every later size reuses the builds. Ranks
+        of a pool call it when they load, so that they reach their first exchange together instead
+        of after builds of different lengths (a rank still building would keep the others waiting
+        at a collective, against its timeout).
+
+        Args:
+            device, dtype: where and in which compute dtype the forwards will run.
+            joined: True for one device, False under a ParallelContext (the regions differ).
+        """
+        if self.compile_option is DiTCompile.OFF:
+            return
+        config, p = self.config, self.config.patch_size
+        latent = torch.zeros(1, config.in_channels, 1, p, 3 * p, device=device, dtype=dtype)  # 3 tokens
+        for L in (2, 0):  # a prompt, and the empty negative prompt (token counts 0 and 1 get own graphs)
+            features = torch.zeros(1, L, config.t5_feat_dim, device=device)
+            state = self.embed(latent, torch.ones(1, device=device), features, torch.ones(1, L, device=device))
+            x, y = state.x, state.y
+            for block in self.blocks:  # the real data flow (y's layout differs after block 0), attention stubbed
+                _token_dims_dynamic((x, 1), (y, 1), (state.rope, 0))
+                _, modulation = block._before_attention(x, state.c, y, state.rope, joined)
+                out_x, out_y = (torch.zeros(1, S, config.num_heads, config.head_dim, device=device, dtype=dtype)
+                                for S in (x.shape[1], L))  # what attention would return
+                attn_x, attn_y = block.attn.project_out(out_x, out_y if block.update_y else None)
+                _token_dims_dynamic((x, 1), (y, 1), (attn_x, 1), (attn_y, 1))
+                x, y = block._after_attention(x, y, attn_x, attn_y, modulation)
+
     def first_block_modulated_input(self, state: TokenState) -> torch.Tensor:
         """Block 0's modulated visual attention input for these tokens, [1, S(_local), Dx]
         (TeaCache's step indicator; see `JointBlock.attention_input_x`)."""

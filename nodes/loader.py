@@ -11,7 +11,7 @@ from .runs import open_pool
 # The resolver's fields, as this node's inputs are called.
 INPUT_NAMES = {"dit": "dit_name", "vae": "vae_name", "weight_dtype": "weight_dtype", "device": "device",
                "world_size": "world_size", "degrees": "", "cpu_threads": "cpu_threads", "ray_address": "ray_address",
-               "attention_backend": "attention_backend", "lora": "lora_name", "cache": "cache"}
+               "attention_backend": "attention_backend", "lora": "lora_name", "cache": "cache", "compile": "compile"}
 
 
 class MochiXDiTLoader:
@@ -19,7 +19,7 @@ class MochiXDiTLoader:
         "Starts (or reuses) a pool of Ray workers, one per GPU rank, each loading the Mochi-1 DiT "
         "and VAE decoder itself. Replaces UNETLoader + VAELoader in the Mochi graph; the text "
         "encoder stays in ComfyUI (CLIPLoader type 'mochi'). The pool is reused while the files, "
-        "dtype and degrees stay the same."
+        "dtype, degrees, attention backend and compile setting stay the same."
     )
     CATEGORY = "Mochi xDiT"
     RETURN_TYPES = (POOL_TYPE,)
@@ -29,7 +29,7 @@ class MochiXDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..workers.choices import ATTENTION_CHOICES, WEIGHT_DTYPE_CHOICES
+        from ..workers.choices import ATTENTION_CHOICES, COMPILE_CHOICES, WEIGHT_DTYPE_CHOICES
 
         return {
             "required": {
@@ -77,19 +77,25 @@ class MochiXDiTLoader:
                                "Hopper, cuDNN or flash-attn 2 where present, else PyTorch's own fused kernels). "
                                "torch: PyTorch's kernels only. flash_attn / flash_attn_3 / xfuser: refused at "
                                "queue time, with the install line, when not installed."}),
+                "compile": (list(COMPILE_CHOICES), {
+                    "default": "off",
+                    "tooltip": "on: every rank compiles its DiT's blocks with torch.compile when the pool "
+                               "loads (attention and the exchanges between ranks stay as they are): loading "
+                               "takes minutes longer, steps should be faster on GPUs; every video size and "
+                               "prompt length reuses the build. off: no compiling."}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                        cfg_degree, ray_address, attention_backend="auto"):
+                        cfg_degree, ray_address, attention_backend="auto", compile="off"):
         problem, _ = cls._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                  cfg_degree, ray_address, attention_backend, plan=False)
+                                  cfg_degree, ray_address, attention_backend, compile, plan=False)
         return checks.refuse(problem)
 
     @staticmethod
     def _resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-                 ray_address, attention_backend, plan: bool):
+                 ray_address, attention_backend, compile, plan: bool):
         """(message, None) for a bad input, else (None, PoolSpec). Reads the two files' headers;
         starts nothing (plan=True also asks the planner for automatic degrees on a local GPU)."""
         from ..workers.options import LoadChoices, OptionsError, resolve_load
@@ -111,6 +117,7 @@ class MochiXDiTLoader:
             dit_path=dit_path, vae_path=vae_path, weight_dtype=weight_dtype, world_size=world_size,
             cfg=checks.degree_choice(cfg_degree), ulysses=checks.degree_choice(ulysses_degree),
             ring=checks.degree_choice(ring_degree), ray_address=ray_address, attention=attention_backend,
+            compile=compile,
         )
         try:
             return None, resolve_load(choices, plan=plan)
@@ -120,9 +127,9 @@ class MochiXDiTLoader:
             return f"{files.get(error.field.value, '')}{error}" + (f" {advice}" if advice else ""), None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-             ray_address, attention_backend="auto"):
+             ray_address, attention_backend="auto", compile="off"):
         problem, spec = self._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                      cfg_degree, ray_address, attention_backend, plan=True)
+                                      cfg_degree, ray_address, attention_backend, compile, plan=True)
         if problem:
             raise ValueError(problem)
         return (open_pool(spec),)

@@ -71,6 +71,9 @@ def rank_main() -> dict:
     from mochi_xdit.mochi.parallel.layout import ParallelContext
 
     eager, compiled = build_model(DiTCompile.OFF), build_model(DiTCompile.ON)
+    for joined in (True, False):  # what a rank does when it loads: every region built here
+        compiled.compile_now(torch.device("cpu"), torch.float32, joined)
+    built = graphs_compiled()
     errors = {}
     cases = [(LATENT, TEXT), (OTHER_LATENT, OTHER_TEXT)]
 
@@ -87,12 +90,11 @@ def rank_main() -> dict:
         for latent_shape, L in cases:
             errors[name, latent_shape, L] = error(ctx, latent_shape, L)
         ctx.close()
-    graphs = graphs_compiled()
     ctx = ParallelContext(ParallelConfig(2, 2, 1, 1, num_heads=CONFIG.num_heads))
     eager, compiled = build_model(DiTCompile.OFF, 4096), build_model(DiTCompile.ON, 4096)
     errors["cfg2", "sampling"] = (sample(compiled, ctx) - sample(eager, ctx)).abs().max().item()
     ctx.close()
-    return {"errors": errors, "recompiled_one": recompiled_one, "cfg2_graphs": graphs_compiled() - graphs}
+    return {"errors": errors, "recompiled_one": recompiled_one, "after_compile_now": graphs_compiled() - built}
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +111,11 @@ def test_compiled_regions_match_eager_on_one_rank_ulysses_ring_and_cfg():
 def test_a_new_size_and_prompt_length_do_not_recompile():
     for result in launch():
         assert result["recompiled_one"] == 0
+
+
+def test_compile_now_builds_every_region_the_forwards_use():
+    for result in launch():
+        assert result["after_compile_now"] == 0  # one rank, Ulysses, Ring, CFG with an empty prompt
 
 
 def test_compile_option_parses_values_and_refuses_others():

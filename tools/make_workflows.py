@@ -38,7 +38,7 @@ NODES = [
     (5, "MochiXDiTLoader", "Mochi xDiT Loader (multi-GPU pool)",
      [("dit_name", "mochi_preview_bf16.safetensors"), ("vae_name", "mochi_vae.safetensors"),
       ("weight_dtype", "auto"), ("world_size", 2), ("ulysses_degree", 0), ("ring_degree", 0),
-      ("cfg_degree", 0), ("ray_address", ""), ("attention_backend", "auto")],
+      ("cfg_degree", 0), ("ray_address", ""), ("attention_backend", "auto"), ("compile", "off")],
      [], [("pool", "MOCHI_XDIT_POOL")], (40, 300), (320, 274)),
     (6, "MochiXDiTSampler", "Mochi xDiT Sampler",
      [("seed", 42), (None, "fixed"), ("steps", 64), ("cfg", 4.5), ("schedule", "linear_quadratic"),

@@ -158,6 +158,7 @@ class RankWorker:
         import torch.distributed as dist
 
         from ..mochi.checkpoint import load_dit, load_vae_decoder
+        from ..mochi.guidance import default_compute_dtype
         from ..mochi.parallel.kernel_choice import KernelChoice
 
         if self.spec.world_size > 1 and self.ctx is None:
@@ -166,6 +167,8 @@ class RankWorker:
         self.kernels = KernelChoice(self.attention, measure=True,
                                     group=dist.group.WORLD if self.ctx is not None else None, report=self._report)
         self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device, compile=self.spec.compile)
+        # compiled regions built here, so that no rank is still building at the first collective
+        self.dit.compile_now(self.device, default_compute_dtype(self.device), joined=self.ctx is None)
         heads = self.dit.config.num_heads
         if heads % self.spec.parallel.ulysses_degree:
             raise ValueError(

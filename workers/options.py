@@ -36,6 +36,7 @@ class Field(Enum):
     CPU_THREADS = "cpu_threads"
     RAY_ADDRESS = "ray_address"
     ATTENTION = "attention_backend"
+    COMPILE = "compile"
     LORA = "lora"
     CACHE = "cache"
 
@@ -74,6 +75,7 @@ class LoadChoices:
         timeouts: per-verb deadlines.
         attention: "auto", "torch", "flash_attn", "flash_attn_3" or "xfuser" (checked against what
             this process has installed; the ranks check again, for clusters).
+        compile: "off" or "on" (`mochi.dit.DiTCompile`: the ranks compile their DiT's blocks).
     """
 
     dit_path: str
@@ -91,6 +93,7 @@ class LoadChoices:
     use_cfg: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention: str = AUTO
+    compile: str = "off"
 
 
 def resolve_device(device: str) -> str:
@@ -218,11 +221,22 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
         except CapacityError as error:
             raise OptionsError(Field.WORLD_SIZE, str(error)) from None
     attention = resolve_attention(choices.attention, device, choices.world_size)
+    compile = resolve_compile(choices.compile)
     if plan:
         parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
     return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
                     parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
-                    timeouts=choices.timeouts, attention_backend=attention)
+                    timeouts=choices.timeouts, attention_backend=attention, compile=compile)
+
+
+def resolve_compile(requested: str):
+    """`mochi.dit.DiTCompile` for "off" / "on"."""
+    from ..mochi.dit import DiTCompile
+
+    try:
+        return DiTCompile.parse(requested)
+    except ValueError as error:
+        raise OptionsError(Field.COMPILE, str(error)) from None
 
 
 def resolve_attention(requested: str, device: str, world_size: int):
