@@ -36,8 +36,9 @@ class DiTCompile(str, Enum):
     `--compile`). ON compiles, per block, the two regions between collectives: before attention
     (modulation, modulated RMSNorms, q/k/v projections, q/k norms, RoPE) and after it and its
     output projections (gates, SwiGLU MLPs, residuals). Attention and every collective stay eager. The
-    regions are compiled with dynamic shapes, so a new token count (another size, another prompt
-    length) does not recompile; token counts 0 and 1 (an empty prompt) compile once more."""
+    regions are compiled with dynamic token counts, so another size or prompt length does not
+    recompile; counts 0 and 1 get graphs of their own (`MochiDiT.compile_now` builds the empty
+    prompt's with the rest, before the first forward)."""
 
     OFF = "off"
     ON = "on"
