@@ -7,7 +7,8 @@ attention, for the blocks that update the text and the last one); later forwards
 reuse them. Inductor caches its builds on disk (TORCHINDUCTOR_CACHE_DIR, default
 /tmp/torchinductor_$USER), so a second run of this script measures a warm compile unless --cold
 points the cache at a fresh folder. CPU time (this process only: Inductor builds its C++ in worker
-processes) is printed beside wall time because the machine may be shared. On CPU the fp32 elementwise work is a small share of a forward (the matmuls dominate), so
+processes) is printed beside wall time because the machine may be shared. On CPU the fp32
+elementwise work is a small share of a forward (the matmuls dominate), so
 the speedup here says little about a GPU, where the unfused norms, RoPE and gates cost 15-25 % of a
 block; `bench/gpu_acceptance.py` measures that.
 

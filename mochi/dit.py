@@ -503,7 +503,8 @@ class MochiDiT(nn.Module):
         self.t5_yproj = Linear(config.t5_feat_dim, config.hidden_size_y)
         self.pos_frequencies = nn.Parameter(torch.zeros(3, config.num_heads, config.head_dim // 2))
         self.blocks = nn.ModuleList(
-            [JointBlock(config, update_y=i < config.depth - 1, compile=self.compile_option) for i in range(config.depth)]
+            [JointBlock(config, update_y=i < config.depth - 1, compile=self.compile_option)
+             for i in range(config.depth)]
         )
         self.final_layer = FinalLayer(config)
         self._rope_memo = None  # (size key, the frequencies it used, the table): see `_shared_rope_table`
@@ -595,7 +596,8 @@ class MochiDiT(nn.Module):
             self._rope_memo = (key, frequencies, self.rope_table(T, pH, pW, device, ctx, dtype=dtype))
         return self._rope_memo[2]
 
-    def rope_table(self, T: int, pH: int, pW: int, device, ctx=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def rope_table(self, T: int, pH: int, pW: int, device, ctx=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """RoPE rotations of this rank's tokens as real (cos, sin) pairs: [S(_local), H, Dh/2, 2] in
         `dtype`. The angles are computed in fp32; the table is stored in the compute dtype (bf16 on
         GPUs: 273 MB at 848x480x163 on one rank, where a complex64 table took 547 MB)."""

@@ -198,7 +198,8 @@ def test_compile_flag_reaches_the_pool_spec_and_choices_are_the_dit_options(tmp_
     assert COMPILE_CHOICES == tuple(option.value for option in DiTCompile)
     dit, vae = demo_checkpoints(tmp_path / "demo")
     common = ["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae), "--t5", str(tmp_path),
-              "--width", "64", "--height", "48", "--frames", "13", "--device", "cpu", "--output", str(tmp_path / "o.mp4")]
+              "--width", "64", "--height", "48", "--frames", "13", "--device", "cpu",
+              "--output", str(tmp_path / "o.mp4")]
     for flags, expected in (([], DiTCompile.OFF), (["--compile"], DiTCompile.ON)):
         args = cli.build_parser().parse_args(common + flags)
         assert cli.resolve_spec(args, str(dit), str(vae)).compile is expected

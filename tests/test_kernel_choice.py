@@ -67,7 +67,8 @@ def test_a_kernel_that_raises_is_skipped():
 
 def test_no_working_kernel_is_an_error_naming_each_reason():
     choice = KernelChoice(measure=True, run=Runner(wrong=(K.MATH,), raises=(K.CPU_FLASH,)))
-    with pytest.raises(RuntimeError, match=r"no attention kernel ran correctly.*cpu_flash: raised TypeError.*math: wrong"):
+    message = r"no attention kernel ran correctly.*cpu_flash: raised TypeError.*math: wrong"
+    with pytest.raises(RuntimeError, match=message):
         choice.kernel(*qkv(), need_lse=False)
 
 

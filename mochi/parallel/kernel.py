@@ -25,9 +25,11 @@ where PyTorch itself prefers it (`check_prefer_cudnn_attention` in PyTorch's sdp
 sm100 with cuDNN > 9.15, the release that fixed sequence lengths not divisible by 128).
 
 The requested backend (`AttentionBackend`, the loader's `attention_backend` and the CLI's
-`--attention`) travels as an `AttentionConfig` in the `ParallelContext` or as the DiT forward's
-`attention` argument; nothing here is global. `backend_problem` says, before anything runs, why a
-requested backend cannot run and what to install.
+`--attention`) is an `AttentionConfig`; nothing here is global. `choose_backend` is only a guess:
+a pool measures the kernels it has once and keeps the fastest correct one
+(`kernel_choice.KernelChoice`, the DiT forward's `attention` argument, the one place the choice
+lives). `backend_problem` says, before anything runs, why a requested backend cannot run and what
+to install.
 """
 
 import importlib
