@@ -39,6 +39,8 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from .constants import DEFAULT_CACHE_THRESHOLD
+
 # TeaCache4Mochi's rescaling polynomial of the relative L1 change, highest power first.
 TEACACHE_MOCHI_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
 # The polynomial rises from 0 to its first maximum (0.0975) at a relative change of 0.10760, falls
@@ -55,9 +57,8 @@ class StepCacheKind(Enum):
 
     @property
     def default_threshold(self) -> float:
-        """TeaCache: 0.06, published for Mochi as ~1.5x (0.09: ~2.1x; 848x480x163, 64 steps, one A800).
-        First block: 0.06, ParaAttention's default for Mochi."""
-        return 0.06
+        """The published Mochi setting of both kinds (constants.DEFAULT_CACHE_THRESHOLD)."""
+        return DEFAULT_CACHE_THRESHOLD
 
 
 MAX_THRESHOLD = 1.0  # TeaCache adds at most ~0.1 per step, so 1 already allows runs of ~10 skips
@@ -71,7 +72,7 @@ class StepCacheSpec:
         kind: StepCacheKind.TEACACHE or StepCacheKind.FIRST_BLOCK.
         threshold: skip while the (accumulated, for TeaCache) relative change stays under this.
             0 never skips; higher skips more steps and drifts further from the uncached result.
-            TeaCache's published Mochi settings: 0.06 (~1.5x), 0.09 (~2.1x).
+            TeaCache's published Mochi settings: constants.DEFAULT_CACHE_THRESHOLD (~1.5x), 0.09 (~2.1x).
     """
 
     kind: StepCacheKind

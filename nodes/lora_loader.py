@@ -5,21 +5,20 @@ exactly the LoRAs on its link for that run (a low-rank addition at call time, sw
 milliseconds), so a prompt without this node runs the base model.
 """
 
+from ..workers.option_table import Door, node_inputs, widget_problem
 from . import checks
 from .handle import POOL_TYPE
 
 LORA_FOLDER = "loras"
-MAX_STRENGTH = 10.0
 
 
 def lora_problem(lora_name, strength) -> str | None:
     """Queue-time checks: the file (a safetensors LoRA for Mochi, header only) and the strength."""
     from ..mochi.lora import LoraError, inspect_lora
 
-    if strength is not None:
-        problem = checks.float_problem("strength", strength, -MAX_STRENGTH, MAX_STRENGTH)
-        if problem:
-            return problem
+    problem = widget_problem(Door.LORA, {"strength": strength})
+    if problem:
+        return problem
     path, problem = checks.resolve_model_file(lora_name, LORA_FOLDER)
     if problem:
         return f"lora_name: {problem}"
@@ -44,14 +43,11 @@ class MochiXDiTLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        widgets = node_inputs(Door.LORA, {"lora_name": checks.safetensors_names(LORA_FOLDER)})
         return {
             "required": {
                 "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader (or another LoRA loader)."}),
-                "lora_name": (checks.safetensors_names(LORA_FOLDER), {
-                    "tooltip": "A Mochi-1 LoRA (.safetensors) from models/loras/."}),
-                "strength": ("FLOAT", {
-                    "default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
-                    "tooltip": "How much of the LoRA to add: 1 as trained, 0 none, negative subtracts it."}),
+                **widgets["required"],
             }
         }
 

@@ -41,13 +41,13 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--frames", "30"], r"--frames=30: Mochi makes 6k\+1 frames; use 25 or 31"),
-        (["--width", "100"], r"--width=100 must be a multiple of 16; use 96 or 112"),
-        (["--height", "8"], r"--height=8 must be a multiple of 16"),
+        (["--frames", "30"], r"--frames: frames=30: Mochi makes 6k\+1 frames; use 25 or 31"),
+        (["--width", "100"], r"--width: width=100 must be a multiple of 16; use 96 or 112"),
+        (["--height", "8"], r"--height: height=8 is outside \[16, 8192\]"),
         (["--world-size", "2", "--ulysses", "3"], r"ulysses=3 does not divide 4 heads"),
         (["--world-size", "3", "--cfg-parallel", "2"], r"but world_size is 3"),
         (["--ulysses", "two"], r"--ulysses='two': give a positive integer or 'auto'"),
-        (["--steps", "0"], r"--steps=0: need at least 1 step"),
+        (["--steps", "0"], r"--steps: steps=0 is outside \[1, 1000\]"),
         (["--dit", "/nonexistent/dit.safetensors"], r"give all of --dit, --vae and --t5 \(missing: --t5, --vae\)"),
         (["--dit", "/nonexistent/d.safetensors", "--vae", "/nonexistent/v.safetensors", "--t5", "/nonexistent/t5"],
          r"--dit /nonexistent/d.safetensors: no such file"),
@@ -56,13 +56,18 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
         (["--attention", "flash_attn"], r"--attention: attention_backend=flash_attn runs on CUDA GPUs only"),
         (["--lora", "/nonexistent/x.safetensors:0.5"], r"--lora /nonexistent/x.safetensors:0.5: no such file"),
-        (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength must be a finite number"),
-        (["--cache", "teacache", "--cache-threshold", "2"], r"--cache/--cache-threshold: .*threshold"),
+        (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength=nan is outside"),
+        (["--cache", "teacache", "--cache-threshold", "2"], r"--cache-threshold: cache_threshold=2.0 is outside \[0.0, 1.0\]"),
+        (["--lora", "{tmp}/out.mp4:100"], r"--lora .*:100: LoRA strength=100.0 is outside \[-10.0, 10.0\] \(the LoRA node's"),
+        (["--lora", "{tmp}/lora.safetensors:abc"], r"--lora .*:abc: strength 'abc' is not a number"),
+        (["--world-size", "0"], r"--world-size: world_size=0 is outside \[1, 1024\]"),
+        (["--ulysses", "-1"], r"--ulysses: ulysses_degree=-1 is outside \[0, 1024\]"),
     ],
 )
 def test_bad_input_is_refused_before_any_actor_starts(arguments, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
     arguments = [a.replace("{tmp}", str(tmp_path)) for a in arguments]
+    (tmp_path / "lora.safetensors").write_bytes(b"")
     if "--output" not in arguments:
         arguments += ["--output", str(tmp_path / "out.mp4")]
     with pytest.raises(SystemExit) as exited:
@@ -89,14 +94,31 @@ def test_cfg_1_with_a_cfg_split_runs_and_says_what_would_be_faster(tmp_path, mon
     monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
     args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--cfg-parallel", "2",
                                           "--cfg", "1", "--output", str(tmp_path / "out.mp4")])
-    plan = cli.plan_run(args)
+    plan = cli.check_inputs(args)
     assert plan.parallel.cfg_degree == 2
-    from mochi_xdit.workers.options import layout_note
+    from mochi_xdit.workers.run_plan import layout_note
 
     assert "cfg_degree 1" in layout_note(plan.parallel, uses_cfg=False)
-    auto = cli.plan_run(cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--cfg",
+    auto = cli.check_inputs(cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--cfg",
                                                        "1", "--output", str(tmp_path / "out.mp4")]))
     assert auto.parallel.cfg_degree == 1  # automatic degrees know there is no negative pass
+
+
+def test_a_cache_threshold_without_a_cache_is_said_not_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    inputs = cli.check_inputs(cli.build_parser().parse_args(
+        ["generate", "--prompt", "a fox", "--cache", "off", "--cache-threshold", "0.5", "--output", str(tmp_path / "o.mp4")]))
+    assert inputs.run.cache is None
+    assert any("cache_threshold=0.5 has no effect while cache is off" in note for note in inputs.run.notes)
+
+
+def test_the_old_schedule_flag_still_works_and_the_demo_defaults_come_from_the_resolver(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--schedule", "simple",
+                                          "--output", str(tmp_path / "o.mp4")])
+    inputs = cli.check_inputs(args)
+    assert inputs.run.scheduler == "simple" and inputs.run.steps == 8 and inputs.latent_shape == (1, 12, 3, 12, 16)
+    assert args.steps is None and args.width is None  # nothing is set onto the parsed flags
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -176,10 +198,10 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
     common = ["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae), "--t5", str(t5),
               "--width", "64", "--height", "48", "--frames", "13", "--steps", "5", "--device", "cuda",
               "--world-size", "2", "--output", str(tmp_path / "o.mp4")]
-    plan = cli.plan_run(cli.build_parser().parse_args(common))
+    plan = cli.check_inputs(cli.build_parser().parse_args(common))
     assert asked == [(2, 64, 48, 13, "bf16", 5)]
     assert (plan.parallel.cfg_degree, plan.parallel.ulysses_degree, plan.parallel.ring_degree) == (1, 1, 2)
-    explicit = cli.plan_run(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
+    explicit = cli.check_inputs(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
     assert len(asked) == 1 and explicit.parallel.ulysses_degree == 2
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from mochi_xdit import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
-from mochi_xdit.nodes.checks import QueueTimeError, degrees_problem, model_name_problem
+from mochi_xdit.nodes.checks import QueueTimeError, model_name_problem
 from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -256,7 +256,7 @@ def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, b
     (dict(weight_dtype="int4"), "weight_dtype='int4' is not one of"),
     (dict(ray_address="http://x y"), "is not a Ray address"),
     (dict(attention_backend="flash_attn"), "attention_backend=flash_attn runs on CUDA GPUs only"),
-    (dict(attention_backend="sdpa"), "attention_backend='sdpa'; use one of auto, torch"),
+    (dict(attention_backend="sdpa"), "attention_backend='sdpa' is not one of auto, torch"),
 ])
 def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, big_machine, changes, fragment):
     message = validate_loader(**changes)
@@ -283,10 +283,13 @@ def test_queue_time_problems_are_raised_once_not_returned_per_argument(fake_comf
     assert str(raised.value) == "world_size=0 is outside [1, 1024]"
 
 
-def test_degree_check_uses_mochi_heads_by_default():
-    assert "does not divide 24 heads" in degrees_problem(5, 5, 1, 1)
-    assert degrees_problem(6, 3, 1, 2) is None
-    assert degrees_problem(8, 0, 0, 0) is None
+def test_degree_rule_uses_the_dits_heads():
+    from mochi_xdit.workers.options import OptionsError, resolve_degrees
+
+    with pytest.raises(OptionsError, match="does not divide 24 heads"):
+        resolve_degrees(5, 1, 5, 1, num_heads=24)
+    assert resolve_degrees(6, 2, 3, 1, num_heads=24).world_size == 6
+    assert resolve_degrees(8, None, None, None, num_heads=24).world_size == 8
 
 
 def test_model_name_rules():
@@ -315,7 +318,7 @@ def test_invalid_sampler_values_are_refused_not_clamped(fake_comfy, changes, fra
 
 
 def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path(fake_comfy):
-    from mochi_xdit.nodes.sampler import runs_on_ranks
+    from mochi_xdit.workers.run_plan import runs_on_ranks
 
     assert validate_sampler(sampler_name="dpmpp_2m_sde", scheduler="karras") is True
     assert "sampler_name='ddim' is not one of euler" in validate_sampler(sampler_name="ddim")
@@ -323,9 +326,11 @@ def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path
     assert "runs on the on-rank path only" in validate_sampler(sampler_name="euler_ancestral", scheduler="simple",
                                                                cache="teacache")
     assert validate_sampler(sampler_name="euler", scheduler="linear_quadratic", cache="teacache") is True
-    assert runs_on_ranks("euler", "simple", {"samples": None})
-    assert not runs_on_ranks("euler", "simple", {"samples": None, "noise_mask": torch.ones(1)})
-    assert not runs_on_ranks("euler", "simple", {"samples": None, "batch_index": [3]})
+    from mochi_xdit.nodes.sampler import masked
+
+    assert runs_on_ranks("euler", "simple", masked({"samples": None}))
+    assert not runs_on_ranks("euler", "simple", masked({"samples": None, "noise_mask": torch.ones(1)}))
+    assert not runs_on_ranks("euler", "simple", masked({"samples": None, "batch_index": [3]}))
     assert not runs_on_ranks("euler", "karras") and not runs_on_ranks("dpmpp_2m_sde", "simple")
 
 
@@ -454,7 +459,8 @@ def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_com
 
 def test_requests_the_pool_layout_cannot_run_are_refused_and_cfg_1_runs_on_any_pool():
     from mochi_xdit.mochi.parallel.config import ParallelConfig
-    from mochi_xdit.workers.options import layout_note, sequence_problem
+    from mochi_xdit.workers.options import sequence_problem
+    from mochi_xdit.workers.run_plan import layout_note
 
     cfg_split = ParallelConfig(2, cfg_degree=2)
     assert "cfg_degree 1" in layout_note(cfg_split, uses_cfg=False)  # runs, with one line saying what is faster

@@ -9,35 +9,19 @@ here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time va
 
 import os
 from dataclasses import dataclass, field
-from enum import Enum
 
 from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
-from ..mochi.constants import PATCH_SIZE
+from ..mochi.constants import DEFAULT_STEPS, PATCH_SIZE
 from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
 from .capacity import CapacityError, check_local_capacity
 from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .option_table import Field
 from .protocol import PoolSpec, Timeouts
 from .ray_runtime import address_problem, resolve_address
 
 # The video `auto` degrees are planned for when the video is not known yet (the loader node): the
 # largest Mochi-1 video, so the chosen mix fits every smaller one too.
 PLAN_VIDEO = (848, 480, 163)  # width, height, frames
-
-
-class Field(Enum):
-    """The user choice an OptionsError is about (each front door names it its own way)."""
-
-    DIT = "dit"
-    VAE = "vae"
-    WEIGHT_DTYPE = "weight_dtype"
-    DEVICE = "device"
-    WORLD_SIZE = "world_size"
-    DEGREES = "degrees"
-    CPU_THREADS = "cpu_threads"
-    RAY_ADDRESS = "ray_address"
-    ATTENTION = "attention_backend"
-    LORA = "lora"
-    CACHE = "cache"
 
 
 class OptionsError(ValueError):
@@ -87,7 +71,7 @@ class LoadChoices:
     cpu_threads: int = 1
     ray_address: str | None = None
     video: tuple[int, int, int] = PLAN_VIDEO
-    steps: int = 64
+    steps: int = DEFAULT_STEPS
     use_cfg: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention: str = AUTO
@@ -249,15 +233,6 @@ def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) ->
     return None
 
 
-def layout_note(parallel: ParallelConfig, uses_cfg: bool) -> str | None:
-    """One line when the run does not suit the pool's layout (it still runs): cfg 1 on a CFG split."""
-    if parallel.cfg_degree == 2 and not uses_cfg:
-        return ("cfg is 1 on a pool that splits CFG (cfg_degree 2): there is no negative pass, so half the ranks idle. "
-                f"A pool with cfg_degree 1 (ulysses x ring = {parallel.world_size}) would be about 2x faster "
-                "for cfg-1 runs")
-    return None
-
-
 def dit_config(dit_path: str):
     """The `mochi.dit.DiTConfig` of a DiT file, from its header's shapes."""
     from ..mochi.dit import DiTConfig
@@ -279,17 +254,3 @@ def resolve_lora(spec: PoolSpec, path: str, strength: float):
     except (LoraError, ValueError) as error:
         raise OptionsError(Field.LORA, str(error)) from None
     return lora
-
-
-def resolve_cache(kind: str | None, threshold: float | None):
-    """The step cache a run asks for: None for "off" (or no kind), else a `mochi.step_cache.StepCacheSpec`
-    (threshold None: the kind's default)."""
-    from ..mochi.step_cache import StepCacheKind, StepCacheSpec
-
-    if kind in (None, "", "off"):
-        return None
-    try:
-        cache_kind = StepCacheKind(kind)
-        return StepCacheSpec.default(cache_kind) if threshold is None else StepCacheSpec(cache_kind, threshold)
-    except (ValueError, TypeError) as error:
-        raise OptionsError(Field.CACHE, f"cache={kind!r}, threshold={threshold!r}: {error}") from None

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..constants import DEFAULT_CFG
 from ..dit import DiTConfig, MochiDiT
 from ..layers import Linear
 from ..parallel.config import ParallelConfig
@@ -252,7 +253,7 @@ def count_step(
     # Real (tiny) text conditions: the request validates them; the forward only reads shapes.
     positive = TextCondition(torch.zeros(1, 256, 4096), torch.ones(1, 256, dtype=torch.int64))
     negative = TextCondition.empty(256)
-    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=4.5 if use_cfg else 1.0,
+    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=DEFAULT_CFG if use_cfg else 1.0,
                             cache=cache)
     counter = Counter(fake_mode)
     wrapped = _MaskAwareModel(model, counter, {id(positive.mask): min(text_tokens, 256), id(negative.mask): 0})
