@@ -51,3 +51,11 @@ def test_run_resolver_chooses_the_path_and_the_cache():
         resolve_run(RunChoices(steps=0))
     noted = resolve_run(RunChoices(cache="off", cache_threshold=0.5))
     assert noted.cache is None and "has no effect while cache is off" in noted.notes[0]
+
+
+def test_a_toggle_is_a_boolean_widget_and_a_pair_of_flags():
+    from mochi_xdit.workers.option_table import Kind, Option, _widget, value_problem
+
+    toggle = Option("compile", Kind.BOOL, "compile the DiT", Door.LOADER | Door.GENERATE, default=False)
+    assert _widget(toggle, None) == ("BOOLEAN", {"tooltip": "compile the DiT", "default": False})
+    assert value_problem(toggle, "on") == "compile must be true or false, got 'on'"

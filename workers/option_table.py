@@ -4,7 +4,7 @@ The nodes' `INPUT_TYPES` entries (with tooltips), their queue-time range and cho
 CLI's argparse flags are all generated from `OPTIONS`, so a default or a limit changes in one line.
 The rules that combine options (degrees, files, caching on the on-rank path) are the resolvers'
 (`options.resolve_load`, `run_plan.resolve_run`). Importable without torch, Ray or ComfyUI: the
-CLI's `--help` is built from it. How to add an option: /work/wt/OPTIONS_HOWTO.md (kept in the README).
+CLI's `--help` is built from it.
 """
 
 import argparse
@@ -31,6 +31,7 @@ class Kind(Enum):
     FLOAT = "FLOAT"
     CHOICE = "COMBO"
     TEXT = "STRING"
+    BOOL = "BOOLEAN"  # a toggle in ComfyUI; --name / --no-name on the CLI
     PATH = "PATH"  # a file or folder on the CLI; a list of model files in a node (the host supplies it)
     DEGREE = "DEGREE"  # an INT where 0 means automatic (the CLI also takes "auto")
 
@@ -158,6 +159,8 @@ def value_problem(entry: Option, value, choices=None) -> str | None:
         return None
     elif entry.kind in (Kind.TEXT, Kind.PATH):
         return None if isinstance(value, str) else f"{name} must be text, got {value!r}"
+    elif entry.kind is Kind.BOOL:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
     if not entry.low <= value <= entry.high:
         return f"{name}={value} is outside [{entry.low}, {entry.high}]"
     return None
@@ -350,6 +353,8 @@ def _widget(entry: Option, choices) -> tuple:
     if entry.kind is Kind.TEXT:
         settings["multiline"] = entry.multiline
         return "STRING", settings
+    if entry.kind is Kind.BOOL:
+        return "BOOLEAN", settings
     settings.update(min=entry.low, max=entry.high)
     for key in ("step", "round"):
         if getattr(entry, key) is not None:
@@ -384,6 +389,8 @@ def add_cli_flags(parser: argparse.ArgumentParser, door: Door) -> None:
             settings["type"] = _degree_flag(entry)
         elif entry.kind is Kind.CHOICE:
             settings["choices"] = entry.choices
+        elif entry.kind is Kind.BOOL:
+            settings["action"] = argparse.BooleanOptionalAction
         if entry.cli_required:
             settings["required"] = True
         groups[entry.group].add_argument(entry.cli_flag, *entry.cli_aliases, dest=entry.name, **settings)
