@@ -25,31 +25,33 @@ def masked(latent: dict | None) -> bool:
     return latent is not None and (latent.get("noise_mask") is not None or latent.get("batch_index") is not None)
 
 
-def run_choices(seed, steps, cfg, schedule, denoise, cache, cache_threshold, sampler_name, scheduler,
-                latent_image=None):
-    """The widgets as the run resolver's RunChoices (a prompt saved before `scheduler` existed keeps its
-    `schedule`)."""
+def run_choices(values: dict, latent_image=None):
+    """The widgets as the run resolver's RunChoices. An optional input the prompt does not send takes
+    its declared default; a prompt from before the rename that sends `schedule` and no `scheduler`
+    runs with its schedule."""
+    from ..workers.option_table import option
     from ..workers.run_plan import RunChoices
 
-    return RunChoices(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler or schedule,
-                      denoise=denoise, cache=cache, cache_threshold=cache_threshold, masked_latent=masked(latent_image))
+    given = dict(values)
+    if given.get("scheduler") is None:
+        given["scheduler"] = given.get("schedule")
+    given = {name: option(name).default if given.get(name) is None else given[name]
+             for name in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "cache")}
+    return RunChoices(**given, cache_threshold=values.get("cache_threshold"), masked_latent=masked(latent_image))
 
 
-def sampler_problem(**values) -> str | None:
-    """Queue-time checks: each widget against the table, then the run rules (inputs fed by a link are
-    None here: their own checks wait for run time, and a number stands in at its default meanwhile)."""
-    from ..workers.option_table import option
+def sampler_problem(values: dict) -> str | None:
+    """Queue-time checks: each widget against the table, then the run rules. A None value is an input
+    fed by a link or one the prompt leaves out: its own check waits for run time, and its default
+    stands in for the rules unless it decides the path (sampler_name, cache)."""
     from ..workers.options import OptionsError
     from ..workers.run_plan import resolve_run
 
     problem = widget_problem(Door.SAMPLER, values, comfy_choices())
-    unknown = None in (values["sampler_name"], values["cache"]) or values["scheduler"] is values["schedule"] is None
-    if problem or unknown:
+    if problem or values["sampler_name"] is None or values["cache"] is None:
         return problem
-    for name in ("seed", "steps", "cfg", "denoise"):
-        values[name] = option(name).default if values[name] is None else values[name]
     try:
-        resolve_run(run_choices(**values))
+        resolve_run(run_choices(values))
     except OptionsError as error:
         return str(error)
     return None
@@ -81,28 +83,28 @@ class MochiXDiTSampler:
                 **widgets["required"],
             },
             "optional": widgets["optional"],
+            "hidden": widgets["hidden"],
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=None,
-                        sampler_name="euler", scheduler=None):
-        return checks.refuse(sampler_problem(seed=seed, steps=steps, cfg=cfg, schedule=schedule, denoise=denoise,
-                                             cache=cache, cache_threshold=cache_threshold, sampler_name=sampler_name,
-                                             scheduler=scheduler))
+    def VALIDATE_INPUTS(cls, seed, steps, cfg, sampler_name=None, scheduler=None, denoise=None, cache=None,
+                        cache_threshold=None, schedule=None):
+        return checks.refuse(sampler_problem(dict(
+            seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
+            cache=cache, cache_threshold=cache_threshold, schedule=schedule)))
 
-    def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise, cache="off",
-               cache_threshold=None, sampler_name="euler", scheduler=None):
+    def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, sampler_name=None, scheduler=None,
+               denoise=None, cache=None, cache_threshold=None, schedule=None):
         from ..workers.options import OptionsError
         from ..workers.run_plan import SamplerPath, resolve_run
 
-        problem = (sampler_problem(seed=seed, steps=steps, cfg=cfg, schedule=schedule, denoise=denoise, cache=cache,
-                                   cache_threshold=cache_threshold, sampler_name=sampler_name, scheduler=scheduler)
-                   or checks.latent_problem(latent_image))
+        values = dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                      denoise=denoise, cache=cache, cache_threshold=cache_threshold, schedule=schedule)
+        problem = widget_problem(Door.SAMPLER, values, comfy_choices()) or checks.latent_problem(latent_image)
         if problem:
             raise ValueError(problem)
         try:
-            plan = resolve_run(run_choices(seed, steps, cfg, schedule, denoise, cache, cache_threshold, sampler_name,
-                                           scheduler, latent_image))
+            plan = resolve_run(run_choices(values, latent_image))
         except OptionsError as error:
             raise ValueError(str(error)) from None
         log_notes(plan.notes)

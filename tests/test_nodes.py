@@ -7,7 +7,10 @@ interrupt flag. The real server is exercised by `tools/run_comfy_e2e.sh`.
 """
 
 import inspect
+import json
 import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -167,7 +170,8 @@ def test_node_class_follows_comfyui_v1_schema_rules(fake_comfy, node_id):
     parameters = inspect.signature(function).parameters
     assert set(spec["required"]) <= set(parameters), "FUNCTION must accept every required input"
     validate = inspect.getfullargspec(cls.VALIDATE_INPUTS).args if hasattr(cls, "VALIDATE_INPUTS") else []
-    assert set(validate) - {"cls"} <= set(inputs), "VALIDATE_INPUTS may only name inputs"
+    hidden = set(spec.get("hidden", {}))  # a renamed input kept for saved API prompts (no widget)
+    assert set(validate) - {"cls"} <= set(inputs) | hidden, "VALIDATE_INPUTS may only name inputs"
     # ComfyUI skips its min/max/combo checks for inputs VALIDATE_INPUTS names: ours must be widgets
     linked = {name for name, (kind, _) in inputs.items() if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN")}
     assert not (set(validate) & linked), "VALIDATE_INPUTS must not take linked inputs (they arrive as None)"
@@ -302,7 +306,7 @@ def test_model_name_rules():
 # ---------------------------------------------------------------- sampler validation and types
 
 def validate_sampler(**changes):
-    inputs = dict(seed=0, steps=4, cfg=4.5, schedule="linear_quadratic", denoise=1.0)
+    inputs = dict(seed=0, steps=4, cfg=4.5, sampler_name="euler", scheduler="linear_quadratic", denoise=1.0)
     inputs.update(changes)
     return queue_time_verdict(NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS, **inputs)
 
@@ -336,6 +340,95 @@ def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path
 
 def test_sampler_inputs_fed_by_links_are_left_for_run_time(fake_comfy):
     assert validate_sampler(seed=None, steps=None) is True
+
+
+# ---------------------------------------------------------------- saved workflows of earlier layouts
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+WEB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
+
+
+def sampler_widget_names() -> list[str]:
+    """The sampler's widgets in the order the frontend makes them (and saves their values)."""
+    from mochi_xdit.workers.option_table import Door, widget_order
+
+    names = []
+    for entry in widget_order(Door.SAMPLER):
+        names += [entry.name, "control_after_generate"] if entry.seed_widget else [entry.name]
+    return names
+
+
+def frontend_remap(values: list, names: list[str], defaults: dict) -> list:
+    """web/widget_layouts.js's remapSamplerWidgets, run by Node (what the browser runs on load)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed (it runs the frontend extension's remapping)")
+    script = (f"import {{ remapSamplerWidgets }} from {json.dumps('file://' + os.path.join(WEB, 'widget_layouts.js'))};"
+              f"console.log(JSON.stringify(remapSamplerWidgets({json.dumps(values)}, {json.dumps(names)}, "
+              f"{json.dumps(defaults)})));")
+    done = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def sampler_values(path: str) -> list:
+    with open(os.path.join(FIXTURES, path)) as f:
+        return next(n["widgets_values"] for n in json.load(f)["nodes"] if n["type"] == "MochiXDiTSampler")
+
+
+def opened(values: list) -> dict:
+    """A saved sampler's values as the node's widgets hold them after loading, by name."""
+    names = sampler_widget_names()
+    defaults = {"cache": "off", "cache_threshold": 0.06, "control_after_generate": "randomize"}
+    return dict(zip(names, frontend_remap(values, names, defaults)))
+
+
+def test_the_previous_bundled_workflow_opens_with_its_values_where_they_meant(fake_comfy):
+    """The previous release's UI workflow (schedule + scheduler widgets) against its own API twin,
+    which names every value: after loading, each widget holds the value its name had."""
+    with open(os.path.join(FIXTURES, "before_ksampler_layout_text_to_video_api.json")) as f:
+        meant = {k: v for k, v in json.load(f)["6"]["inputs"].items() if not isinstance(v, list)}
+    widgets = opened(sampler_values("before_ksampler_layout_text_to_video.json"))
+    assert meant.pop("schedule") == "linear_quadratic"  # superseded by scheduler, as the old node did
+    assert {name: widgets[name] for name in meant} == meant
+    assert widgets["control_after_generate"] == "fixed"
+    assert NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**{k: v for k, v in widgets.items()
+                                                                      if k != "control_after_generate"}) is True
+
+
+def test_a_workflow_saved_before_scheduler_existed_keeps_its_schedule(fake_comfy):
+    """The first release saved [seed, control, steps, cfg, schedule, denoise]; its schedule decides
+    the scheduler (the layout before this one opened it at the scheduler's default instead)."""
+    first = sampler_values("first_release_text_to_video.json")
+    assert opened(first) == {"seed": 42, "control_after_generate": "fixed", "steps": 64, "cfg": 4.5,
+                             "sampler_name": "euler", "scheduler": "linear_quadratic", "denoise": 1.0, "cache": "off",
+                             "cache_threshold": 0.06}
+    assert opened([7, "increment", 12, 3.0, "simple", 0.8])["scheduler"] == "simple"
+    cached = opened([7, "fixed", 12, 3.0, "simple", 0.8, "teacache", 0.09])  # the layout with caching only
+    assert (cached["scheduler"], cached["cache"], cached["cache_threshold"], cached["denoise"]) == (
+        "simple", "teacache", 0.09, 0.8)
+
+
+def test_the_bundled_workflow_has_the_current_layout_and_matches_its_api_twin(fake_comfy):
+    root = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(root, "workflows", "mochi_xdit_text_to_video.json")) as f:
+        values = next(n["widgets_values"] for n in json.load(f)["nodes"] if n["type"] == "MochiXDiTSampler")
+    with open(os.path.join(root, "workflows", "api", "mochi_xdit_text_to_video_api.json")) as f:
+        api = {k: v for k, v in json.load(f)["6"]["inputs"].items() if not isinstance(v, list)}
+    assert frontend_remap(values, sampler_widget_names(), {}) == values  # left alone
+    widgets = dict(zip(sampler_widget_names(), values))
+    assert {name: widgets[name] for name in api} == api and "schedule" not in api
+
+
+def test_an_old_api_prompt_with_schedule_runs_with_it_or_is_refused_naming_it(fake_comfy):
+    from mochi_xdit.nodes.sampler import run_choices
+
+    old = dict(seed=1, steps=4, cfg=4.5, schedule="simple", denoise=1.0)  # the first release's API inputs
+    assert NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**old) is True
+    assert run_choices(old).scheduler == "simple"
+    assert run_choices({**old, "scheduler": "linear_quadratic"}).scheduler == "linear_quadratic"  # scheduler wins
+    assert "schedule='karras' is not one of linear_quadratic, simple" in validate_sampler(schedule="karras")
+    assert "schedule" in NODE_CLASS_MAPPINGS["MochiXDiTSampler"].INPUT_TYPES()["hidden"]  # no widget
 
 
 def clip_text_encode_output(valid_tokens: int, length: int = 256, seed: int = 0):

@@ -183,7 +183,7 @@ def small_workflow() -> dict:
 
 def oracle_request(prompt: dict, **extra) -> SampleRequest:
     """The single-process SampleRequest the workflow's sampler (node 6) runs: same prompts, seed,
-    steps, cfg and schedule (its `scheduler` input, which supersedes `schedule`)."""
+    steps, cfg and schedule (its `scheduler` input)."""
     sampler = prompt["6"]["inputs"]
     positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
     negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
@@ -191,7 +191,7 @@ def oracle_request(prompt: dict, **extra) -> SampleRequest:
         positive=TextCondition(positive[0], positive[1]["attention_mask"]),
         negative=TextCondition(negative[0], negative[1]["attention_mask"]),
         init_latent=torch.zeros(1, 12, 2, 4, 6), seed=sampler["seed"], steps=sampler["steps"], cfg=sampler["cfg"],
-        schedule=sampler.get("scheduler", sampler["schedule"]), denoise=sampler["denoise"], **extra)
+        schedule=sampler["scheduler"], denoise=sampler["denoise"], **extra)
 
 
 def test_ui_workflow_matches_api_workflow(comfy_env):

@@ -87,6 +87,8 @@ class Option:
         choices: CHOICE values (a node door may be given the host's list instead, see `host_choices`).
         host_choices: the node's choices come from ComfyUI (its sampler list, a models folder).
         optional_at: node doors where the input sits under "optional" (inputs added after release).
+        hidden_at: node doors where the input is "hidden": no widget, but a prompt may still send it
+            (a renamed input kept for saved API prompts).
         seed_widget: an INT with ComfyUI's control_after_generate (one extra UI-only widget value).
         flag: the CLI flag when it differs from `--name-with-dashes`.
         cli_unset: the CLI flag defaults to None, so the resolver can tell "not given" (it then picks
@@ -113,6 +115,7 @@ class Option:
     choices: tuple = ()
     host_choices: bool = False
     optional_at: Door = Door(0)
+    hidden_at: Door = Door(0)
     seed_widget: bool = False
     flag: str | None = None
     cli_unset: bool = False
@@ -194,28 +197,24 @@ _OPTIONS = (
            f"over-saturates. {DEFAULT_CFG} is Mochi's default; 1 skips the negative pass (half the work; on a "
            "cfg_degree 2 pool the second half of the ranks then idles).", Door.SAMPLER | Door.GUIDER | Door.GENERATE,
            default=DEFAULT_CFG, low=0.0, high=MAX_CFG, step=0.1, round=0.01, group="sampling", field=Field.CFG),
-    Option("schedule", Kind.CHOICE, "linear_quadratic: genmo's Mochi schedule (slow start, then quadratic). simple: "
-           "ComfyUI's KSampler schedule for Mochi (flow shift 6). The scheduler input, when present, supersedes this "
-           "one (kept so saved workflows keep working).", Door.SAMPLER, default="linear_quadratic",
-           choices=SCHEDULE_NAMES, field=Field.SCHEDULER),
-    Option("denoise", Kind.FLOAT, "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
-           "(video-to-video); the run then covers the last steps of a longer schedule.", Door.SAMPLER, default=1.0,
-           low=0.01, high=1.0, step=0.01, field=Field.DENOISE),
     Option("sampler_name", Kind.CHOICE, "ComfyUI's sampler, as in KSampler. euler with scheduler simple or "
            "linear_quadratic runs whole on the ranks; any other runs ComfyUI's own sampler code with every model "
            "evaluation done in lockstep on the pool (CFG on the ranks).", Door.SAMPLER, default="euler",
            choices=("euler",), host_choices=True, optional_at=Door.SAMPLER, field=Field.SAMPLER),
-    Option("scheduler", Kind.CHOICE, "ComfyUI's scheduler, as in KSampler (simple: KSampler's Mochi default; "
-           "linear_quadratic: genmo's schedule). Supersedes 'schedule', which only applies to prompts saved before "
-           "this input existed.", Door.SAMPLER | Door.GENERATE, default="linear_quadratic", choices=SCHEDULE_NAMES,
+    Option("scheduler", Kind.CHOICE, "ComfyUI's scheduler, as in KSampler. linear_quadratic: genmo's Mochi schedule "
+           "(slow start, then quadratic); simple: KSampler's flow schedule for Mochi (shift 6).",
+           Door.SAMPLER | Door.GENERATE, default="linear_quadratic", choices=SCHEDULE_NAMES,
            host_choices=True, optional_at=Door.SAMPLER, cli_aliases=("--schedule",),
            cli_help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)", group="sampling",
            field=Field.SCHEDULER),
+    Option("denoise", Kind.FLOAT, "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
+           "(video-to-video); the run then covers the last steps of a longer schedule.", Door.SAMPLER, default=1.0,
+           low=0.01, high=1.0, step=0.01, optional_at=Door.SAMPLER, field=Field.DENOISE),
     Option("cache", Kind.CHOICE, "Step caching: skip the transformer's blocks on steps where their input barely "
            "changes, reusing the last computed residual; every rank skips the same steps. teacache: TeaCache's Mochi "
            f"indicator (published 1.5x at {DEFAULT_CACHE_THRESHOLD}, 2.1x at 0.09 on 163 frames). first_block: "
-           "compares the first block's output. off: every step.", Door.SAMPLER | Door.GENERATE, default="off", choices=CACHE_CHOICES,
-           optional_at=Door.SAMPLER, group="sampling", field=Field.CACHE,
+           "compares the first block's output. off: every step.", Door.SAMPLER | Door.GENERATE, default="off",
+           choices=CACHE_CHOICES, optional_at=Door.SAMPLER, group="sampling", field=Field.CACHE,
            cli_help="step caching: skip the blocks on steps whose input barely changes (all ranks agree)"),
     Option("cache_threshold", Kind.FLOAT, "How much change a skipped step may hide: higher skips more steps (faster) "
            "and drifts further from the uncached video. 0 never skips.", Door.SAMPLER | Door.GENERATE,
@@ -223,6 +222,9 @@ _OPTIONS = (
            cli_unset=True, group="sampling", field=Field.CACHE,
            cli_help=f"how much change a skipped step may hide (default {DEFAULT_CACHE_THRESHOLD}; TeaCache published "
                     "1.5x, 0.09 2.1x); 0 never skips; needs --cache"),
+    Option("schedule", Kind.CHOICE, "The scheduler's earlier name (no widget any more): a prompt that sends schedule "
+           "and no scheduler runs with it; when both are sent, scheduler wins, as it always did.", Door.SAMPLER,
+           choices=SCHEDULE_NAMES, hidden_at=Door.SAMPLER, field=Field.SCHEDULER),
     # ---- LoRA (LoRA node; the CLI's --lora FILE[:STRENGTH] checks its strength through `strength`)
     Option("lora_name", Kind.PATH, "A Mochi-1 LoRA (.safetensors) from models/loras/.", Door.LORA | Door.GENERATE,
            host_choices=True, flag="--lora", repeat=True, metavar="FILE[:STRENGTH]", group="sampling",
@@ -333,14 +335,25 @@ def widget_problem(door: Door, values: dict, host_choices: dict | None = None) -
 # ---------------------------------------------------------------------------------------------- ComfyUI
 
 def node_inputs(door: Door, host_choices: dict | None = None) -> dict[str, dict]:
-    """{"required": {...}, "optional": {...}}: ComfyUI V1 INPUT_TYPES entries for `door`'s widgets, in
-    table order. host_choices: {name: list} for options whose choices ComfyUI supplies."""
+    """{"required": {...}, "optional": {...}, "hidden": {...}}: ComfyUI V1 INPUT_TYPES entries for
+    `door`'s options, in table order (the frontend makes widgets in this order, required first, and
+    a saved UI workflow stores their values by position). host_choices: {name: list} for options
+    whose choices ComfyUI supplies."""
     host_choices = host_choices or {}
-    inputs = {"required": {}, "optional": {}}
+    inputs = {"required": {}, "optional": {}, "hidden": {}}
     for entry in options_at(door):
-        section = "optional" if entry.optional_at & door else "required"
+        section = "hidden" if entry.hidden_at & door else "optional" if entry.optional_at & door else "required"
         inputs[section][entry.name] = _widget(entry, host_choices.get(entry.name))
     return inputs
+
+
+def widget_order(door: Door) -> tuple[Option, ...]:
+    """The door's widgets as the frontend lays them out, which is also the order of a saved UI
+    workflow's `widgets_values`: required inputs, then optional ones, table order within each
+    (hidden inputs have no widget; a seed_widget is followed by ComfyUI's control widget)."""
+    shown = [entry for entry in options_at(door) if not entry.hidden_at & door]
+    required = tuple(entry for entry in shown if not entry.optional_at & door)
+    return required + tuple(entry for entry in shown if entry.optional_at & door)
 
 
 def _widget(entry: Option, choices) -> tuple:
