@@ -144,7 +144,9 @@ def lora_flag(text: str) -> tuple[str, float]:
     from .workers.option_table import option, value_problem
 
     head, sep, tail = text.rpartition(":")
-    if not sep or not head or os.path.exists(text):
+    if not text or (sep and not head):
+        raise InputError(f"--lora {text!r}: give FILE[:STRENGTH], e.g. my_lora.safetensors:0.8")
+    if not sep or os.path.exists(text):
         return text, option("strength").default
     try:
         strength = float(tail)

@@ -12,9 +12,11 @@ from .handle import POOL_TYPE
 LORA_FOLDER = "loras"
 
 
-def lora_problem(lora_name, strength) -> str | None:
-    """Queue-time checks: the file (a safetensors LoRA for Mochi, header only) and the strength."""
-    from ..mochi.lora import LoraError, inspect_lora
+def lora_problem(lora_name, strength, read_header: bool = True) -> str | None:
+    """The checks that need no pool: the strength, the file's name and place, and (read_header) what
+    the file holds (a safetensors LoRA naming Mochi's layers; header only). Its fit to the pool's
+    DiT (widths, depth) is checked when the node runs, where the pool is known."""
+    from ..mochi.lora_files import LoraError, inspect_lora
 
     problem = widget_problem(Door.LORA, {"strength": strength})
     if problem:
@@ -22,10 +24,11 @@ def lora_problem(lora_name, strength) -> str | None:
     path, problem = checks.resolve_model_file(lora_name, LORA_FOLDER)
     if problem:
         return f"lora_name: {problem}"
-    try:
-        inspect_lora(path)
-    except LoraError as error:
-        return f"lora_name {lora_name!r}: {error}"
+    if read_header:
+        try:
+            inspect_lora(path)
+        except LoraError as error:
+            return f"lora_name {lora_name!r}: {error}"
     return None
 
 
@@ -58,11 +61,11 @@ class MochiXDiTLoraLoader:
     def add_lora(self, pool, lora_name, strength):
         from ..workers.options import OptionsError, resolve_lora
 
-        problem = lora_problem(lora_name, strength)
+        problem = lora_problem(lora_name, strength, read_header=False)
         if problem:
             raise ValueError(problem)
         path, _ = checks.resolve_model_file(lora_name, LORA_FOLDER)
-        try:  # the shapes against this pool's DiT (header only)
+        try:  # the file read once: what it holds, and its shapes against this pool's DiT (header only)
             lora = resolve_lora(pool.spec, path, strength)
         except OptionsError as error:
             raise ValueError(f"lora_name {lora_name!r}: {error}") from None

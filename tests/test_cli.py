@@ -104,6 +104,28 @@ def test_cfg_1_with_a_cfg_split_runs_and_says_what_would_be_faster(tmp_path, mon
     assert auto.parallel.cfg_degree == 1  # automatic degrees know there is no negative pass
 
 
+@pytest.mark.parametrize("text, path, strength", [
+    ("my.safetensors:0.8", "my.safetensors", 0.8),
+    ("my.safetensors:-1.5", "my.safetensors", -1.5),
+    ("my.safetensors", "my.safetensors", 1.0),
+    ("/loras/a:b.safetensors", "/loras/a:b.safetensors", 1.0),
+    ("C:\\loras\\x.safetensors", "C:\\loras\\x.safetensors", 1.0),
+    ("x.safetensors:0", "x.safetensors", 0.0),
+])
+def test_lora_flag_reads_file_and_strength(text, path, strength):
+    assert cli.lora_flag(text) == (path, strength)
+
+
+@pytest.mark.parametrize("text, message", [
+    (":0.5", "give FILE[:STRENGTH]"), ("", "give FILE[:STRENGTH]"),
+    ("x.safetensors:nan", "strength=nan is outside [-10.0, 10.0]"),
+    ("x.safetensors:inf", "strength=inf is outside"), ("x.safetensors:100", "strength=100.0 is outside"),
+])
+def test_lora_flag_refuses_bad_text_with_the_nodes_limits(text, message):
+    with pytest.raises(cli.InputError, match=re.escape(message)):
+        cli.lora_flag(text)
+
+
 def test_a_cache_threshold_without_a_cache_is_said_not_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
     inputs = cli.check_inputs(cli.build_parser().parse_args(

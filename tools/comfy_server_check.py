@@ -60,7 +60,7 @@ def write_models(models: Path) -> None:
 
     import_pack()
     from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
-    from mochi_xdit.mochi.lora import linear_shapes_for
+    from mochi_xdit.mochi.lora_files import linear_shapes_for
 
     for folder in ("diffusion_models", "vae", "loras"):
         (models / folder).mkdir(parents=True, exist_ok=True)

@@ -161,16 +161,13 @@ def planned_degrees(parallel: ParallelConfig, choices: LoadChoices, dit_path: st
         return parallel
     if weight_dtype not in ("bf16", "fp8"):
         return parallel
-    from ..mochi.dit import DiTConfig
     from ..mochi.planner.plan import recommend
     from ..mochi.planner.hardware import gpu_from_device_name
 
-    info = inspect_checkpoint(dit_path)
-    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
     gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
     width, height, frames = choices.video
     return recommend(parallel.world_size, width, height, frames, gpu=gpu, weight_dtype=weight_dtype,
-                     steps=choices.steps, use_cfg=choices.use_cfg, config=DiTConfig.from_shapes(shapes))
+                     steps=choices.steps, use_cfg=choices.use_cfg, config=dit_config(dit_path))
 
 
 def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
@@ -238,16 +235,19 @@ def dit_config(dit_path: str):
     from ..mochi.dit import DiTConfig
 
     info = inspect_checkpoint(dit_path)
-    prefix = info.dit_prefix or ""
-    return DiTConfig.from_shapes({name[len(prefix):]: t.shape for name, t in info.tensors.items()
-                                  if name.startswith(prefix)})
+    return DiTConfig.from_shapes({name: info.tensors[key].shape for name, key in info.dit_names().items()})
 
 
 def resolve_lora(spec: PoolSpec, path: str, strength: float):
-    """A `mochi.lora.LoraSpec` checked against the pool's DiT (format, modules, shapes; header only),
-    so a file that cannot work is refused before any rank reads it."""
-    from ..mochi.lora import LoraError, LoraSpec, inspect_lora
+    """A `mochi.lora_files.LoraSpec` checked against the pool's DiT (format, modules, shapes; header
+    only) and the strength against the option table (the LoRA node's limits), so a file that cannot
+    work is refused before any rank reads it."""
+    from ..mochi.lora_files import LoraError, LoraSpec, inspect_lora
+    from .option_table import option, value_problem
 
+    problem = value_problem(option("strength"), strength)
+    if problem:
+        raise OptionsError(Field.LORA, f"LoRA {problem}")
     try:
         lora = LoraSpec(path, strength)
         inspect_lora(lora.path, dit_config(spec.dit_path))
