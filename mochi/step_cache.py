@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .constants import DEFAULT_CACHE_THRESHOLD
+from .parallel.collective import collective
 
 # TeaCache4Mochi's rescaling polynomial of the relative L1 change, highest power first.
 TEACACHE_MOCHI_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
@@ -264,7 +265,8 @@ class StepCache:
         sums = torch.tensor([difference, reference], dtype=torch.float64, device=self.ctx.device)  # [2]
         for group, degree in ((self.ctx.sp_group, self.ctx.sp_degree), (self.ctx.cfg_group, self.ctx.cfg_degree)):
             if group is not None:  # sequence shards first, then the CFG halves
-                dist.all_reduce(sums, group=group)
+                with collective("step-cache all_reduce"):  # a peer that died or stopped: CollectiveError
+                    dist.all_reduce(sums, group=group)
                 self.ctx.sent_bytes["step_cache"] += 2 * (degree - 1) * sums.numel() * sums.element_size() // degree
         difference, reference = sums.tolist()
         return difference, reference

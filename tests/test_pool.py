@@ -308,6 +308,31 @@ def test_a_stopped_rank_is_blamed_not_the_peer_whose_collective_timed_out(cache,
     assert cache.acquire(spec) is not pool  # rebuilt for the next request
 
 
+def test_a_peer_stopped_in_a_cached_step_is_blamed_not_the_rank_waiting_in_the_cache_reduction(
+        cache, model_files, request_6_steps):
+    """TeaCache's indicator is summed over the ranks before any block runs, so with rank 1 stopped,
+    rank 0's first collective of the step is the step cache's all_reduce: its timeout must be a
+    collective failure that blames rank 1, as an all-to-all's is."""
+    from mochi_xdit.mochi.step_cache import StepCacheKind, StepCacheSpec
+
+    timeouts = Timeouts(start_s=120, load_s=120, step_s=120, call_s=10, collective_s=5)
+    spec = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(2, 1, 2, 1, num_heads=HEADS),
+                    timeouts=timeouts)  # the previous test's spec: its rebuilt pool is reused
+    pool = cache.acquire(spec)
+    victim = pool.ranks[1].pid
+
+    def freeze_rank_1(report):
+        if report.index == 1:
+            os.kill(victim, signal.SIGSTOP)
+
+    with pytest.raises(PoolError) as raised:
+        pool.sample(replace(request_6_steps, cache=StepCacheSpec(StepCacheKind.TEACACHE, 0.06)),
+                    on_step=freeze_rank_1)
+    assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
+    assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
+    assert pool.dead
+
+
 def _our_ray_processes() -> list[psutil.Process]:
     """Live Ray processes (GCS, raylet, workers, actors) descended from this test process.
 
