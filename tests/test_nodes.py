@@ -488,6 +488,13 @@ def test_dit_file_selected_as_vae_is_refused_with_the_fix(fake_comfy, models_dir
     assert "not a Mochi VAE" in message and "Select it in dit_name" in message
 
 
+def test_a_type_error_on_a_rank_is_a_fault_not_a_refused_request():
+    from mochi_xdit.workers.failures import FailureKind, classify
+
+    assert classify(ValueError("steps=0")) is FailureKind.BAD_REQUEST
+    assert classify(TypeError("unsupported operand type(s)")) is FailureKind.RANK_ERROR
+
+
 def test_dead_rank_and_out_of_memory_become_actionable_errors():
     from mochi_xdit.nodes.errors import user_errors
     from mochi_xdit.workers.failures import FailureKind, PoolError

@@ -55,9 +55,9 @@ def classify(error: BaseException) -> FailureKind:
         return FailureKind.OUT_OF_MEMORY
     if isinstance(original, CollectiveError):
         return FailureKind.COLLECTIVE
-    if isinstance(original, (ValueError, TypeError)):
+    if isinstance(original, ValueError):  # the request's values: what the user can change
         return FailureKind.BAD_REQUEST
-    return FailureKind.RANK_ERROR
+    return FailureKind.RANK_ERROR  # anything else, a TypeError included, is a fault in the code
 
 
 def describe(error: BaseException) -> str:

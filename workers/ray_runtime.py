@@ -203,11 +203,13 @@ class RayConnection:
         address: the cluster address joined, or None for our private local Ray.
         private: True when we started Ray (and stop it on close).
         actor_env: runtime_env for every actor (priority, allocator, imports).
+        owned: we called ray.init (close disconnects); False for a connection the user's own code
+            made before us, which close leaves alone.
     """
 
     def __init__(self, address: str | None, private: bool, actor_env: dict,
-                 saved_env: dict[str, str | None], saved_cluster_flag: bool | None):
-        self.address, self.private, self.actor_env = address, private, actor_env
+                 saved_env: dict[str, str | None], saved_cluster_flag: bool | None, owned: bool = True):
+        self.address, self.private, self.actor_env, self.owned = address, private, actor_env, owned
         self._saved_env, self._saved_cluster_flag = saved_env, saved_cluster_flag
 
     @classmethod
@@ -221,7 +223,7 @@ class RayConnection:
                     f"{PACKAGE_NAME!r} from {PACK_ROOT}; install the pack on every node (pip install -e <pack>) "
                     "or let the pack connect to Ray itself (do not call ray.init first)"
                 )
-            return cls(address or "existing", False, actor_runtime_env(False, True), {}, None)
+            return cls(address or "existing", False, actor_runtime_env(False, True), {}, None, owned=False)
         if address is not None:
             probe_address(address)
             importable = package_importable_here()
@@ -245,8 +247,9 @@ class RayConnection:
         return connection
 
     def close(self) -> None:
-        """Disconnect (stopping Ray if we started it) and restore what `connect` changed."""
-        if ray.is_initialized():
+        """Disconnect (stopping Ray if we started it) and restore what `connect` changed; a connection
+        the user's own code made stays up."""
+        if self.owned and ray.is_initialized():
             ray.shutdown()
         if self._saved_env:
             for key, value in self._saved_env.items():

@@ -204,10 +204,6 @@ class Counter(TorchDispatchMode):
         self.counts.end_bytes = self._live
         return result
 
-    @property
-    def live_bytes(self) -> int:
-        return self._live
-
 
 def _group_size(group) -> int:
     """World size of the process group a c10d op received (a boxed TorchScript object)."""
@@ -244,9 +240,3 @@ def fake_module(module_fn, fake_mode: FakeTensorMode, dtype: torch.dtype) -> nn.
                 if buffer is not None:
                     sub._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
     return module
-
-
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and buffers (as stored: fp8 weights count 1 byte each)."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
