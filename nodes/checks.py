@@ -87,6 +87,9 @@ def latent_problem(latent) -> str | None:
             f"the latent has shape {tuple(samples.shape)}, not a Mochi video latent [B, {LATENT_CHANNELS}, T, H, W]; "
             "use EmptyMochiLatentVideo (or a latent made by a Mochi VAE)"
         )
+    if min(samples.shape[0], samples.shape[2], samples.shape[3], samples.shape[4]) < 1:
+        return (f"the latent has shape {tuple(samples.shape)}: no frames or no pixels; set EmptyMochiLatentVideo's "
+                "length to 1 or more (1 + 6k frames) and width, height and batch_size to at least 16, 16, 1")
     if samples.shape[3] % 2 or samples.shape[4] % 2:
         return (
             f"latent height/width {samples.shape[3]}x{samples.shape[4]} must be even (video size a "

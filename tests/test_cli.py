@@ -126,6 +126,15 @@ def test_lora_flag_refuses_bad_text_with_the_nodes_limits(text, message):
         cli.lora_flag(text)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_blamed_on_the_device_not_the_world_size(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "a fox", "--device", "cuda", "--output", str(tmp_path / "o.mp4")])
+    error = capsys.readouterr().err
+    assert "--device: device=cuda, but this machine has no CUDA GPU" in error and "world" not in error, error
+
+
 def test_a_cache_threshold_without_a_cache_is_said_not_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
     inputs = cli.check_inputs(cli.build_parser().parse_args(
@@ -145,7 +154,8 @@ def test_the_old_schedule_flag_still_works_and_the_demo_defaults_come_from_the_r
 
 @pytest.mark.parametrize("arguments, message", [
     (["--gpu", "XYZ"], "unknown GPU 'XYZ'"), (["--frames", "50"], "frames=50: Mochi makes 6k+1 frames"),
-    (["--link", "fast"], "unknown link 'fast'"),
+    (["--link", "fast"], "unknown link 'fast'"), (["--world-size", "0"], "--world-size 0: use 1 or more"),
+    (["--steps", "0"], "--steps 0: use 1 or more"),
 ])
 def test_plan_bad_input_is_one_line_not_a_traceback(arguments, message, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -568,6 +568,13 @@ def test_requests_the_pool_layout_cannot_run_are_refused_and_cfg_1_runs_on_any_p
     assert sequence_problem(cfg_split, (1, 12, 2, 4, 6)) is None
     ring8 = ParallelConfig(8, ring_degree=8)
     assert "4 tokens" in sequence_problem(ring8, (1, 12, 1, 4, 4))
+    assert "0 frames" in sequence_problem(ParallelConfig(1), (1, 12, 0, 4, 4))  # not "0 tokens over 1 rank"
+
+
+def test_a_latent_without_frames_is_refused_saying_so():
+    from mochi_xdit.nodes.checks import latent_problem
+
+    assert "no frames or no pixels" in latent_problem({"samples": torch.zeros(1, 12, 0, 60, 106)})
 
 
 def test_pack_loads_from_a_custom_nodes_folder_with_another_name(tmp_path, fake_comfy):

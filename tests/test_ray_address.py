@@ -45,6 +45,7 @@ def test_an_address_with_nothing_behind_it_fails_in_seconds_naming_what_to_check
     assert time.monotonic() - started < 10
     message = str(raised.value)
     assert f"'127.0.0.1:{port}'" in message and "ray start --head" in message and "left as it was" in message
+    assert "refused the connection" in message and "within" not in message  # answered at once: no wait said
 
 
 def test_auto_without_a_running_cluster_says_so(monkeypatch, tmp_path):

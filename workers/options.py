@@ -82,9 +82,13 @@ def resolve_device(device: str) -> str:
         raise OptionsError(Field.DEVICE, f"device={device!r}; use one of {', '.join(DEVICE_CHOICES)}")
     if device != AUTO:
         return device
+    return "cuda" if cuda_here() else "cpu"
+
+
+def cuda_here() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
 
 
 def resolve_weight_dtype(weight_dtype: str, device: str) -> str:
@@ -194,6 +198,10 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
     parallel = resolve_degrees(choices.world_size, choices.cfg, choices.ulysses, choices.ring, num_heads,
                                video_tokens(*choices.video), choices.use_cfg)
     if resolve_address(address) is None:
+        if device == "cuda" and not cuda_here():
+            raise OptionsError(Field.DEVICE, "device=cuda, but this machine has no CUDA GPU that torch can use "
+                               "(torch.cuda.is_available() is False); use device auto or cpu here, or give the "
+                               "ray_address of a GPU cluster")
         try:
             check_local_capacity(choices.world_size, device, choices.cpu_threads)
         except CapacityError as error:
@@ -224,6 +232,8 @@ def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) ->
     """A video too small for the pool's sequence split (checked before the pool is used)."""
     T, H, W = latent_shape[-3:]
     tokens = T * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+    if T < 1:
+        return f"the latent has {T} frames; Mochi needs at least 1 latent frame (a video of 1 + 6k frames)"
     if tokens < parallel.sp_degree:
         return (f"the video has {tokens} tokens but the pool splits them over {parallel.sp_degree} sequence ranks "
                 "(ulysses x ring); make the video larger or use fewer ulysses/ring ranks")

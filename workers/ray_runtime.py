@@ -102,9 +102,12 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as error:
+        # refused: the host answered at once, nothing listens on the port; else no answer in time
+        answer = "refused the connection" if isinstance(error, ConnectionRefusedError) else \
+            f"gave no answer within {timeout_s:g} s"
         raise RayAddressError(
-            f"nothing answers at ray_address {address!r} ({host}:{port}: {error.strerror or error}) within "
-            f"{timeout_s:g} s. Check that `ray start --head` runs there and listens on that port (GCS "
+            f"nothing answers at ray_address {address!r}: {host}:{port} {answer} ({error.strerror or error}). "
+            "Check that `ray start --head` runs there and listens on that port (GCS "
             f"{RAY_GCS_PORT}, Ray Client {RAY_CLIENT_PORT}), that no firewall blocks it, and that this machine "
             "has the cluster's token (RAY_AUTH_TOKEN) if token auth is on. The current pool was left as it was."
         ) from None

@@ -374,6 +374,11 @@ def goals_report(width: int = 848, height: int = 480, frames: int = 163) -> str:
 def plan_main(argv: list[str] | None = None) -> int:
     """`mochi-xdit plan ...`: print the table for each world size and frame count."""
     args = _parser().parse_args(argv)
+    for flag, values, low in (("--world-size", args.world_size, 1), ("--steps", [args.steps], 1),
+                              ("--frames", args.frames, 1)):
+        for value in values:
+            if value < low:
+                raise ValueError(f"{flag} {value}: use {low} or more")
     gpu = get_gpu(args.gpu)
     link = args.link or ("nvlink" if gpu.nvlink_gbps else "pcie")
     if args.summary:
