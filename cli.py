@@ -110,7 +110,8 @@ def check_inputs(args) -> RunInputs:
         for name in ("dit_name", "vae_name"):
             path = getattr(args, name)
             if not os.path.isfile(path):
-                raise InputError(f"{option(name).cli_flag} {path}: no such file; give the path of the .safetensors file")
+                raise InputError(f"{option(name).cli_flag} {path}: no such file; give the path of the "
+                                 ".safetensors file")
         if not os.path.exists(args.t5):
             raise InputError(f"--t5 {args.t5}: no such file or directory; give a T5-XXL directory or .safetensors file")
         if os.path.isfile(args.t5) and not args.t5_tokenizer:
@@ -201,6 +202,7 @@ def encode_prompts(plan: RunInputs, prompt: str, negative: str):
     """(positive, negative) TextConditions from T5 in this process; the encoder is freed afterwards."""
     import torch
 
+    from .mochi.guidance import default_compute_dtype
     from .mochi.text_encoder import demo_text_encoder, load_text_encoder
 
     if plan.demo:
@@ -208,9 +210,8 @@ def encode_prompts(plan: RunInputs, prompt: str, negative: str):
 
         encoder = demo_text_encoder(str(demo_dir()))
     else:
-        cuda = plan.device == "cuda" and torch.cuda.is_available()
-        encoder = load_text_encoder(plan.t5_path, plan.t5_tokenizer, torch.bfloat16 if cuda else torch.float32,
-                                    "cuda" if cuda else "cpu")
+        device = torch.device("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
+        encoder = load_text_encoder(plan.t5_path, plan.t5_tokenizer, default_compute_dtype(device), device.type)
     positive, negative_condition = encoder.encode(prompt), encoder.encode(negative)
     del encoder
     return positive, negative_condition

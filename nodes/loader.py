@@ -62,7 +62,8 @@ class MochiXDiTLoader:
         try:
             return None, resolve_load(choices, plan=plan)
         except OptionsError as error:
-            files = {Field.DIT: f"dit_name {dit_name!r} ", Field.VAE: f"vae_name {vae_name!r} "}  # others name themselves
+            # the file inputs are named with their value; the others name themselves
+            files = {Field.DIT: f"dit_name {dit_name!r} ", Field.VAE: f"vae_name {vae_name!r} "}
             advice = error.advice(dit_input="dit_name", vae_input="vae_name")
             return f"{files.get(error.field, '')}{error}" + (f" {advice}" if advice else ""), None
 

@@ -59,3 +59,16 @@ def test_a_toggle_is_a_boolean_widget_and_a_pair_of_flags():
     toggle = Option("compile", Kind.BOOL, "compile the DiT", Door.LOADER | Door.GENERATE, default=False)
     assert _widget(toggle, None) == ("BOOLEAN", {"tooltip": "compile the DiT", "default": False})
     assert value_problem(toggle, "on") == "compile must be true or false, got 'on'"
+
+
+def test_the_readme_tables_are_the_declarations():
+    """README.md's option tables are exactly what tools/make_readme_options.py writes from the table."""
+    import os
+
+    from mochi_xdit.workers.option_table import reference_markdown
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as f:
+        text = f.read()
+    begin = text.index("<!-- options:begin")
+    block = text[text.index("\n", begin) + 1: text.index("<!-- options:end -->")]
+    assert block == reference_markdown(), "run tools/make_readme_options.py"

@@ -420,3 +420,45 @@ def _degree_flag(entry: Option):
 
     parse.__name__ = entry.name
     return parse
+
+
+# ---------------------------------------------------------------------------------------------- README
+
+REFERENCE_DOORS = ((Door.LOADER, "Mochi xDiT Loader"), (Door.LORA, "Mochi xDiT LoRA Loader"),
+                   (Door.SAMPLER, "Mochi xDiT Sampler"), (Door.GUIDER, "Mochi xDiT Guider"),
+                   (Door.DECODE, "Mochi xDiT Tiled VAE Decode"), (Door.GENERATE, "mochi-xdit generate"))
+
+
+def reference_markdown() -> str:
+    """The README's table of every option (`tools/make_readme_options.py` writes it; a test checks
+    that the README holds exactly this)."""
+    lines = []
+    for door, title in REFERENCE_DOORS:
+        cli = door is Door.GENERATE
+        lines += [f"**{title}**", "", f"| {'flag' if cli else 'input'} | default | values | what it does |",
+                  "|---|---|---|---|"]
+        entries = options_at(door) if cli else (*widget_order(door),
+                                                *(entry for entry in options_at(door) if entry.hidden_at & door))
+        for entry in entries:
+            name = f"`{entry.cli_flag if cli else entry.name}`"
+            if not cli and entry.hidden_at & door:
+                name += " (hidden)"
+            elif not cli and entry.optional_at & door:
+                name += " (optional)"
+            default = None if cli and entry.cli_unset else entry.default
+            help_text = (entry.cli_help or entry.help) if cli else entry.help
+            lines.append(f"| {name} | {'' if default in (None, '') else f'`{default}`'} | {_values(entry, cli)} | "
+                         f"{help_text.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _values(entry: Option, cli: bool) -> str:
+    if entry.host_choices and not cli:
+        return "a file in its models folder" if entry.kind is Kind.PATH else "ComfyUI's list"
+    if entry.kind is Kind.CHOICE:
+        return " / ".join(entry.choices)
+    if entry.kind in (Kind.INT, Kind.FLOAT, Kind.DEGREE):
+        auto_word = " (0 = auto)" if entry.kind is Kind.DEGREE else ""
+        return f"{entry.low} .. {entry.high}{auto_word}"
+    return {Kind.TEXT: "text", Kind.PATH: "path", Kind.BOOL: "on / off"}[entry.kind]
