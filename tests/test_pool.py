@@ -331,6 +331,7 @@ def test_a_peer_stopped_in_a_cached_step_is_blamed_not_the_rank_waiting_in_the_c
     assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
     assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
     assert pool.dead
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
 
 
 def _our_ray_processes() -> list[psutil.Process]:
