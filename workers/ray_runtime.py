@@ -110,6 +110,59 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+AUTH_MODE_VAR, AUTH_TOKEN_VAR, AUTH_TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = os.path.join("~", ".ray", "auth_token")
+LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def token_source() -> str:
+    """Where Ray's token loader (2.60, C++ `AuthenticationTokenLoader`) finds this process's token,
+    in its order: RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    if os.environ.get(AUTH_TOKEN_VAR, "").strip():
+        return f"{AUTH_TOKEN_VAR} (environment)"
+    path = os.environ.get(AUTH_TOKEN_PATH_VAR, "").strip()
+    if path:
+        return (f"the file {AUTH_TOKEN_PATH_VAR}={path}" if os.path.isfile(path)
+                else f"{AUTH_TOKEN_PATH_VAR}={path}, which is not a readable file")
+    default = os.path.expanduser(DEFAULT_TOKEN_FILE)
+    return f"the file {default}" if os.path.isfile(default) else "nowhere (no token set)"
+
+
+def _is_loopback_host(address: str) -> bool:
+    try:
+        host, _ = _host_port(address)
+    except RayAddressError:
+        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def connect_failure(address: str | None, error: BaseException | None, timeout_s: float) -> str:
+    """What to tell the user when `ray.init` failed (`error`) or ran past `timeout_s` (error None):
+    what happened, and each thing to check, with this process's own settings."""
+    what = (f"did not finish within {timeout_s:g} s" if error is None
+            else f"failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''})")
+    if address is None:
+        return (f"starting a private Ray on this machine {what}. The machine may be overloaded, or /tmp full; "
+                "Ray's logs are under /tmp/ray/session_latest/logs. The current pool was stopped.")
+    mode = os.environ.get(AUTH_MODE_VAR)
+    checks = [
+        f"the token: a cluster started with {AUTH_MODE_VAR}=token (Ray's default for every cluster from 2.61) accepts "
+        f"only drivers with {AUTH_MODE_VAR}=token and the same token; this process has {AUTH_MODE_VAR}="
+        f"{mode if mode is not None else '(unset)'} and its token comes from {token_source()} (Ray reads "
+        f"{AUTH_TOKEN_VAR}, else the file named by {AUTH_TOKEN_PATH_VAR}, else {DEFAULT_TOKEN_FILE}; a wrong one "
+        "shows as InvalidAuthToken in Ray's log)",
+    ]
+    if _is_loopback_host(address) and os.environ.get(LOOPBACK_VAR) != "0":
+        checks.append(
+            f"the address: Ray replaces 127.0.0.1 by this machine's external address unless {LOOPBACK_VAR}=0 is set "
+            "before Ray is imported; for a cluster started on 127.0.0.1 (`ray start --head --node-ip-address "
+            f"127.0.0.1`) set {LOOPBACK_VAR}=0 here too, else give the address `ray start` printed")
+    checks.append(f"that the cluster runs the same Ray version as this process ({ray.__version__}) and that "
+                  "`ray status` works on the head node")
+    return (f"joining the Ray cluster at {address!r} {what}. Check " + "; ".join(
+        f"({i}) {check}" for i, check in enumerate(checks, 1)) + ". The current pool was stopped.")
+
+
 def package_importable_here() -> bool:
     """Whether a fresh `python` (as Ray starts its workers) imports `mochi_xdit` from this folder."""
     probe = (
