@@ -18,6 +18,7 @@ shipped with `py_modules` (a cluster, whose nodes do not share our disk).
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import ray
 
@@ -198,8 +200,9 @@ def _symlink_stage() -> str:
 
 
 def _copy_stage() -> str:
-    """A fresh copy of this folder named `mochi_xdit` (sources only), for `py_modules` uploads."""
-    stage = _stage_dir("copy")
+    """A fresh copy of this folder named `mochi_xdit` (sources only), for `py_modules` uploads. One
+    folder per process: several processes joining clusters at once must not copy over each other."""
+    stage = f"{_stage_dir('copy')}_{os.getpid()}"
     target = os.path.join(stage, PACKAGE_NAME)
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(PACK_ROOT, target, ignore=_STAGE_IGNORE)
@@ -249,6 +252,18 @@ def apply_to_imported_ray(loopback_only: bool) -> bool | None:
     return previous
 
 
+@contextmanager
+def _quieter(logger_name: str, level: int):
+    """Raise one logger's level for the duration of a block."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 class RayConnection:
     """This process's connection to Ray; made by `connect`, ended by `close`.
 
@@ -290,8 +305,13 @@ class RayConnection:
             # _node_ip_address: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, which
             # may have happened before us; naming the loopback address keeps every Ray address on it.
             # log_to_driver off: the ranks' prints stay in Ray's logs; the driver says what happens.
-            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
-                     _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=False)
+            # Ray's driver module is held at ERROR while it starts: `ray.init` runs on the service's
+            # own thread (service.py), and Ray warns on every start that it sets no SIGTERM handler
+            # off the main thread. Nothing is lost: its processes still end with ours (their
+            # parent-death signal), and a private Ray's settings are all ours.
+            with _quieter("ray._private.worker", logging.ERROR):
+                ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
+                         _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=False)
         except BaseException:
             connection.close()
             raise
