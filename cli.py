@@ -247,6 +247,7 @@ def encode_prompts(plan: Plan, prompt: str, negative: str):
 
     from .mochi.text_encoder import demo_text_encoder, load_text_encoder
 
+    _say("encoding the prompts (T5, in this process)")
     if plan.demo:
         from .mochi.demo import demo_dir
 

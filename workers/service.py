@@ -2,7 +2,9 @@
 
 Both lifetimes live here, behind one lock that every public method takes exactly once and that
 nothing called under it takes again (no hooks, no callbacks back into the service): starting,
-reusing, switching and stopping Ray and the pool happen in one place. Everything that can refuse a
+reusing, switching and stopping Ray and the pool happen in one place. A request that must wait for
+another thread's run on the live pool waits on that lock's condition, which releases it meanwhile.
+Ray itself is started, joined and stopped on the service's own thread (`ray_thread.py`). Everything that can refuse a
 request without side effects (capacity, the form and reachability of a Ray address) runs before a
 working pool or connection is touched, so a bad request never costs the user the pool they had.
 
