@@ -61,6 +61,7 @@ class RayThread:
         except TimeoutError:
             if done.done():  # the function itself raised a TimeoutError
                 raise
+            self._calls.put((None, None))  # that thread ends once the overdue call returns
             self._overdue, self._thread = self._thread, None
             raise RayThreadTimeout(f"still running after {timeout_s:g} s") from None
 
