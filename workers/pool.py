@@ -135,8 +135,9 @@ class Pool:
         except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
             self._kill()
             raise
-        if self.stopped_because is not None:  # our own kill, from another thread: that is the cause
+        if (failures or pending) and self.stopped_because is not None:  # our own kill, from another thread
             self._kill()
+            _settle(list(pending))
             raise PoolError(FailureKind.STOPPED, None, verb, f"the service stopped this pool while the call ran "
                             f"({self.stopped_because})")
         if failures:
