@@ -16,6 +16,7 @@ PYTHONPATH entry holding a `mochi_xdit` symlink to this folder (local Ray), or a
 shipped with `py_modules` (a cluster, whose nodes do not share our disk).
 """
 
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -199,10 +200,25 @@ def _symlink_stage() -> str:
     return stage
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _copy_stage() -> str:
     """A fresh copy of this folder named `mochi_xdit` (sources only), for `py_modules` uploads. One
-    folder per process: several processes joining clusters at once must not copy over each other."""
+    folder per process: several processes joining clusters at once must not copy over each other.
+    Folders left by processes that ended inside `ray.init` (a join past its deadline) are removed."""
     stage = f"{_stage_dir('copy')}_{os.getpid()}"
+    for old in glob.glob(f"{_stage_dir('copy')}_*"):
+        pid = old.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     target = os.path.join(stage, PACKAGE_NAME)
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(PACK_ROOT, target, ignore=_STAGE_IGNORE)
@@ -293,8 +309,13 @@ class RayConnection:
         if address is not None:
             probe_address(address)
             importable = package_importable_here()
-            ray.init(address=address, runtime_env=job_runtime_env(importable), logging_level="WARNING",
-                     log_to_driver=False)
+            job_env = job_runtime_env(importable)
+            staged = list((job_env or {}).get("py_modules", []))  # ray.init replaces them by upload URIs
+            try:
+                ray.init(address=address, runtime_env=job_env, logging_level="WARNING", log_to_driver=False)
+            finally:  # ray.init has uploaded the staged copy (or failed): the local one is not needed again
+                for folder in staged:
+                    shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
             return cls(address, False, actor_runtime_env(False, importable), {}, None)
         importable = package_importable_here()
         saved_env = {key: os.environ.get(key) for key in PRIVATE_RAY_ENV}
