@@ -103,15 +103,16 @@ def check_inputs(args) -> RunInputs:
         raise flag_error(error, args) from None
     output = _check_output(args.output)
     if demo:
-        from .mochi.demo import demo_checkpoints
+        from .cli_phases import prepare_demo
 
-        dit_path, vae_path = (str(p) for p in demo_checkpoints())
+        dit_path, vae_path = prepare_demo(_say)
     else:
+        from .workers.model_files import model_file_problem
+
         for name in ("dit_name", "vae_name"):
-            path = getattr(args, name)
-            if not os.path.isfile(path):
-                raise InputError(f"{option(name).cli_flag} {path}: no such file; give the path of the "
-                                 ".safetensors file")
+            problem = model_file_problem(getattr(args, name))
+            if problem:
+                raise InputError(f"{option(name).cli_flag} {problem}")
         if not os.path.exists(args.t5):
             raise InputError(f"--t5 {args.t5}: no such file or directory; give a T5-XXL directory or .safetensors file")
         if os.path.isfile(args.t5) and not args.t5_tokenizer:
@@ -205,6 +206,7 @@ def encode_prompts(plan: RunInputs, prompt: str, negative: str):
     from .mochi.guidance import default_compute_dtype
     from .mochi.text_encoder import demo_text_encoder, load_text_encoder
 
+    _say("encoding the prompts (T5, in this process)")
     if plan.demo:
         from .mochi.demo import demo_dir
 
@@ -240,19 +242,33 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(args) -> int:
+def run(args, started: float | None = None) -> int:
+    """Generate and write the video; `started` is when the command began (for the final "in N s")."""
+    from .cli_output import OutputFile
+    from .cli_phases import quiet_third_party_progress
+
+    started = time.perf_counter() if started is None else started
+    quiet_third_party_progress()
+    plan = check_inputs(args)
+    output = OutputFile(plan.output)  # created before any rank starts: a path that cannot be written fails now
+    try:
+        return _generate(args, plan, started)
+    except BaseException:
+        output.discard()
+        raise
+
+
+def _generate(args, plan: RunInputs, started: float) -> int:
     from tqdm import tqdm
 
     from .workers.run_plan import layout_note
     from .workers.service import MochiService
 
-    plan = check_inputs(args)
     if plan.demo:
         from .mochi.demo import DEMO_NOTICE
 
         bar = "!" * 78
         _say(f"{bar}\n!!! {DEMO_NOTICE}\n{bar}")
-    started = time.perf_counter()
     service = MochiService(log=_say)
     try:
         if plan.device == "cpu":  # encode while the ranks start (on GPU, T5 first: it needs GPU memory)
@@ -289,6 +305,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:  # the planner parses its own options
@@ -299,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # the planner's input checks (GPU, link, video size)
             parser.exit(2, f"mochi-xdit plan: error: {error}\n")
     args = parser.parse_args(argv)
+    from .cli_output import OutputFileError
     from .workers.capacity import CapacityError
     from .workers.failures import PoolError
+    from .workers.model_files import ModelFileError
     from .workers.ray_runtime import RayAddressError
 
     try:
-        return run(args)
-    except (InputError, CapacityError, RayAddressError) as error:
+        return run(args, started)
+    except (InputError, CapacityError, RayAddressError, OutputFileError, ModelFileError) as error:
         parser.exit(2, f"mochi-xdit: error: {error}\n")
     except PoolError as error:
         parser.exit(1, f"mochi-xdit: error: {error}\n")

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import av
 import pytest
@@ -21,9 +22,23 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
     command = [sys.executable, "-m", "mochi_xdit", "generate", "--prompt", "a red fox running through snow",
                "--world-size", "2", "--width", "64", "--height", "48", "--frames", "7", "--steps", "3",
                "--cache", "first_block", "--cache-threshold", "0.9", "--output", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=str(tmp_path))
+    lines, final_line_at = [], None
+    for line in process.stderr:  # when each line arrives: the final one says how long the command took
+        lines.append(line)
+        if line.startswith("wrote "):
+            final_line_at = time.monotonic() - started
+    result = subprocess.CompletedProcess(command, process.wait(timeout=400), None, "".join(lines))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEMO model" in result.stderr  # says loudly that the output is noise
+    said = result.stderr
+    # first run: one phase line before the demo weights are written, no third-party progress bars
+    assert said.index("writing the built-in demo model") < said.index("connected to a private Ray")
+    assert "Writing model shards" not in said and "Loading weights" not in said and "it/s]" not in said
+    reported = float(re.search(r"in ([0-9.]+) s", said.splitlines()[-1]).group(1))
+    assert reported >= final_line_at - 1.5, (reported, final_line_at)  # counted from the start of the command
     assert "starting 2 rank(s)" in result.stderr
     assert "step cache (first_block, threshold 0.9): computed" in result.stderr
     for phase in ("DEMO model", "connected to a private Ray on 127.0.0.1 in", "2 rank(s) up in",
@@ -62,6 +77,9 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--lora", "{tmp}/lora.safetensors:abc"], r"--lora .*:abc: strength 'abc' is not a number"),
         (["--world-size", "0"], r"--world-size: world_size=0 is outside \[1, 1024\]"),
         (["--ulysses", "-1"], r"--ulysses: ulysses_degree=-1 is outside \[0, 1024\]"),
+        # the file system refuses these only when asked to create the file (they used to fail after the run)
+        (["--output", "{tmp}/" + "f" * 296 + ".mp4"], r"the file name is 300 bytes, longer than this file system allows"),
+        (["--output", "/proc/fox.mp4"], r"--output /proc/fox.mp4: cannot create the file there"),
     ],
 )
 def test_bad_input_is_refused_before_any_actor_starts(arguments, message, tmp_path, capsys, monkeypatch):
@@ -242,3 +260,22 @@ def test_attention_choices_are_the_kernel_modules_backends():
     from mochi_xdit.workers.choices import ATTENTION_CHOICES
 
     assert ATTENTION_CHOICES == tuple(backend.value for backend in AttentionBackend)
+
+
+def test_the_output_is_created_before_the_ranks_start_and_removed_when_the_run_fails(tmp_path, capsys, monkeypatch):
+    from mochi_xdit.workers.failures import FailureKind, PoolError
+    from mochi_xdit.workers.service import MochiService
+
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    output = tmp_path / "fox.mp4"
+    seen = []
+
+    def failing_open(self, spec):
+        seen.append(output.exists())  # the file is there before any rank starts
+        raise PoolError(FailureKind.RANK_DIED, 0, "load", "the rank's process died (test)")
+
+    monkeypatch.setattr(MochiService, "open", failing_open)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["generate", "--prompt", "a fox", "--output", str(output)])
+    assert exited.value.code == 1 and seen == [True]
+    assert not output.exists()  # nothing half-written is left behind

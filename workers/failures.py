@@ -22,6 +22,7 @@ class FailureKind(Enum):
     RANK_ERROR = "the rank raised an error"
     RANK_SILENT = "the rank stopped answering"
     COLLECTIVE = "the rank's collective failed waiting for a peer"
+    STOPPED = "the service stopped the pool"  # not a rank's failure: replaced, released or shut down
 
     @property
     def blame(self) -> int:
@@ -31,7 +32,7 @@ class FailureKind(Enum):
 
 
 _BLAME = {FailureKind.RANK_DIED: 0, FailureKind.OUT_OF_MEMORY: 1, FailureKind.BAD_REQUEST: 1,
-          FailureKind.RANK_ERROR: 1, FailureKind.RANK_SILENT: 2, FailureKind.COLLECTIVE: 3}
+          FailureKind.RANK_ERROR: 1, FailureKind.RANK_SILENT: 2, FailureKind.COLLECTIVE: 3, FailureKind.STOPPED: 4}
 
 
 def rank_exception(error: BaseException) -> BaseException:

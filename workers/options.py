@@ -7,7 +7,6 @@ GPU), the Ray address, whether the ranks fit, and which files are a Mochi DiT an
 here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time validation.
 """
 
-import os
 from dataclasses import dataclass, field
 
 from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
@@ -15,6 +14,7 @@ from ..mochi.constants import DEFAULT_STEPS, PATCH_SIZE
 from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
 from .capacity import CapacityError, check_local_capacity
 from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .model_files import model_file_problem
 from .option_table import Field
 from .protocol import PoolSpec, Timeouts
 from .ray_runtime import address_problem, resolve_address
@@ -182,8 +182,9 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
             validation passes False and gets the same checks without it.
     """
     for name, path in (("dit", choices.dit_path), ("vae", choices.vae_path)):
-        if path is not None and not os.path.isfile(path):
-            raise OptionsError(Field(name), f"{path}: no such file; give the path of the .safetensors file")
+        problem = None if path is None else model_file_problem(path)
+        if problem:
+            raise OptionsError(Field(name), problem)
     num_heads = dit_heads(choices.dit_path)
     if choices.vae_path is not None:
         check_vae_file(choices.vae_path)

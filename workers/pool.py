@@ -63,6 +63,7 @@ class Pool:
         self._placement = None
         self._rendezvous_dir: str | None = None
         self.dead = False
+        self.stopped_because: str | None = None  # set when the service stopped it (not a rank's failure)
         self.ranks: tuple[RankInfo, ...] = ()
         self.runtime = ray_connection
         self.startup_seconds: dict[str, float] = {}
@@ -134,12 +135,18 @@ class Pool:
         except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
             self._kill()
             raise
+        if (failures or pending) and self.stopped_because is not None:  # our own kill, from another thread
+            self._kill()
+            _settle(list(pending))
+            raise PoolError(FailureKind.STOPPED, None, verb, f"the service stopped this pool while the call ran "
+                            f"({self.stopped_because})")
         if failures:
             for rank in pending.values():  # still silent after the grace, while a peer failed
                 failures[rank] = (FailureKind.RANK_SILENT, None)
             rank = min(failures, key=lambda r: (failures[r][0].blame, r))
             kind, error = failures[rank]
             self._kill()
+            _settle(list(pending))
             if error is None:
                 failed = sorted(r for r in failures if failures[r][1] is not None)
                 cause = (f"rank {rank} gave no answer, while rank(s) {', '.join(map(str, failed))} failed waiting "
@@ -149,6 +156,7 @@ class Pool:
         if pending:
             silent = sorted(pending.values())
             self._kill()
+            _settle(list(pending))
             who = f"rank {silent[0]} gave" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))} gave"
             raise PoolError(FailureKind.RANK_SILENT, silent[0], verb,
                             f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a collective for "
@@ -157,7 +165,15 @@ class Pool:
 
     # -- requests ------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether a call (a run, a decode, evaluations) holds the pool right now."""
+        return self._lock.locked()
+
     def _check_usable(self) -> None:
+        if self.stopped_because is not None:
+            raise PoolError(FailureKind.STOPPED, None, "use", f"the service stopped this pool ({self.stopped_because}); "
+                            "ask the service for the pool again (MochiService.pool)")
         if self.dead:
             raise PoolError(FailureKind.BAD_REQUEST, None, "use", "this pool was stopped after an earlier failure "
                             "or shutdown; build a new one (MochiService.pool does that)")
@@ -191,11 +207,19 @@ class Pool:
             loras = tuple(loras)
             begun = [a.begin.remote(request_ref, loras) for a in self._actors]
             queued = [a.step.remote(0, preview) for a in self._actors]
-            self._gather("begin", begun, timeouts.call_s)
+            try:
+                self._gather("begin", begun, timeouts.call_s)
+            except PoolError:
+                _settle(queued)
+                raise
             for i in range(total):
                 current = queued
                 queued = [a.step.remote(i + 1, preview) for a in self._actors] if i + 1 < total else None
-                reports = self._gather("step", current, timeouts.step_s)
+                try:
+                    reports = self._gather("step", current, timeouts.step_s)
+                except PoolError:
+                    _settle(queued or [])
+                    raise
                 report = StepReport(i, total, max(r.seconds for r in reports), reports[0].preview)
                 if on_step is None:
                     continue
@@ -318,13 +342,30 @@ class Pool:
                 while _pid_alive(info.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
 
-    def shutdown(self) -> None:
-        """Leave the process group politely (bounded wait), then kill every actor."""
+    def shutdown(self, reason: str = "shut down") -> None:
+        """Leave the process group politely (bounded wait), then kill every actor. `reason` is what a
+        caller still holding this pool is told."""
         if self.dead:
             return
+        self.stopped_because = reason
         refs = [a.shutdown.remote() for a in self._actors]
         ray.wait(refs, num_returns=len(refs), timeout=5.0)
         self._kill()
+
+
+def _settle(refs: list) -> None:
+    """Retrieve, and deliberately drop, the outcomes of calls a failed pool had queued (the surviving
+    ranks' next step, which fails as "step(i) out of order" once a peer is gone). The root cause is
+    already being raised; without this, Ray prints each never-retrieved error as "Unhandled error"
+    when the reference is freed, which reads like a second bug. Bounded: the actors are killed."""
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=KILL_WAIT_S)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - a follow-on of the failure already raised (see the docstring)
+            pass
 
 
 def _pid_alive(pid: int) -> bool:
