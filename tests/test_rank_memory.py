@@ -21,8 +21,10 @@ from mochi_xdit.workers.ray_runtime import actor_runtime_env
 @pytest.mark.parametrize("private, importable", [(True, True), (False, True), (False, False)])
 def test_actors_get_expandable_segments_not_the_drivers_allocator(private, importable, monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")  # what ComfyUI may run with
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")  # torch 2.13 reads this name first
     env = actor_runtime_env(private, importable)["env_vars"]
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
 
 
 def test_release_cached_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
