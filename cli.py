@@ -240,21 +240,22 @@ def resolve_spec(args, dit_path: str, vae_path: str):
 
 
 def encode_prompts(plan: Plan, prompt: str, negative: str):
-    """(positive, negative) TextConditions from T5 in this process; the encoder is freed afterwards."""
+    """(positive, negative) TextConditions from T5 in this process; the encoder and its GPU cache are
+    freed before this returns (`text_encoder.encode_then_free`)."""
     import torch
 
-    from .mochi.text_encoder import demo_text_encoder, load_text_encoder
+    from .mochi.text_encoder import demo_text_encoder, encode_then_free, load_text_encoder
 
-    if plan.demo:
-        from .mochi.demo import demo_dir
+    def load():
+        if plan.demo:
+            from .mochi.demo import demo_dir
 
-        encoder = demo_text_encoder(str(demo_dir()))
-    else:
+            return demo_text_encoder(str(demo_dir()))
         cuda = plan.device == "cuda" and torch.cuda.is_available()
-        encoder = load_text_encoder(plan.t5_path, plan.t5_tokenizer, torch.bfloat16 if cuda else torch.float32,
-                                    "cuda" if cuda else "cpu")
-    positive, negative_condition = encoder.encode(prompt), encoder.encode(negative)
-    del encoder
+        return load_text_encoder(plan.t5_path, plan.t5_tokenizer, torch.bfloat16 if cuda else torch.float32,
+                                 "cuda" if cuda else "cpu")
+
+    positive, negative_condition = encode_then_free(load, (prompt, negative))  # T5 gone before the ranks load
     return positive, negative_condition
 
 
