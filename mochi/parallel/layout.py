@@ -30,8 +30,10 @@ class ParallelContext:
             cannot run on `device` is refused here, before any group forms.
 
     Every rank of the default group must construct the same layouts in the same order (group
-    creation is collective). Groups of size one are not created: their degree is 1 and no
-    collective runs on them.
+    creation is collective). Groups of size one are not created (group None): their degree is 1
+    and no collective of ours runs on them. With the xfuser backend they are: yunchang reads a None
+    group as the whole world (`dist.get_world_size(None)`), which would mix the CFG branches and
+    span every rank in its all-to-all.
     """
 
     def __init__(
@@ -81,20 +83,21 @@ class ParallelContext:
         sp = [[rank_of(c, r, u) for r in range(R) for u in range(U)] for c in range(self.cfg_degree)]
         cfg = [[rank_of(c, r, u) for c in range(self.cfg_degree)] for r in range(R) for u in range(U)]
         self._groups = []
-        self.ulysses_group, self.ulysses_ranks = self._new_groups(ulysses, timeout)
-        self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
+        xfuser = attention.backend is AttentionBackend.XFUSER
+        self.ulysses_group, self.ulysses_ranks = self._new_groups(ulysses, timeout, keep_single=xfuser)
+        self.ring_group, self.ring_ranks = self._new_groups(ring, timeout, keep_single=xfuser)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
         self.attention = attention.resolved()  # installed kernels detected once, not per forward
         self.xfuser_attention = XFuserAttention(self) if attention.backend is AttentionBackend.XFUSER else None
 
-    def _new_groups(self, rank_lists: list[list[int]], timeout):
+    def _new_groups(self, rank_lists: list[list[int]], timeout, keep_single: bool = False):
         """Create every group of one kind (collective on all ranks); return this rank's group and its
-        global ranks in group order. Size-one groups are skipped (group None)."""
+        global ranks in group order. Size-one groups are skipped (group None) unless `keep_single`."""
         mine, my_ranks = None, None
         for ranks in rank_lists:
             group = None
-            if len(ranks) > 1:
+            if len(ranks) > 1 or keep_single:
                 group = dist.new_group(ranks, timeout=timeout, backend=self.backend)
                 self._groups.append(group)
             if self.rank in ranks:
