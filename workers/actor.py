@@ -40,6 +40,15 @@ def free_device_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def process_group_backend(device: torch.device) -> tuple[str, torch.device | None]:
+    """(backend, device_id) for `init_process_group` on a rank's device. On CUDA the device_id makes
+    NCCL build its communicator at init (eagerly), so a bad GPU or link fails while the pool starts,
+    not at the first step; gloo takes none."""
+    if device.type == "cuda":
+        return "nccl", device
+    return "gloo", None
+
+
 def _available_host_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), else 4 GiB."""
     try:
@@ -121,6 +130,7 @@ class RankWorker:
         """Form the default process group at the rendezvous, then this layout's subgroups."""
         import torch.distributed as dist
 
+        from ..mochi.parallel.collective import CollectiveLedger
         from ..mochi.parallel.layout import ParallelContext
 
         world = self.spec.world_size
@@ -143,9 +153,14 @@ class RankWorker:
         if node_ip == LOOPBACK:  # a loopback-only Ray: keep gloo's and NCCL's sockets there too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout)
-        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention)
+        backend, device_id = process_group_backend(self.device)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout,
+                                device_id=device_id)
+        ledger = None
+        if isinstance(rendezvous, FileRendezvous):  # the driver can read a file there after ranks die
+            ledger = CollectiveLedger(rendezvous.collective_ledger(self.rank))
+        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention,
+                                   collectives=ledger)
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""

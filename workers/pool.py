@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .actor import RankWorker
 from .capacity import RankResources
-from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_exception
+from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_behind, rank_exception
 from .placement import RankPlacement, check_capacity
 from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
@@ -137,6 +137,10 @@ class Pool:
         if failures:
             for rank in pending.values():  # still silent after the grace, while a peer failed
                 failures[rank] = (FailureKind.RANK_SILENT, None)
+            behind = self._rank_that_fell_behind(failures)
+            if behind is not None:
+                self._kill()
+                raise PoolError(FailureKind.RANK_SILENT, behind[0], verb, behind[1])
             rank = min(failures, key=lambda r: (failures[r][0].blame, r))
             kind, error = failures[rank]
             self._kill()
@@ -154,6 +158,35 @@ class Pool:
                             f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a collective for "
                             "one that does; raise the Timeouts if the work is just slow)")
         return results
+
+    def _rank_that_fell_behind(self, failures: dict) -> tuple[int, str] | None:
+        """(rank, cause) when ranks died with no error of their own and their collective counts single
+        out one rank that fell behind; None otherwise (then the blame order decides).
+
+        Why: on NCCL a collective that times out does not raise; the watchdog kills the waiting ranks,
+        so they die together with (or before) the rank they waited for. The counts outlive them in
+        the private pool's rendezvous folder (cluster pools keep the blame order)."""
+        if self._rendezvous_dir is None:
+            return None
+        kinds = {kind for kind, _ in failures.values()}
+        if FailureKind.RANK_DIED not in kinds or not kinds <= {FailureKind.RANK_DIED, FailureKind.RANK_SILENT,
+                                                                FailureKind.COLLECTIVE}:
+            return None
+        from ..mochi.parallel.collective import ledger_path, read_ledger
+
+        counts = {rank: read_ledger(ledger_path(self._rendezvous_dir, rank)) for rank in range(len(self.ranks))}
+        if any(count is None for count in counts.values()):
+            return None
+        entered = {rank: count[0] for rank, count in counts.items()}
+        rank = rank_behind(entered)
+        if rank is None:
+            return None
+        others = sorted({count for r, count in entered.items() if r != rank})
+        died = sorted(r for r, (kind, _) in failures.items() if kind is FailureKind.RANK_DIED)
+        cause = (f"rank {rank} fell behind: it had entered {entered[rank]} collectives while the other ranks had "
+                 f"entered {'/'.join(map(str, others))} and waited for it; then rank(s) {', '.join(map(str, died))} "
+                 "died (NCCL's watchdog ends ranks stuck in a timed-out collective). It hung or was stopped")
+        return rank, cause
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .collective import collective
+from .collective import CollectiveLedger, collective
 from .config import ParallelConfig
 from .kernel import AttentionBackend, AttentionConfig, backend_problem
 from .xfuser_backend import XFuserAttention
@@ -28,6 +28,8 @@ class ParallelContext:
         attention: how attention picks its kernel (`kernel.AttentionConfig`; default auto). Its
             backend `xfuser` swaps our USP layer for xDiT's (CUDA, the gpu extra); a backend that
             cannot run on `device` is refused here, before any group forms.
+        collectives: counts this rank's collectives (a pool rank passes one mirrored to a file the
+            driver reads when ranks die together); None keeps an in-process one.
 
     Every rank of the default group must construct the same layouts in the same order (group
     creation is collective). Groups of size one are not created (group None): their degree is 1
@@ -42,6 +44,7 @@ class ParallelContext:
         device: torch.device | str = "cpu",
         timeout: timedelta | None = None,
         attention: AttentionConfig = AttentionConfig(),
+        collectives: CollectiveLedger | None = None,
     ):
         if not isinstance(attention, AttentionConfig):
             raise TypeError(f"attention must be a kernel.AttentionConfig, got {type(attention)}")
@@ -74,6 +77,7 @@ class ParallelContext:
         self.ring_rank, self.ulysses_rank = divmod(self.sp_rank, U)
         # Bytes this rank sent, by kind; the comm helpers add to it (bench/comm_bytes.py reads it).
         self.sent_bytes: Counter = Counter()
+        self.collectives = CollectiveLedger() if collectives is None else collectives
 
         def rank_of(c: int, r: int, u: int) -> int:
             return c * SP + r * U + u
@@ -142,7 +146,7 @@ class ParallelContext:
         if self.sp_degree > 1:
             t = t.contiguous()
             parts = [torch.empty_like(t) for _ in range(self.sp_degree)]
-            with collective("sequence all_gather"):
+            with collective("sequence all_gather", self.collectives):
                 dist.all_gather(parts, t, group=self.sp_group)
             self.sent_bytes["sequence_gather"] += (self.sp_degree - 1) * t.numel() * t.element_size()
             t = torch.cat(parts, dim=dim)  # [.., SP * S_local, ..]
@@ -162,7 +166,7 @@ class ParallelContext:
                                "run both branches locally when cfg_degree is 1")
         pred = pred.contiguous()
         parts = [torch.empty_like(pred) for _ in range(2)]
-        with collective("CFG all_gather"):
+        with collective("CFG all_gather", self.collectives):
             dist.all_gather(parts, pred, group=self.cfg_group)
         self.sent_bytes["cfg_gather"] += pred.numel() * pred.element_size()
         return parts[0], parts[1]
@@ -172,3 +176,4 @@ class ParallelContext:
         for group in self._groups:
             dist.destroy_process_group(group)
         self._groups = []
+        self.collectives.close()
