@@ -167,3 +167,32 @@ def test_pool_stays_usable_after_an_exception_inside_evaluations(cfg_pool, dit):
             raise KeyError("cancelled by the test")  # e.g. ComfyUI's interrupt between evaluations
     assert not cfg_pool.dead
     assert (cfg_pool.sample(request) - generate(dit, request)).abs().max().item() <= TOLERANCE
+
+
+def test_private_pool_evaluations_share_files_not_the_object_store(cfg_pool, dit, monkeypatch):
+    """A private pool's ranks read the latent from the driver's shared file (written once for both
+    ranks) and rank 0 writes x0 back there: no object store put per evaluation. Results stay the
+    caller's own when later evaluations reuse the buffers or change their shape; the files go at the end."""
+    import glob
+
+    import ray
+
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.workers.shared_latent import SHARED_MEMORY_DIR
+
+    positive, negative = prompts()
+    local = GuidedDiT(dit, positive, negative)
+    x = torch.randn(2, 12, 2, 8, 12, generator=torch.Generator().manual_seed(6))
+    before = set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*"))
+    with cfg_pool.evaluations(positive, negative) as evaluate:
+        monkeypatch.setattr(ray, "put", lambda *args, **kwargs: pytest.fail("a latent went through the object store"))
+        first = evaluate(x, [0.7, 0.4], 4.5)
+        kept = first.clone()
+        second = evaluate(x * 0.5, [0.7, 0.4], 4.5)  # same buffers
+        single = evaluate(x[:1], 0.3, None)  # new shapes, new files
+        assert set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*")) - before  # the block's folder
+    assert torch.equal(first, kept)  # not overwritten by the later evaluations
+    assert (first - local.denoised(x, [0.7, 0.4], 4.5)).abs().max().item() <= TOLERANCE
+    assert (second - local.denoised(x * 0.5, [0.7, 0.4], 4.5)).abs().max().item() <= TOLERANCE
+    assert (single - local.denoised_branches(x[:1], [0.3])).abs().max().item() <= TOLERANCE
+    assert set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*")) == before

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
+from .shared_latent import SharedLatentFiles, map_float32
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -91,6 +92,7 @@ class RankWorker:
         self._loop = None
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
         self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
+        self._shared = {}  # path -> the driver's shared latent buffers this rank mapped (evaluate)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -244,34 +246,54 @@ class RankWorker:
     def evaluate(self, latent, sigmas: list[float], cfg: float | None) -> tuple[np.ndarray | None, float]:
         """One lockstep model evaluation (every rank runs the same call at the same time).
 
-        Latents travel as numpy arrays: Ray moves those through its object store without pickling
-        (an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a torch tensor).
+        In a private pool the latent comes in, and rank 0's result goes back, through the driver's
+        shared files (`shared_latent.SharedLatents`: no object store, one copy for all ranks). In a
+        cluster pool it travels as a numpy array: Ray moves those through its object store without
+        pickling (an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a tensor).
 
         Args:
-            latent: [B, 12, T, H, W] float32 model-space noisy latent (numpy array or tensor).
+            latent: [B, 12, T, H, W] float32 model-space noisy latent: `SharedLatentFiles`, a numpy
+                array or a tensor.
             sigmas: one sigma per sample (or one for all).
             cfg: the CFG scale: returns the guided denoised x0 [B, 12, T, H, W] (1 skips the
                 unconditional pass); None: returns both branches' denoised x0 [2, B, 12, T, H, W]
                 (conditional, unconditional) for a sampler that combines them itself.
 
         Returns:
-            (the fp32 result as a numpy array on rank 0, None elsewhere; this rank's compute seconds).
+            (the fp32 result as a numpy array on rank 0, None elsewhere and when it went into the
+            shared output file; this rank's compute seconds).
         """
         if self._guided is None:
             raise RuntimeError(f"rank {self.rank}: evaluate() before begin_evaluations(); send the prompts first")
         start = time.perf_counter()
-        if isinstance(latent, np.ndarray):  # Ray hands it over read-only, from shared memory
+        files = latent if isinstance(latent, SharedLatentFiles) else None
+        if files is not None:  # a private pool: the driver's buffer, read in place (the DiT never writes it)
+            latent = self._shared_buffer(files.input_path, files.input_shape)
+        elif isinstance(latent, np.ndarray):  # Ray hands it over read-only, from shared memory
             latent = torch.from_numpy(latent.copy())
         if cfg is None:
             out = self._guided.denoised_branches(latent, sigmas)  # [2, B, 12, T, H, W]
         else:
             out = self._guided.denoised(latent, sigmas, cfg)  # [B, 12, T, H, W]
-        out = out.cpu().numpy() if self.rank == 0 else None
+        if self.rank != 0:
+            out = None
+        elif files is not None:
+            self._shared_buffer(files.output_path, files.output_shape).copy_(out)
+            out = None
+        else:
+            out = out.cpu().numpy()
         return out, time.perf_counter() - start
 
+    def _shared_buffer(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The driver's shared file at `path`, mapped once per evaluations block."""
+        if path not in self._shared:
+            self._shared[path] = map_float32(path, shape)
+        return self._shared[path]
+
     def end_evaluations(self) -> None:
-        """Drop the prompts kept by `begin_evaluations`."""
+        """Drop the prompts kept by `begin_evaluations` and the shared buffers mapped since."""
         self._guided = None
+        self._shared = {}
 
     # -- decoding ----------------------------------------------------------------------------
 

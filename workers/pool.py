@@ -27,6 +27,7 @@ from .failures import FailureKind, PoolError, RunInterrupted, classify, describe
 from .placement import RankPlacement, check_capacity
 from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
+from .shared_latent import SharedLatents
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
 KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
@@ -277,22 +278,38 @@ class Pool:
             self._gather("begin_evaluations", [a.begin_evaluations.remote(request_ref, tuple(loras))
                                                for a in self._actors], timeouts.call_s)
 
+            # A private pool's ranks share this machine: the latents travel through shared files
+            # (written once for every rank, no object store); a cluster pool's through Ray.
+            shared = SharedLatents() if self.runtime.private else None
+
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
                 self._check_usable()
                 sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
-                # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
-                latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
-                answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg) for a in self._actors],
-                                       timeouts.step_s)
+                if shared is not None:
+                    output_shape = tuple(latent.shape) if cfg is not None else (2, *latent.shape)
+                    files = shared.send(latent, output_shape)
+                    answers = self._gather("evaluate", [a.evaluate.remote(files, sigmas, cfg) for a in self._actors],
+                                           timeouts.step_s)
+                else:  # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
+                    latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
+                    answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg)
+                                                        for a in self._actors], timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
+                if shared is not None:
+                    return shared.receive()
                 return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 
             try:
                 yield evaluate
             finally:
-                if not self.dead:
-                    self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors], timeouts.call_s)
+                try:
+                    if not self.dead:
+                        self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors],
+                                     timeouts.call_s)
+                finally:
+                    if shared is not None:
+                        shared.close()
 
     def _cancel(self, queued: list | None) -> None:
         """Let the already queued step finish, then drop the run on every rank."""
