@@ -12,6 +12,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from ..mochi.vae_conv import ConvSettings
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .shared_latent import SharedLatentFiles, map_float32
 
@@ -89,6 +90,7 @@ class RankWorker:
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.dit = None
         self.vae = None
+        self.vae_conv = ConvSettings()  # the VAE's conv3d settings; measured at load on a GPU
         self._loop = None
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
         self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
@@ -178,8 +180,14 @@ class RankWorker:
                 "choose a divisor and put the remaining factor on ring_degree"
             )
         if self.spec.vae_path is not None:
+            from ..mochi.vae_conv import apply_memory_format, decoder_conv_shape, measure_conv_settings
+
             vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
             self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
+            # measured once on a GPU (a few seconds); the default elsewhere
+            self.vae_conv, _ = measure_conv_settings(decoder_conv_shape(self.vae.config),
+                                                     next(self.vae.parameters()).dtype, self.device)
+            apply_memory_format(self.vae, self.vae_conv)
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -304,7 +312,8 @@ class RankWorker:
         if self.vae is None:
             raise RuntimeError(f"rank {self.rank}: decode_tiles() without a VAE; give vae_path when building the pool")
         latent = latent.to(self.device, next(self.vae.parameters()).dtype)  # [B, 12, T, H, W] in the VAE's dtype
-        return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]  # each [B, 3, 6T-5, 8h, 8w]
+        with self.vae_conv.active():
+            return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]  # each [B, 3, 6T-5, 8h, 8w]
 
     def auto_tiles(self, latent_shape: tuple[int, ...]):
         """A TileSpec sized to this rank's free memory (every rank of a pool has the same kind of device)."""
