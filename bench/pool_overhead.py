@@ -22,7 +22,8 @@ on-rank path, it ships the latent both ways every evaluation (a private pool thr
 `workers/shared_latent.py`; a cluster pool through Ray's object store: both round trips are timed,
 alternating, and their ratio printed), so for a full-size step it is extrapolated: the measured
 overhead + (the measured round trip of a full-size latent [1, 12, 28, 60, 106] fp32 - that of the
-bench latent) + the driver's Euler update on a full-size latent; and set against a full-size step time taken as the planner's counted FLOPs of
+bench latent) + the driver's Euler update on a full-size latent; and set against a full-size step
+time taken as the planner's counted FLOPs of
 one 848x480x163 step (cfg 4.5, one rank) at 50 % of an H100's dense bf16 peak (an assumption:
 published Mochi runs reach 45-55 %), and the same on 8 ranks with perfect scaling.
 

@@ -158,7 +158,8 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`, under both names torch reads), and
+    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`, under
+    both names torch reads), and
     on a private Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
     env_vars = {"RAY_worker_niceness": "0"}
     env_vars.update({name: RANK_CUDA_ALLOC_CONF for name in ALLOC_CONF_NAMES})
