@@ -196,3 +196,38 @@ def test_private_pool_evaluations_share_files_not_the_object_store(cfg_pool, dit
     assert (second - local.denoised(x * 0.5, [0.7, 0.4], 4.5)).abs().max().item() <= TOLERANCE
     assert (single - local.denoised_branches(x[:1], [0.3])).abs().max().item() <= TOLERANCE
     assert set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*")) == before
+
+
+def _cluster_ranks_evaluate(dit_file: str, latent: np.ndarray, sigmas: list[float]):
+    """A rank of a CFG-split cluster pool (run under `run_ranks`): rank 0 gets the latent, rank 1
+    only its shape, and receives it by broadcast; returns (rank 0's x0 or None, the buffer's pointer
+    before and after a second call, the collectives counted)."""
+    import torch.distributed as dist
+
+    from mochi_xdit.mochi.parallel.layout import ParallelContext
+    from mochi_xdit.workers.shared_latent import BroadcastLatent
+
+    rank = dist.get_rank()
+    spec = PoolSpec(dit_file, None, "fp32", ParallelConfig(2, 2, 1, 1, num_heads=HEADS), device="cpu", cpu_threads=1)
+    worker = RankWorker(rank, spec)
+    worker.ctx = ParallelContext(spec.parallel, "cpu")
+    worker.load()
+    worker.begin_evaluations(EvaluationRequest(*prompts()))
+    given = latent if rank == 0 else BroadcastLatent(latent.shape)
+    out, _ = worker.evaluate(given, sigmas, 4.5)
+    first = worker._latent_buffer.data_ptr()
+    worker.evaluate(given, sigmas, 4.5)
+    reused = worker._latent_buffer.data_ptr() == first
+    return out, reused, worker.ctx.collectives.completed
+
+
+def test_cluster_pool_latent_goes_to_rank_0_only_and_is_broadcast(dit_file, dit):
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.mochi.parallel.testing import run_ranks
+
+    x = torch.randn(2, 12, 2, 8, 12, generator=torch.Generator().manual_seed(9))
+    (out, reused0, count0), (none, reused1, count1) = run_ranks(_cluster_ranks_evaluate, 2, dit_file, x.numpy(),
+                                                                [0.7, 0.4], timeout_s=180)
+    expected = GuidedDiT(dit, *prompts()).denoised(x, [0.7, 0.4], 4.5)
+    assert none is None and reused0 and reused1 and count0 == count1 > 0
+    assert np.abs(out - expected.numpy()).max() <= TOLERANCE

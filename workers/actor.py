@@ -14,7 +14,7 @@ import torch
 
 from ..mochi.vae_conv import ConvSettings
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
-from .shared_latent import SharedLatentFiles, map_float32
+from .shared_latent import BroadcastLatent, SharedLatentFiles, map_float32
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -95,6 +95,7 @@ class RankWorker:
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
         self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
         self._shared = {}  # path -> the driver's shared latent buffers this rank mapped (evaluate)
+        self._latent_buffer = None  # where a cluster pool's latent arrives (evaluate), reused
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -256,12 +257,14 @@ class RankWorker:
 
         In a private pool the latent comes in, and rank 0's result goes back, through the driver's
         shared files (`shared_latent.SharedLatents`: no object store, one copy for all ranks). In a
-        cluster pool it travels as a numpy array: Ray moves those through its object store without
-        pickling (an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a tensor).
+        cluster pool it reaches rank 0 as a numpy array (Ray moves those through its object store
+        without pickling: an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a
+        tensor), and rank 0 broadcasts it to the others over the pool's process group.
 
         Args:
             latent: [B, 12, T, H, W] float32 model-space noisy latent: `SharedLatentFiles`, a numpy
-                array or a tensor.
+                array or a tensor (rank 0 of a cluster pool, or a pool of one), or `BroadcastLatent`
+                (the other ranks of a cluster pool).
             sigmas: one sigma per sample (or one for all).
             cfg: the CFG scale: returns the guided denoised x0 [B, 12, T, H, W] (1 skips the
                 unconditional pass); None: returns both branches' denoised x0 [2, B, 12, T, H, W]
@@ -277,8 +280,8 @@ class RankWorker:
         files = latent if isinstance(latent, SharedLatentFiles) else None
         if files is not None:  # a private pool: the driver's buffer, read in place (the DiT never writes it)
             latent = self._shared_buffer(files.input_path, files.input_shape)
-        elif isinstance(latent, np.ndarray):  # Ray hands it over read-only, from shared memory
-            latent = torch.from_numpy(latent.copy())
+        else:  # a cluster pool: the array reached rank 0 only; it broadcasts it to the others
+            latent = self._broadcast_latent(latent)
         if cfg is None:
             out = self._guided.denoised_branches(latent, sigmas)  # [2, B, 12, T, H, W]
         else:
@@ -292,6 +295,28 @@ class RankWorker:
             out = out.cpu().numpy()
         return out, time.perf_counter() - start
 
+    def _broadcast_latent(self, latent) -> torch.Tensor:
+        """Rank 0's latent (a numpy array from Ray, read-only, or a tensor) on every rank, in a buffer on
+        this rank's device reused while the shape stays; `BroadcastLatent` on the other ranks."""
+        import torch.distributed as dist
+
+        from ..mochi.parallel.collective import collective
+
+        shape = latent.shape if isinstance(latent, BroadcastLatent) else tuple(latent.shape)
+        if self._latent_buffer is None or tuple(self._latent_buffer.shape) != tuple(shape):
+            self._latent_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+        if isinstance(latent, BroadcastLatent):
+            if self.ctx is None:
+                raise RuntimeError(f"rank {self.rank}: evaluate() got no latent and has no process group to "
+                                   "receive it by; send the latent to rank 0 of a pool of two or more ranks")
+        else:
+            self._latent_buffer.copy_(torch.as_tensor(latent) if not isinstance(latent, np.ndarray)
+                                      else torch.from_numpy(latent))
+        if self.ctx is not None:
+            with collective("latent broadcast", self.ctx.collectives):
+                dist.broadcast(self._latent_buffer, src=0)
+        return self._latent_buffer
+
     def _shared_buffer(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The driver's shared file at `path`, mapped once per evaluations block."""
         if path not in self._shared:
@@ -302,6 +327,7 @@ class RankWorker:
         """Drop the prompts kept by `begin_evaluations` and the shared buffers mapped since."""
         self._guided = None
         self._shared = {}
+        self._latent_buffer = None
 
     # -- decoding ----------------------------------------------------------------------------
 

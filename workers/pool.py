@@ -27,7 +27,7 @@ from .failures import FailureKind, PoolError, RunInterrupted, classify, describe
 from .placement import RankPlacement, check_capacity
 from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
-from .shared_latent import SharedLatents
+from .shared_latent import BroadcastLatent, SharedLatents
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
 KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
@@ -279,7 +279,7 @@ class Pool:
                                                for a in self._actors], timeouts.call_s)
 
             # A private pool's ranks share this machine: the latents travel through shared files
-            # (written once for every rank, no object store); a cluster pool's through Ray.
+            # (written once for every rank, no object store); a cluster pool's through Ray to rank 0.
             shared = SharedLatents() if self.runtime.private else None
 
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
@@ -290,10 +290,12 @@ class Pool:
                     files = shared.send(latent, output_shape)
                     answers = self._gather("evaluate", [a.evaluate.remote(files, sigmas, cfg) for a in self._actors],
                                            timeouts.step_s)
-                else:  # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
+                else:  # to rank 0 only (numpy: no pickling); the others receive it from rank 0 by broadcast
                     latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
-                    answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg)
-                                                        for a in self._actors], timeouts.step_s)
+                    elsewhere = BroadcastLatent(tuple(latent.shape))
+                    answers = self._gather("evaluate", [a.evaluate.remote(latent_ref if rank == 0 else elsewhere,
+                                                                          sigmas, cfg)
+                                                        for rank, a in enumerate(self._actors)], timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
                 if shared is not None:

@@ -8,7 +8,11 @@ copy each way; bench/pool_overhead.py prints both). All ranks of a private pool 
 so they all map the one input file: the latent is written once, whatever the world size, and only
 rank 0 writes the result. The files live in a folder only this user can open (in /dev/shm where it
 exists, so they stay in memory), are reused for every evaluation of the same shape, and are removed
-when the evaluations end. Cluster pools (ranks on other machines) keep the object store.
+when the evaluations end.
+
+Cluster pools (ranks on other machines) send the latent through the object store to rank 0 only;
+the other ranks get `BroadcastLatent` and receive it from rank 0 over the pool's own process group
+(NCCL on GPUs), so it crosses to one node, not to every node.
 """
 
 import math
@@ -36,6 +40,17 @@ class SharedLatentFiles:
     input_shape: tuple[int, ...]
     output_path: str
     output_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BroadcastLatent:
+    """Tells a rank other than 0 that the evaluation's latent comes from rank 0 by broadcast.
+
+    Args:
+        shape: the latent's shape [B, 12, T, H, W] (fp32).
+    """
+
+    shape: tuple[int, ...]
 
 
 def map_float32(path: str, shape: tuple[int, ...]) -> torch.Tensor:
