@@ -354,6 +354,7 @@ def test_ranks_dying_together_blame_the_one_that_fell_behind(cache, model_files,
     assert error.cause.startswith("rank 1 fell behind: it had entered"), error.cause
     assert "rank(s) 0, 1 died" in error.cause
     assert pool.dead
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
 
 
 def _our_ray_processes() -> list[psutil.Process]:

@@ -231,3 +231,24 @@ def test_cluster_pool_latent_goes_to_rank_0_only_and_is_broadcast(dit_file, dit)
     expected = GuidedDiT(dit, *prompts()).denoised(x, [0.7, 0.4], 4.5)
     assert none is None and reused0 and reused1 and count0 == count1 > 0
     assert np.abs(out - expected.numpy()).max() <= TOLERANCE
+
+
+def test_a_full_shared_memory_falls_back_to_the_object_store(cfg_pool, dit, monkeypatch):
+    """A container's /dev/shm is often 64 MB: when the buffers do not fit, the space reservation
+    fails (not a SIGBUS at the first write) and the latents go through Ray instead."""
+    import errno
+    import os
+
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.workers import shared_latent
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shared_latent.os, "posix_fallocate", full)
+    positive, negative = prompts()
+    x = torch.randn(1, 12, 2, 8, 12, generator=torch.Generator().manual_seed(10))
+    with cfg_pool.evaluations(positive, negative) as evaluate:
+        first, second = evaluate(x, 0.6, 4.5), evaluate(x, 0.6, 4.5)
+    expected = GuidedDiT(dit, positive, negative).denoised(x, [0.6], 4.5)
+    assert (first - expected).abs().max().item() <= TOLERANCE and torch.equal(first, second)

@@ -283,11 +283,18 @@ class Pool:
             shared = SharedLatents() if self.runtime.private else None
 
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
+                nonlocal shared
                 self._check_usable()
                 sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
+                files = None
                 if shared is not None:
                     output_shape = tuple(latent.shape) if cfg is not None else (2, *latent.shape)
-                    files = shared.send(latent, output_shape)
+                    try:
+                        files = shared.send(latent, output_shape)
+                    except OSError:  # no room in shared memory: the object store for the rest of the block
+                        shared.close()
+                        shared = None
+                if files is not None:
                     answers = self._gather("evaluate", [a.evaluate.remote(files, sigmas, cfg) for a in self._actors],
                                            timeouts.step_s)
                 else:  # to rank 0 only (numpy: no pickling); the others receive it from rank 0 by broadcast
@@ -298,7 +305,7 @@ class Pool:
                                                         for rank, a in enumerate(self._actors)], timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
-                if shared is not None:
+                if files is not None:
                     return shared.receive()
                 return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 

@@ -59,8 +59,10 @@ def map_float32(path: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _new_buffer(path: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new fp32 file of `shape`, its space reserved now: a full /dev/shm (a container's is often
+    64 MB) raises OSError here instead of killing the process with SIGBUS at the first write."""
     with open(path, "wb") as file:
-        file.truncate(math.prod(shape) * 4)
+        os.posix_fallocate(file.fileno(), 0, math.prod(shape) * 4)
     return map_float32(path, shape)
 
 
@@ -80,7 +82,11 @@ class SharedLatents:
         self._made = 0
 
     def send(self, latent: torch.Tensor, output_shape: tuple[int, ...]) -> SharedLatentFiles:
-        """Write `latent` (any dtype and device; stored fp32) into the input buffer; returns the files."""
+        """Write `latent` (any dtype and device; stored fp32) into the input buffer; returns the files.
+
+        Raises:
+            OSError: no room for new buffers (the caller sends through the object store instead).
+        """
         shape = tuple(latent.shape)
         if self.files is None or self.files.input_shape != shape or self.files.output_shape != tuple(output_shape):
             self._made += 1

@@ -107,10 +107,10 @@ def _check_weight_dtype(weight_dtype: str) -> None:
 class _SimulatedContext(ParallelContext):
     """A real ParallelContext whose groups live in the fake process group (`_fake_world`)."""
 
-    def _new_groups(self, rank_lists, timeout):
+    def _new_groups(self, rank_lists, timeout, keep_single: bool = False):
         mine, my_ranks = None, None
         for ranks in rank_lists:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None  # the default ("fake") backend
+            group = dist.new_group(ranks) if len(ranks) > 1 or keep_single else None  # the default ("fake") backend
             if group is not None:
                 self._groups.append(group)
             if self.rank in ranks:
