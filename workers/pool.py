@@ -161,8 +161,9 @@ class Pool:
         return results
 
     def _rank_that_fell_behind(self, failures: dict) -> tuple[int, str] | None:
-        """(rank, cause) when ranks died with no error of their own and their collective counts single
-        out one rank that fell behind; None otherwise (then the blame order decides).
+        """(rank, cause) when ranks died with no error of their own, every other rank that died died
+        waiting inside a collective, and the collective counts single out one rank that fell behind;
+        None otherwise (then the blame order decides).
 
         Why: on NCCL a collective that times out does not raise; the watchdog kills the waiting ranks,
         so they die together with (or before) the rank they waited for. The counts outlive them in
@@ -182,8 +183,10 @@ class Pool:
         rank = rank_behind(entered)
         if rank is None:
             return None
-        others = sorted({count for r, count in entered.items() if r != rank})
         died = sorted(r for r, (kind, _) in failures.items() if kind is FailureKind.RANK_DIED)
+        if any(counts[r][0] == counts[r][1] for r in died if r != rank):  # a rank died outside a collective:
+            return None  # its own death (e.g. killed for memory) is the likelier root cause
+        others = sorted({count for r, count in entered.items() if r != rank})
         cause = (f"rank {rank} fell behind: it had entered {entered[rank]} collectives while the other ranks had "
                  f"entered {'/'.join(map(str, others))} and waited for it; then rank(s) {', '.join(map(str, died))} "
                  "died (NCCL's watchdog ends ranks stuck in a timed-out collective). It hung or was stopped")
