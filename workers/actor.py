@@ -282,17 +282,13 @@ class RankWorker:
             latent = self._shared_buffer(files.input_path, files.input_shape)
         else:  # a cluster pool: the array reached rank 0 only; it broadcasts it to the others
             latent = self._broadcast_latent(latent)
+        # rank 0 of a private pool writes x0 straight into the driver's shared output file
+        target = self._shared_buffer(files.output_path, files.output_shape) if files and self.rank == 0 else None
         if cfg is None:
-            out = self._guided.denoised_branches(latent, sigmas)  # [2, B, 12, T, H, W]
+            out = self._guided.denoised_branches(latent, sigmas, out=target)  # [2, B, 12, T, H, W]
         else:
-            out = self._guided.denoised(latent, sigmas, cfg)  # [B, 12, T, H, W]
-        if self.rank != 0:
-            out = None
-        elif files is not None:
-            self._shared_buffer(files.output_path, files.output_shape).copy_(out)
-            out = None
-        else:
-            out = out.cpu().numpy()
+            out = self._guided.denoised(latent, sigmas, cfg, out=target)  # [B, 12, T, H, W]
+        out = out.cpu().numpy() if self.rank == 0 and files is None else None
         return out, time.perf_counter() - start
 
     def _broadcast_latent(self, latent) -> torch.Tensor:
