@@ -200,22 +200,24 @@ def resolve_spec(args, dit_path: str, vae_path: str, video: tuple[int, int, int]
 
 
 def encode_prompts(plan: RunInputs, prompt: str, negative: str):
-    """(positive, negative) TextConditions from T5 in this process; the encoder is freed afterwards."""
+    """(positive, negative) TextConditions from T5 in this process; the encoder and its GPU cache are
+    freed before this returns (`text_encoder.encode_then_free`)."""
     import torch
 
     from .mochi.guidance import default_compute_dtype
-    from .mochi.text_encoder import demo_text_encoder, load_text_encoder
+    from .mochi.text_encoder import demo_text_encoder, encode_then_free, load_text_encoder
 
     _say("encoding the prompts (T5, in this process)")
-    if plan.demo:
-        from .mochi.demo import demo_dir
 
-        encoder = demo_text_encoder(str(demo_dir()))
-    else:
+    def load():
+        if plan.demo:
+            from .mochi.demo import demo_dir
+
+            return demo_text_encoder(str(demo_dir()))
         device = torch.device("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
-        encoder = load_text_encoder(plan.t5_path, plan.t5_tokenizer, default_compute_dtype(device), device.type)
-    positive, negative_condition = encoder.encode(prompt), encoder.encode(negative)
-    del encoder
+        return load_text_encoder(plan.t5_path, plan.t5_tokenizer, default_compute_dtype(device), device.type)
+
+    positive, negative_condition = encode_then_free(load, (prompt, negative))  # T5 gone before the ranks load
     return positive, negative_condition
 
 

@@ -34,7 +34,7 @@ from mochi_xdit.mochi.text import TextCondition
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
 from mochi_xdit.workers.actor import RankWorker
 from mochi_xdit.workers.capacity import CapacityError
-from mochi_xdit.workers.failures import FailureKind, PoolError, RunInterrupted
+from mochi_xdit.workers.failures import FailureKind, PoolError, RunInterrupted, rank_behind
 from mochi_xdit.workers.model_files import ModelFileError
 from mochi_xdit.workers.protocol import PoolSpec, Timeouts
 from mochi_xdit.workers.ray_runtime import RayAddressError
@@ -408,6 +408,55 @@ def test_a_peer_stopped_in_a_cached_step_is_blamed_not_the_rank_waiting_in_the_c
                     on_step=freeze_rank_1)
     assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
     assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
+    assert pool.dead
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
+
+
+@pytest.mark.parametrize("entered, expected", [
+    ({0: 12, 1: 11}, 1),
+    ({0: 11, 1: 12, 2: 12, 3: 13}, 0),
+    ({0: 12, 1: 12}, None),  # in step: nobody behind
+    ({0: 11, 1: 11, 2: 12}, None),  # a tie at the lowest count singles out nobody
+    ({0: 5}, None),
+])
+def test_the_rank_with_fewest_collectives_entered_is_the_one_behind(entered, expected):
+    assert rank_behind(entered) == expected
+
+
+def test_ranks_dying_together_blame_the_one_that_fell_behind(cache, model_files, request_6_steps):
+    """NCCL's watchdog kills every rank waiting in a timed-out collective, so several ranks die at
+    once. Simulated on gloo: rank 1 is stopped, rank 0 runs on into a collective and waits there,
+    then both are SIGKILLed together. The collective counts (files in the rendezvous folder) name
+    rank 1; the blame order alone would name rank 0."""
+    from mochi_xdit.mochi.parallel.collective import ledger_path, read_ledger
+
+    spec = spec_for(model_files, cfg=1, ulysses=2)
+    pool = cache.acquire(spec)
+    pool.sample(replace(request_6_steps, steps=1))
+    folder = pool._rendezvous_dir
+    first = [read_ledger(ledger_path(folder, rank)) for rank in range(2)]
+    assert first[0] == first[1] and first[0][0] == first[0][1] > 0  # in step, nothing in flight
+    victims = [info.pid for info in pool.ranks]
+
+    def kill_both_once_rank_0_waits():
+        deadline = time.monotonic() + 30
+        while read_ledger(ledger_path(folder, 0))[0] == first[0][0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+
+    latent = torch.randn(request_6_steps.latent_shape, generator=torch.Generator().manual_seed(3))
+    killer = threading.Thread(target=kill_both_once_rank_0_waits)
+    with pytest.raises(PoolError) as raised:
+        with pool.evaluations(request_6_steps.positive, request_6_steps.negative) as evaluate:
+            os.kill(victims[1], signal.SIGSTOP)  # idle between calls: stopped outside any collective
+            killer.start()
+            evaluate(latent, 0.5, 4.5)  # one call on both ranks: both die in it
+    killer.join()
+    error = raised.value
+    assert error.rank == 1 and error.kind is FailureKind.RANK_SILENT, error
+    assert error.cause.startswith("rank 1 fell behind: it had entered"), error.cause
+    assert "rank(s) 0, 1 died" in error.cause
     assert pool.dead
     assert cache.acquire(spec) is not pool  # rebuilt for the next request
 

@@ -35,6 +35,24 @@ _BLAME = {FailureKind.RANK_DIED: 0, FailureKind.OUT_OF_MEMORY: 1, FailureKind.BA
           FailureKind.RANK_ERROR: 1, FailureKind.RANK_SILENT: 2, FailureKind.COLLECTIVE: 3, FailureKind.STOPPED: 4}
 
 
+def rank_behind(entered: dict[int, int]) -> int | None:
+    """The one rank that entered fewer collectives than all the others, or None when the counts do not
+    single one out (all equal, a tie at the lowest count, or fewer than two ranks known).
+
+    Every rank of a layout runs the same collectives in the same order, so while the ranks are in step
+    their counts agree; the one that hung (or was stopped) outside a collective is the one whose
+    peers went on into the next collective and waited there for it.
+
+    Args:
+        entered: rank -> collectives it entered (`mochi.parallel.collective.CollectiveLedger`).
+    """
+    if len(entered) < 2:
+        return None
+    lowest = min(entered.values())
+    behind = [rank for rank, count in entered.items() if count == lowest]
+    return behind[0] if len(behind) == 1 else None
+
+
 def rank_exception(error: BaseException) -> BaseException:
     """The exception raised inside the rank (Ray wraps it in a RayTaskError), else `error` itself."""
     if isinstance(error, RayTaskError):

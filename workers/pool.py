@@ -23,10 +23,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .actor import RankWorker
 from .capacity import RankResources
-from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_exception
+from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_behind, rank_exception
 from .placement import RankPlacement, check_capacity
 from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
+from .shared_latent import BroadcastLatent, SharedLatents
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
 KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
@@ -143,6 +144,10 @@ class Pool:
         if failures:
             for rank in pending.values():  # still silent after the grace, while a peer failed
                 failures[rank] = (FailureKind.RANK_SILENT, None)
+            behind = self._rank_that_fell_behind(failures)
+            if behind is not None:
+                self._kill()
+                raise PoolError(FailureKind.RANK_SILENT, behind[0], verb, behind[1])
             rank = min(failures, key=lambda r: (failures[r][0].blame, r))
             kind, error = failures[rank]
             self._kill()
@@ -162,6 +167,38 @@ class Pool:
                             f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a collective for "
                             "one that does; raise the Timeouts if the work is just slow)")
         return results
+
+    def _rank_that_fell_behind(self, failures: dict) -> tuple[int, str] | None:
+        """(rank, cause) when ranks died with no error of their own, every other rank that died died
+        waiting inside a collective, and the collective counts single out one rank that fell behind;
+        None otherwise (then the blame order decides).
+
+        Why: on NCCL a collective that times out does not raise; the watchdog kills the waiting ranks,
+        so they die together with (or before) the rank they waited for. The counts outlive them in
+        the private pool's rendezvous folder (cluster pools keep the blame order)."""
+        if self._rendezvous_dir is None:
+            return None
+        kinds = {kind for kind, _ in failures.values()}
+        if FailureKind.RANK_DIED not in kinds or not kinds <= {FailureKind.RANK_DIED, FailureKind.RANK_SILENT,
+                                                                FailureKind.COLLECTIVE}:
+            return None
+        from ..mochi.parallel.collective import ledger_path, read_ledger
+
+        counts = {rank: read_ledger(ledger_path(self._rendezvous_dir, rank)) for rank in range(len(self.ranks))}
+        if any(count is None for count in counts.values()):
+            return None
+        entered = {rank: count[0] for rank, count in counts.items()}
+        rank = rank_behind(entered)
+        if rank is None:
+            return None
+        died = sorted(r for r, (kind, _) in failures.items() if kind is FailureKind.RANK_DIED)
+        if any(counts[r][0] == counts[r][1] for r in died if r != rank):  # a rank died outside a collective:
+            return None  # its own death (e.g. killed for memory) is the likelier root cause
+        others = sorted({count for r, count in entered.items() if r != rank})
+        cause = (f"rank {rank} fell behind: it had entered {entered[rank]} collectives while the other ranks had "
+                 f"entered {'/'.join(map(str, others))} and waited for it; then rank(s) {', '.join(map(str, died))} "
+                 "died (NCCL's watchdog ends ranks stuck in a timed-out collective). It hung or was stopped")
+        return rank, cause
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -268,22 +305,47 @@ class Pool:
             self._gather("begin_evaluations", [a.begin_evaluations.remote(request_ref, tuple(loras))
                                                for a in self._actors], timeouts.call_s)
 
+            # A private pool's ranks share this machine: the latents travel through shared files
+            # (written once for every rank, no object store); a cluster pool's through Ray to rank 0.
+            shared = SharedLatents() if self.runtime.private else None
+
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
+                nonlocal shared
                 self._check_usable()
                 sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
-                # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
-                latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
-                answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg) for a in self._actors],
-                                       timeouts.step_s)
+                files = None
+                if shared is not None:
+                    output_shape = tuple(latent.shape) if cfg is not None else (2, *latent.shape)
+                    try:
+                        files = shared.send(latent, output_shape)
+                    except OSError:  # no room in shared memory: the object store for the rest of the block
+                        shared.close()
+                        shared = None
+                if files is not None:
+                    answers = self._gather("evaluate", [a.evaluate.remote(files, sigmas, cfg) for a in self._actors],
+                                           timeouts.step_s)
+                else:  # to rank 0 only (numpy: no pickling); the others receive it from rank 0 by broadcast
+                    latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
+                    elsewhere = BroadcastLatent(tuple(latent.shape))
+                    answers = self._gather("evaluate", [a.evaluate.remote(latent_ref if rank == 0 else elsewhere,
+                                                                          sigmas, cfg)
+                                                        for rank, a in enumerate(self._actors)], timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
+                if files is not None:
+                    return shared.receive()
                 return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 
             try:
                 yield evaluate
             finally:
-                if not self.dead:
-                    self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors], timeouts.call_s)
+                try:
+                    if not self.dead:
+                        self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors],
+                                     timeouts.call_s)
+                finally:
+                    if shared is not None:
+                        shared.close()
 
     def _cancel(self, queued: list | None) -> None:
         """Let the already queued step finish, then drop the run on every rank."""

@@ -108,9 +108,17 @@ class PoolSpec:
 @dataclass(frozen=True)
 class FileRendezvous:
     """How the ranks of a private pool (all on this machine) meet: a torch FileStore in a folder
-    only this user can open. No port is opened, so nothing listens beyond loopback."""
+    only this user can open. No port is opened, so nothing listens beyond loopback. The ranks also
+    mirror their collective counts there (`collective_ledger`), which the driver reads when ranks
+    die together."""
 
     path: str
+
+    def collective_ledger(self, rank: int) -> str:
+        """The file where `rank` mirrors its `CollectiveLedger`, beside the store."""
+        from ..mochi.parallel.collective import ledger_path
+
+        return ledger_path(os.path.dirname(self.path), rank)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,11 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set before a private Ray starts (DESIGN.md section 5): token auth on, node addresses on loopback.
 PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # The ranks' CUDA allocator: expandable segments suit long videos (large, varying activations), and
-# the ranks must not inherit ComfyUI's own setting (it may run with cudaMallocAsync).
+# the ranks must not inherit ComfyUI's own setting (it may run with cudaMallocAsync). torch 2.13 reads
+# PYTORCH_ALLOC_CONF before PYTORCH_CUDA_ALLOC_CONF, so an inherited PYTORCH_ALLOC_CONF would win over
+# ours: the ranks get both names.
 RANK_CUDA_ALLOC_CONF = "expandable_segments:True"
+ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 PROBE_TIMEOUT_S = 5.0
 RAY_CLIENT_PREFIX = "ray://"
 RAY_CLIENT_PORT = 10001
@@ -230,9 +233,11 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`), and
+    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`, under
+    both names torch reads), and
     on a private Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
-    env_vars = {"RAY_worker_niceness": "0", "PYTORCH_CUDA_ALLOC_CONF": RANK_CUDA_ALLOC_CONF}
+    env_vars = {"RAY_worker_niceness": "0"}
+    env_vars.update({name: RANK_CUDA_ALLOC_CONF for name in ALLOC_CONF_NAMES})
     if private and not importable:
         python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
