@@ -11,3 +11,4 @@ SCHEDULE_CHOICES = SCHEDULE_NAMES
 ATTENTION_CHOICES = ("auto", "torch", "flash_attn", "flash_attn_3", "xfuser")
 # mochi.dit.DiTCompile's values (the same reason)
 COMPILE_CHOICES = ("off", "on")
+CACHE_CHOICES = ("off", "teacache", "first_block")  # "off" + mochi.step_cache.StepCacheKind's values (a test pins them)
