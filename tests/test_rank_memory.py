@@ -54,8 +54,9 @@ def test_finish_and_cancel_drop_the_run_and_release_its_memory(demo_spec, monkey
     worker = RankWorker(0, demo_spec)
     worker.load()
     worker.begin(tiny_request())
-    assert worker._loop.attention is worker.attention  # the rank's attention config reaches the model calls
-    assert worker.attention.backend is AttentionBackend.AUTO and worker.attention.installed is not None
+    # the pool's one KernelChoice, made from the rank's attention config, reaches the model calls
+    assert worker._loop.attention is worker.kernels
+    assert worker.kernels.config.backend is AttentionBackend.AUTO and worker.kernels.config.installed is not None
     worker.step(0)
     worker.step(1)
     result = worker.finish()
