@@ -192,3 +192,40 @@ def test_offload_on_cpu_is_a_noop_that_says_so():
     note = place_weights(model, WeightPlacement.OFFLOAD, torch.device("cpu"))
     assert "CPU pool" in note and "nothing changes" in note
     assert {name: tensor.data_ptr() for name, tensor in model.state_dict().items()} == before
+
+
+def test_pool_spec_and_options_resolve_the_weights_choice(tmp_path):
+    from safetensors.torch import save_file
+
+    from mochi_xdit.workers.choices import WEIGHTS_CHOICES
+    from mochi_xdit.workers.options import Field, LoadChoices, OptionsError, resolve_load
+    from mochi_xdit.workers.protocol import PoolSpec
+
+    assert WEIGHTS_CHOICES == ("auto", *(placement.value for placement in WeightPlacement))
+    dit = str(tmp_path / "dit.safetensors")
+    save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), dit)
+    auto = resolve_load(LoadChoices(dit, None, world_size=2, device="cpu"))
+    assert auto.weights is WeightPlacement.REPLICATED  # CPU ranks: host memory either way
+    sharded = resolve_load(LoadChoices(dit, None, world_size=2, device="cpu", weights="sharded"))
+    assert sharded.weights is WeightPlacement.SHARDED and sharded.reuse_key() != auto.reuse_key()
+    with pytest.raises(OptionsError, match="two or more ranks") as raised:
+        resolve_load(LoadChoices(dit, None, world_size=1, device="cpu", weights="sharded"))
+    assert raised.value.field is Field.WEIGHTS
+    with pytest.raises(OptionsError, match="use one of auto, replicated, sharded, offload"):
+        resolve_load(LoadChoices(dit, None, world_size=1, device="cpu", weights="fsdp"))
+    with pytest.raises(ValueError, match="two or more ranks"):
+        PoolSpec(dit, None, "fp32", ParallelConfig(1), weights="sharded")
+
+
+def test_auto_placement_for_a_given_mix_says_which_and_why():
+    from mochi_xdit.mochi.planner.hardware import get_gpu, gpu_with_memory
+    from mochi_xdit.mochi.planner.plan import choose_placement
+
+    mix = ParallelConfig(4, 2, 1, 2, num_heads=24)
+    placement, why = choose_placement(mix, 848, 480, 163, gpu_with_memory(16), "bf16")
+    assert placement is WeightPlacement.SHARDED
+    assert why.startswith("weights auto -> sharded: replicated would not fit") and "GB per rank" in why
+    placement, why = choose_placement(ParallelConfig(1), 848, 480, 163, get_gpu("RTX4090"), "bf16")
+    assert placement is WeightPlacement.OFFLOAD and "replicated would not fit" in why
+    placement, _ = choose_placement(mix, 848, 480, 163, get_gpu("H100"), "bf16")
+    assert placement is WeightPlacement.REPLICATED

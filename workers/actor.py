@@ -5,6 +5,7 @@ Its verbs check their own order and raise with the fix instead of returning None
 plain Python: `pool.py` wraps it with `ray.remote`, and tests can call it directly.
 """
 
+import logging
 import os
 import time
 from datetime import timedelta
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
+
+logger = logging.getLogger(__name__)
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -147,13 +150,19 @@ class RankWorker:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout)
         self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention)
 
-    def load(self) -> None:
-        """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
+    def load(self) -> str:
+        """Read the weights from the spec's files (memory-mapped, each rank for itself) and place the
+        DiT's blocks as the spec says (sharded and offloaded blocks are read into host memory first,
+        so the whole DiT never sits on the GPU). Returns the placement's one-line note (also logged)."""
         from ..mochi.checkpoint import load_dit, load_vae_decoder
+        from ..mochi.weight_placement import WeightPlacement, place_weights
 
         if self.spec.world_size > 1 and self.ctx is None:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
-        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device)
+        replicated = self.spec.weights is WeightPlacement.REPLICATED
+        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device if replicated else "cpu")
+        note = f"rank {self.rank}: " + place_weights(self.dit, self.spec.weights, self.device)
+        logger.info(note)
         heads = self.dit.config.num_heads
         if heads % self.spec.parallel.ulysses_degree:
             raise ValueError(
@@ -163,6 +172,7 @@ class RankWorker:
         if self.spec.vae_path is not None:
             vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
             self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
+        return note
 
     # -- sampling ----------------------------------------------------------------------------
 

@@ -9,3 +9,5 @@ DEVICE_CHOICES = (AUTO, "cpu", "cuda")
 SCHEDULE_CHOICES = SCHEDULE_NAMES
 # mochi.parallel.kernel.AttentionBackend's values (kept here so --help needs no torch; a test pins them)
 ATTENTION_CHOICES = ("auto", "torch", "flash_attn", "flash_attn_3", "xfuser")
+# mochi.weight_placement.WeightPlacement's values behind "auto" (a test pins them)
+WEIGHTS_CHOICES = (AUTO, "replicated", "sharded", "offload")

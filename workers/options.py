@@ -7,6 +7,7 @@ GPU), the Ray address, whether the ranks fit, and which files are a Mochi DiT an
 here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time validation.
 """
 
+import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -15,9 +16,12 @@ from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
 from ..mochi.constants import PATCH_SIZE
 from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
 from .capacity import CapacityError, check_local_capacity
-from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from ..mochi.weight_placement import WeightPlacement
+from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES, WEIGHTS_CHOICES
 from .protocol import PoolSpec, Timeouts
 from .ray_runtime import address_problem, resolve_address
+
+logger = logging.getLogger(__name__)
 
 # The video `auto` degrees are planned for when the video is not known yet (the loader node): the
 # largest Mochi-1 video, so the chosen mix fits every smaller one too.
@@ -38,6 +42,7 @@ class Field(Enum):
     ATTENTION = "attention_backend"
     LORA = "lora"
     CACHE = "cache"
+    WEIGHTS = "weights"
 
 
 class OptionsError(ValueError):
@@ -74,6 +79,8 @@ class LoadChoices:
         timeouts: per-verb deadlines.
         attention: "auto", "torch", "flash_attn", "flash_attn_3" or "xfuser" (checked against what
             this process has installed; the ranks check again, for clusters).
+        weights: "auto" (replicated when the whole DiT fits a rank with the planner's margin, else
+            sharded, else offload), "replicated", "sharded" or "offload" (mochi.weight_placement).
     """
 
     dit_path: str
@@ -91,6 +98,7 @@ class LoadChoices:
     use_cfg: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention: str = AUTO
+    weights: str = AUTO
 
 
 def resolve_device(device: str) -> str:
@@ -189,6 +197,42 @@ def planned_degrees(parallel: ParallelConfig, choices: LoadChoices, dit_path: st
                      steps=choices.steps, use_cfg=choices.use_cfg, config=DiTConfig.from_shapes(shapes))
 
 
+def resolve_weights(choices: LoadChoices, parallel: ParallelConfig, device: str, weight_dtype: str,
+                    plan: bool = True) -> tuple[WeightPlacement, str]:
+    """The weight placement and one line saying which and why.
+
+    `auto` on a local GPU asks the planner for this mix and video (replicated if it fits with
+    RESERVE_GB, else sharded, else offload); CPU ranks, clusters (their GPUs are unknown here) and
+    unplanned resolution (queue-time validation) keep replicated."""
+    if choices.weights not in WEIGHTS_CHOICES:
+        raise OptionsError(Field.WEIGHTS, f"weights={choices.weights!r}; use one of {', '.join(WEIGHTS_CHOICES)}")
+    if choices.weights != AUTO:
+        placement = WeightPlacement(choices.weights)
+        if placement is WeightPlacement.SHARDED and parallel.world_size < 2:
+            raise OptionsError(Field.WEIGHTS, "weights='sharded' needs two or more ranks (each keeps 1/N of every "
+                               "block); raise world_size, or use 'offload' on one GPU")
+        return placement, f"weights={placement.value}, as chosen"
+    replicated = WeightPlacement.REPLICATED
+    if device != "cuda":
+        return replicated, ("weights auto -> replicated: CPU ranks keep the weights in host memory (memory-mapped; "
+                            "ranks share the file's pages where its dtype is kept)")
+    import torch
+
+    if resolve_address(choices.ray_address) is not None or not torch.cuda.is_available():
+        return replicated, ("weights auto -> replicated: this pool's GPUs are not on this machine, so the planner "
+                            "cannot size them; choose sharded or offload yourself for cards smaller than the DiT")
+    if weight_dtype == "fp32" or not plan:
+        return replicated, "weights auto -> replicated (not planned: fp32 weights or queue-time validation)"
+    from ..mochi.planner.hardware import gpu_from_device_name
+    from ..mochi.planner.plan import choose_placement
+
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    planner_dtype = "fp8" if weight_dtype == "fp8" else "bf16"  # fp16 stores as many bytes as bf16
+    width, height, frames = choices.video
+    return choose_placement(parallel, width, height, frames, gpu, planner_dtype, steps=choices.steps,
+                            use_cfg=choices.use_cfg, config=dit_config(choices.dit_path))
+
+
 def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
     """Apply every rule to the user's choices; raise OptionsError naming the choice and the fix.
 
@@ -220,9 +264,12 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
     attention = resolve_attention(choices.attention, device, choices.world_size)
     if plan:
         parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
+    weights, why = resolve_weights(choices, parallel, device, weight_dtype, plan)
+    if plan:
+        logger.info(why)
     return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
                     parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
-                    timeouts=choices.timeouts, attention_backend=attention)
+                    timeouts=choices.timeouts, attention_backend=attention, weights=weights)
 
 
 def resolve_attention(requested: str, device: str, world_size: int):

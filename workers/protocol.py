@@ -13,6 +13,7 @@ import torch
 from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
 from ..mochi.parallel.config import ParallelConfig
 from ..mochi.parallel.kernel import AttentionBackend
+from ..mochi.weight_placement import WeightPlacement
 
 LOOPBACK = "127.0.0.1"
 DEVICES = ("cpu", "cuda")
@@ -53,6 +54,8 @@ class PoolSpec:
         timeouts: per-verb deadlines.
         attention_backend: the `mochi.parallel.kernel.AttentionBackend` the ranks use (a value name is
             accepted and converted); each rank refuses at start one it cannot run.
+        weights: where each rank keeps the DiT's block weights, a `mochi.weight_placement.WeightPlacement`
+            (a value name is accepted and converted; `auto` is resolved before, in `options.py`).
     """
 
     dit_path: str
@@ -64,9 +67,11 @@ class PoolSpec:
     ray_address: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention_backend: AttentionBackend = AttentionBackend.AUTO
+    weights: WeightPlacement = WeightPlacement.REPLICATED
 
     def __post_init__(self):
         object.__setattr__(self, "attention_backend", AttentionBackend.parse(self.attention_backend))
+        object.__setattr__(self, "weights", WeightPlacement.parse(self.weights))
         for name in ("dit_path", "vae_path"):
             path = getattr(self, name)
             if path is None and name == "vae_path":
@@ -82,6 +87,9 @@ class PoolSpec:
             raise ValueError(f"cpu_threads={self.cpu_threads!r} must be a positive integer")
         if not isinstance(self.parallel, ParallelConfig):
             raise TypeError("parallel must be a ParallelConfig (see mochi_xdit.mochi.parallel.config.auto)")
+        if self.weights is WeightPlacement.SHARDED and self.parallel.world_size < 2:
+            raise ValueError("weights='sharded' needs two or more ranks (each keeps 1/N of every block); "
+                             "use 'offload' (or 'replicated') on one rank")
 
     @property
     def world_size(self) -> int:
@@ -89,10 +97,10 @@ class PoolSpec:
 
     def reuse_key(self) -> tuple:
         """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
-        device, threads, cluster, timeouts and attention backend."""
+        device, threads, cluster, timeouts, attention backend and weight placement."""
         files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
         return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
-                self.timeouts, self.attention_backend)
+                self.timeouts, self.attention_backend, self.weights)
 
 
 @dataclass(frozen=True)

@@ -321,6 +321,39 @@ def recommend(
                 cache=cache).best.parallel
 
 
+def choose_placement(
+    parallel: ParallelConfig,
+    width: int,
+    height: int,
+    frames: int,
+    gpu: GPU,
+    weight_dtype: str = "bf16",
+    link: str | float | None = None,
+    steps: int = 64,
+    use_cfg: bool = True,
+    config: DiTConfig = DiTConfig(),
+) -> tuple[WeightPlacement, str]:
+    """The weight placement `auto` uses for a given mix: the first of PLACEMENT_ORDER that fits
+    (with RESERVE_GB), else the leanest; and one line saying which and why."""
+    if link is None:
+        link = "nvlink" if gpu.nvlink_gbps else "pcie"
+    bandwidth = link_bandwidth(link, gpu)
+    estimates = [estimate(parallel, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg,
+                          config=config, placement=placement)
+                 for placement in placements_for(parallel.world_size)]
+    need = {m.placement: (m.peak_bytes / GB) + RESERVE_GB for m in estimates}
+    sizes = ", ".join(f"{p.value} {gb:.1f} GB" for p, gb in need.items())
+    where = f"{width}x{height}x{frames} on {parallel.world_size} x {gpu.name} ({gpu.memory_gb:.1f} GB)"
+    for m in estimates:
+        if m.fits:
+            skipped = [p.value for p in PLACEMENT_ORDER[: PLACEMENT_ORDER.index(m.placement)] if p in need]
+            why = f"{' and '.join(skipped)} would not fit" if skipped else "it fits"
+            return m.placement, f"weights auto -> {m.placement.value}: {why} ({sizes} per rank for {where})"
+    leanest = min(estimates, key=lambda m: m.peak_bytes)
+    return leanest.placement, (f"weights auto -> {leanest.placement.value}, the leanest, though nothing fits "
+                               f"({sizes} per rank for {where}); use fp8 weights, more ranks or a shorter video")
+
+
 def format_table(result: Plan, title: str = "") -> str:
     """A Markdown table of every mix, best first marked with *."""
     lines = [title] if title else []
