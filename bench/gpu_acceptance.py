@@ -17,7 +17,10 @@ prints:
 the GPU's bf16.)
 - one step of a 1-rank Ray pool with num_gpus=1 (demo weights: it checks the pool on a GPU);
 - multi-rank NCCL: one step of a 2-rank Ulysses pool when the machine has two GPUs; otherwise it
-  says so and skips it (not counted).
+  says so and skips it (not counted);
+- with two or more GPUs, a 2-rank pool step at 848x480x49 with the weights sharded (FSDP2 over the
+  ranks) beside the same step replicated (demo-size DiT: it checks the gathers on NCCL and their
+  cost next to a step; the full-size figures are the planner's).
 It ends with ONE JSON line of these figures. A section that fails (an out-of-memory, a kernel
 error) is recorded in the JSON under "error" and the run goes on (exit status 1); when the
 automatic attention kernel fails its check, the DiT runs use PyTorch's flash kernel instead and
@@ -302,16 +305,19 @@ def make_pool(spec):
     return service, service.pool(spec)
 
 
-def pool_figures(device: torch.device, world_size: int, folder: str) -> dict:
-    """Start a pool of `world_size` ranks on the demo weights, run one sampling step, stop it."""
+def pool_figures(device: torch.device, world_size: int, folder: str, weights: str = "replicated",
+                 latent_shape: tuple[int, ...] = (1, 12, 2, 8, 12), steps: int = 1) -> dict:
+    """Start a pool of `world_size` ranks on the demo weights (placed as `weights` says), run
+    `steps` sampling steps, stop it; the step figure is the last step's (the first warms up)."""
     from mochi_xdit.workers.protocol import PoolSpec
 
     dit_path, vae_path = demo_checkpoints(folder)
     heads = DEMO_DIT_CONFIG.num_heads
     parallel = ParallelConfig(world_size, 1, world_size, 1, num_heads=heads)  # Ulysses over the ranks
-    spec = PoolSpec(str(dit_path), str(vae_path), "bf16", parallel, device=device.type, cpu_threads=1)
+    spec = PoolSpec(str(dit_path), str(vae_path), "bf16", parallel, device=device.type, cpu_threads=1,
+                    weights=weights)
     positive, negative = text_conditions()
-    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=0, steps=1, cfg=CFG)
+    request = SampleRequest(positive, negative, latent_shape=latent_shape, seed=0, steps=steps, cfg=CFG)
     started = time.perf_counter()
     service, pool = make_pool(spec)
     start_s = time.perf_counter() - started
@@ -323,8 +329,8 @@ def pool_figures(device: torch.device, world_size: int, folder: str) -> dict:
         ranks = [info.node_ip for info in pool.ranks]
     finally:
         service.shutdown()  # the pool and the Ray it started
-    return {"world_size": world_size, "device": device.type, "start_seconds": start_s,
-            "step_seconds": reports[0].seconds, "sample_wall_seconds": wall, "ranks": len(ranks),
+    return {"world_size": world_size, "device": device.type, "weights": weights, "start_seconds": start_s,
+            "step_seconds": reports[-1].seconds, "sample_wall_seconds": wall, "ranks": len(ranks),
             "latent_finite": bool(torch.isfinite(latent).all())}
 
 
@@ -401,6 +407,11 @@ def print_summary(figures: dict) -> None:
         print(f"multi-rank NCCL: skipped ({nccl['skipped']})")
     else:
         line("multi-rank NCCL", nccl, lambda: f"2-rank Ulysses pool step {nccl['step_seconds']:.3f} s")
+    sharded = figures.get("sharded", {})
+    if "skipped" not in sharded:
+        for weights, run in sharded.items():
+            line(f"2-rank pool, {weights} weights, 848x480x49 (demo DiT)", run,
+                 lambda run=run: f"step {run['step_seconds']:.3f} s, finite {run['latent_finite']}")
     print(f"goals: {figures['goals']}; failed: {figures['failed_sections'] or 'none'}; "
           f"total {figures['total_seconds']:.0f} s")
 
@@ -447,10 +458,16 @@ def main(argv: list[str] | None = None) -> int:
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
         if gpus >= 2:
             figures["nccl"] = guarded("NCCL pool", lambda: pool_figures(device, 2, folder))
+            shape = latent_shape_for_video(848, 480, 49)
+            figures["sharded"] = {
+                weights: guarded(f"2-rank pool, {weights} weights, 848x480x49",
+                                 lambda: pool_figures(device, 2, folder, weights, shape, steps=3))
+                for weights in ("replicated", "sharded")
+            }
         else:
             reason = (f"needs 2 or more GPUs, this machine has {gpus}" if device.type == "cuda"
                       else "NCCL runs on GPUs; this run is on the CPU")
-            figures["nccl"] = {"skipped": reason}
+            figures["nccl"] = figures["sharded"] = {"skipped": reason}
             print(f"multi-rank NCCL: skipped ({reason})", flush=True)
     figures["total_seconds"] = time.perf_counter() - started
     figures["goals"] = goals(figures)
