@@ -173,12 +173,16 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index=0: type("Props", (), {"total_memory": 48 * 2**30})())
     monkeypatch.setattr(planner_plan, "recommend", fake_recommend)
+    placed = []  # weights auto asks the planner too (for the resolved degrees)
+    monkeypatch.setattr(planner_plan, "choose_placement",
+                        lambda parallel, *args, **kwargs: placed.append(parallel) or ("replicated", "fake plan"))
     common = ["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae), "--t5", str(t5),
               "--width", "64", "--height", "48", "--frames", "13", "--steps", "5", "--device", "cuda",
               "--world-size", "2", "--output", str(tmp_path / "o.mp4")]
     plan = cli.plan_run(cli.build_parser().parse_args(common))
     assert asked == [(2, 64, 48, 13, "bf16", 5)]
     assert (plan.parallel.cfg_degree, plan.parallel.ulysses_degree, plan.parallel.ring_degree) == (1, 1, 2)
+    assert placed and all(parallel == plan.parallel for parallel in placed)  # placed for the planned degrees
     explicit = cli.plan_run(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
     assert len(asked) == 1 and explicit.parallel.ulysses_degree == 2
 
