@@ -233,12 +233,14 @@ def resolve_weights(choices: LoadChoices, parallel: ParallelConfig, device: str,
                             use_cfg=choices.use_cfg, config=dit_config(choices.dit_path))
 
 
-def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
+def resolve_load(choices: LoadChoices, plan: bool = True, on_note=None) -> PoolSpec:
     """Apply every rule to the user's choices; raise OptionsError naming the choice and the fix.
 
     Args:
-        plan: ask the planner for automatic degrees on a local GPU (a few seconds); queue-time
-            validation passes False and gets the same checks without it.
+        plan: ask the planner for automatic degrees and weight placement on a local GPU (a few
+            seconds); queue-time validation passes False and gets the same checks without it.
+        on_note: called with the one line saying which weight placement was chosen and why (when
+            planning); default: this module's logger at INFO (ComfyUI's log).
     """
     for name, path in (("dit", choices.dit_path), ("vae", choices.vae_path)):
         if path is not None and not os.path.isfile(path):
@@ -266,7 +268,7 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
         parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
     weights, why = resolve_weights(choices, parallel, device, weight_dtype, plan)
     if plan:
-        logger.info(why)
+        (on_note or logger.info)(f"Mochi xDiT: {why}")
     return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
                     parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
                     timeouts=choices.timeouts, attention_backend=attention, weights=weights)
