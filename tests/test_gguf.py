@@ -207,3 +207,21 @@ def test_gguf_dit_sharded_over_two_ranks_matches_the_reference(gguf_file):
     for rank, (got, share) in enumerate(run_ranks(sharded_gguf_rank, 2, path, timeout_s=120)):
         assert (got - expected).abs().max().item() <= TOLERANCE, f"rank {rank}"
         assert share <= 0.5 + 0.05, f"rank {rank} holds {share:.2f} of the quantised blocks"
+
+
+def test_other_and_truncated_gguf_files_are_refused_with_what_they_are(tmp_path):
+    from mochi_xdit.mochi.checkpoint import CheckpointError
+
+    path = str(tmp_path / "flux-Q8_0.gguf")
+    writer = gguf.GGUFWriter(path, "flux")
+    writer.add_tensor("double_blocks.0.img_attn.proj.weight", np.zeros((64, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match="looks like a Flux DiT .* but a Mochi DiT was expected"):
+        load_dit(path, "fp32", "cpu")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(open(path, "rb").read()[:200])
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        inspect_checkpoint(str(truncated))
