@@ -1,6 +1,7 @@
 """Sharded weights (FSDP2 over the whole world) compute what replicated weights compute (fp32, 1e-5)
 on real gloo ranks, with Ulysses / Ring / CFG mixes, a per-step cfg schedule with cfg-1 steps (the
-idle CFG rank must still join every gather), step caching and LoRAs; each rank holds ~1/N of the
+idle CFG rank must still join every gather), step caching, LoRAs and fp8-stored weights (gathered as
+bytes beside the fp32 biases); each rank holds ~1/N of the
 blocks; streaming blocks from host memory (offload) equals on-device weights.
 
 One process-group launch per world size runs the replicated model, shards it in place and runs
@@ -15,7 +16,7 @@ import torch
 
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
 from mochi_xdit.mochi.dit import MochiDiT
-from mochi_xdit.mochi.layers import Linear, LowRankUpdate
+from mochi_xdit.mochi.layers import Linear, LowRankUpdate, quantise_fp8
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.parallel.layout import ParallelContext
 from mochi_xdit.mochi.parallel.testing import run_ranks
@@ -50,6 +51,16 @@ def build_model(t5_feat_dim: int) -> MochiDiT:
         model = MochiDiT(config)
     model.load_state_dict(random_dit_state_dict(config, seed=0), assign=True)
     return model.eval().requires_grad_(False)
+
+
+def to_fp8(model: MochiDiT) -> MochiDiT:
+    """Linear weights stored as float8_e4m3fn with a per-tensor scale (what weight_dtype fp8 loads)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            weight, scale = quantise_fp8(module.weight.data)
+            module.weight = torch.nn.Parameter(weight, requires_grad=False)
+            module.scale_weight = scale
+    return model
 
 
 def add_lora(model: MochiDiT, rank: int = 3) -> None:
@@ -92,9 +103,10 @@ def block_bytes(model) -> int:
     return local_weight_bytes(model.blocks)
 
 
-def run_cases(forward_model, sampling_model, lora_model, ctx) -> dict:
+def run_cases(forward_model, sampling_model, lora_model, fp8_model, ctx) -> dict:
     results = {"forward": forward_model(*forward_inputs(), ctx=ctx),
-               "lora": lora_model(*forward_inputs(), ctx=ctx)}
+               "lora": lora_model(*forward_inputs(), ctx=ctx),
+               "fp8": fp8_model(*forward_inputs(), ctx=ctx)}
     for name, cache in CACHES.items():
         results[name] = run_sampling(sampling_model, ctx, cache)
     return results
@@ -102,20 +114,21 @@ def run_cases(forward_model, sampling_model, lora_model, ctx) -> dict:
 
 @torch.no_grad()
 def rank_main(world: int) -> dict:
-    models = {"forward": build_model(64), "sampling": build_model(4096), "lora": build_model(64)}
+    models = {"forward": build_model(64), "sampling": build_model(4096), "lora": build_model(64),
+              "fp8": to_fp8(build_model(64))}
     add_lora(models["lora"])
     out = {"replicated": {}, "sharded": {}}
     contexts = {name: ParallelContext(ParallelConfig(world, cfg, ulysses, ring, num_heads=DEMO_DIT_CONFIG.num_heads))
                 for name, (cfg, ulysses, ring) in LAYOUTS[world].items()}
     for name, ctx in contexts.items():
-        out["replicated"][name] = run_cases(models["forward"], models["sampling"], models["lora"], ctx)
+        out["replicated"][name] = run_cases(models["forward"], models["sampling"], models["lora"], models["fp8"], ctx)
     out["bytes_before"] = block_bytes(models["forward"])
     for model in models.values():
         place_weights(model, WeightPlacement.SHARDED, torch.device("cpu"))
     out["bytes_after"] = block_bytes(models["forward"])
     out["lockstep"] = needs_lockstep_calls(models["forward"])
     for name, ctx in contexts.items():
-        out["sharded"][name] = run_cases(models["forward"], models["sampling"], models["lora"], ctx)
+        out["sharded"][name] = run_cases(models["forward"], models["sampling"], models["lora"], models["fp8"], ctx)
         ctx.close()
     return out
 
@@ -133,7 +146,7 @@ IDS = [f"world{world}-{name}" for world, name in LAYOUT_PARAMS]
 def test_sharded_weights_match_replicated(world, layout):
     for rank, result in enumerate(launch(world)):
         replicated, sharded = result["replicated"][layout], result["sharded"][layout]
-        for case in ("forward", "lora"):
+        for case in ("forward", "lora", "fp8"):
             error = (sharded[case] - replicated[case]).abs().max().item()
             assert error <= TOLERANCE, f"{layout} {case} rank {rank}: max abs error {error:.2e}"
         for case in CACHES:
