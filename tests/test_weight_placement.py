@@ -34,7 +34,7 @@ BYTES_SLACK = 0.05  # per-rank block bytes <= (1/N + 5 %) of the blocks
 # (cfg, ulysses, ring) per world size.
 LAYOUTS = {
     2: {"ulysses2": (1, 2, 1), "cfg2": (2, 1, 1)},
-    4: {"cfg2_ulysses2": (2, 2, 1), "ring4": (1, 1, 4), "ulysses2_ring2": (1, 2, 2)},
+    4: {"cfg2_ulysses2": (2, 2, 1), "ring4": (1, 1, 4)},
 }
 LATENT = (1, 12, 1, 10, 14)  # 35 video tokens: divisible by no sequence degree (padding on)
 CFG_SCHEDULE = (2.0, 1.0, 2.0, 1.0)  # cfg-1 steps: no unconditional pass
