@@ -22,7 +22,7 @@ DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 13, "steps": 8}
 FLAGS = {"dit": "--dit", "vae": "--vae", "weight_dtype": "--dtype", "device": "--device",
          "world_size": "--world-size", "degrees": "degrees (--ulysses/--ring/--cfg-parallel)",
          "cpu_threads": "--cpu-threads", "ray_address": "--ray-address", "attention_backend": "--attention",
-         "lora": "--lora", "cache": "--cache"}
+         "lora": "--lora", "cache": "--cache", "weights": "--weights"}
 
 
 class InputError(ValueError):
@@ -30,7 +30,8 @@ class InputError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .workers.choices import ATTENTION_CHOICES, DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES
+    from .workers.choices import (ATTENTION_CHOICES, DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES,
+                                  WEIGHTS_CHOICES)
 
     parser = argparse.ArgumentParser(prog="mochi-xdit", description="Mochi-1 text-to-video on many ranks (Ray).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                        help="attention kernel: auto (fastest installed), torch (PyTorch's fused kernels), flash_attn, "
                             "flash_attn_3 (Hopper) or xfuser (xDiT's USP layer; CUDA, 2+ ranks)")
+    ranks.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
+                       help="DiT weight placement: auto (replicated if it fits a GPU, else sharded, else offload), "
+                       "replicated, sharded (1/N of every block per rank, 2+ ranks), offload (blocks from host memory)")
     ranks.add_argument("--ray-address", default=None,
                        help="join this Ray cluster (else RAY_ADDRESS, else a private Ray on 127.0.0.1)")
     weights = gen.add_argument_group("weights (all omitted: the built-in demo model)")
@@ -226,10 +230,10 @@ def resolve_spec(args, dit_path: str, vae_path: str):
         dit_path=dit_path, vae_path=vae_path, weight_dtype=args.dtype, world_size=args.world_size,
         cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
         cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
-        steps=args.steps, use_cfg=args.cfg != 1.0, attention=args.attention,
+        steps=args.steps, use_cfg=args.cfg != 1.0, attention=args.attention, weights=args.weights,
     )
     try:
-        return resolve_load(choices)
+        return resolve_load(choices, on_note=_say)
     except OptionsError as error:
         flag = FLAGS[error.field.value]
         if error.field.value in ("dit", "vae"):

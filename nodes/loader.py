@@ -11,7 +11,7 @@ from .runs import open_pool
 # The resolver's fields, as this node's inputs are called.
 INPUT_NAMES = {"dit": "dit_name", "vae": "vae_name", "weight_dtype": "weight_dtype", "device": "device",
                "world_size": "world_size", "degrees": "", "cpu_threads": "cpu_threads", "ray_address": "ray_address",
-               "attention_backend": "attention_backend", "lora": "lora_name", "cache": "cache"}
+               "attention_backend": "attention_backend", "lora": "lora_name", "cache": "cache", "weights": "weights"}
 
 
 class MochiXDiTLoader:
@@ -29,7 +29,7 @@ class MochiXDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..workers.choices import ATTENTION_CHOICES, WEIGHT_DTYPE_CHOICES
+        from ..workers.choices import ATTENTION_CHOICES, WEIGHT_DTYPE_CHOICES, WEIGHTS_CHOICES
 
         return {
             "required": {
@@ -77,19 +77,26 @@ class MochiXDiTLoader:
                                "Hopper, cuDNN or flash-attn 2 where present, else PyTorch's own fused kernels). "
                                "torch: PyTorch's kernels only. flash_attn / flash_attn_3 / xfuser: refused at "
                                "queue time, with the install line, when not installed."}),
+                "weights": (list(WEIGHTS_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "Where the DiT's weights live. auto: replicated if the whole DiT fits a GPU with the "
+                               "planner's margin, else sharded, else offload (the log says which and why). "
+                               "replicated: every rank holds all of it (fastest). sharded: each of N ranks keeps "
+                               "1/N of every block, gathered block by block (2+ ranks; for cards smaller than the "
+                               "model). offload: blocks stream from host memory (one small GPU; nothing on CPU)."}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                        cfg_degree, ray_address, attention_backend="auto"):
+                        cfg_degree, ray_address, attention_backend="auto", weights="auto"):
         problem, _ = cls._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                  cfg_degree, ray_address, attention_backend, plan=False)
+                                  cfg_degree, ray_address, attention_backend, weights, plan=False)
         return checks.refuse(problem)
 
     @staticmethod
     def _resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-                 ray_address, attention_backend, plan: bool):
+                 ray_address, attention_backend, weights, plan: bool):
         """(message, None) for a bad input, else (None, PoolSpec). Reads the two files' headers;
         starts nothing (plan=True also asks the planner for automatic degrees on a local GPU)."""
         from ..workers.options import LoadChoices, OptionsError, resolve_load
@@ -111,6 +118,7 @@ class MochiXDiTLoader:
             dit_path=dit_path, vae_path=vae_path, weight_dtype=weight_dtype, world_size=world_size,
             cfg=checks.degree_choice(cfg_degree), ulysses=checks.degree_choice(ulysses_degree),
             ring=checks.degree_choice(ring_degree), ray_address=ray_address, attention=attention_backend,
+            weights=weights,
         )
         try:
             return None, resolve_load(choices, plan=plan)
@@ -120,9 +128,9 @@ class MochiXDiTLoader:
             return f"{files.get(error.field.value, '')}{error}" + (f" {advice}" if advice else ""), None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-             ray_address, attention_backend="auto"):
+             ray_address, attention_backend="auto", weights="auto"):
         problem, spec = self._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                      cfg_degree, ray_address, attention_backend, plan=True)
+                                      cfg_degree, ray_address, attention_backend, weights, plan=True)
         if problem:
             raise ValueError(problem)
         return (open_pool(spec),)

@@ -55,6 +55,7 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--output", "{tmp}"], r"is a directory; give a file name ending in .mp4"),
         (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
         (["--attention", "flash_attn"], r"--attention: attention_backend=flash_attn runs on CUDA GPUs only"),
+        (["--weights", "sharded"], r"--weights: weights='sharded' needs two or more ranks"),
         (["--lora", "/nonexistent/x.safetensors:0.5"], r"--lora /nonexistent/x.safetensors:0.5: no such file"),
         (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength must be a finite number"),
         (["--cache", "teacache", "--cache-threshold", "2"], r"--cache/--cache-threshold: .*threshold"),
@@ -83,6 +84,18 @@ def test_more_ranks_than_cpus_is_refused_before_ray_starts(tmp_path, capsys, mon
     error = capsys.readouterr().err
     assert exited.value.code == 2 and f"needs {world} CPUs but this machine has {world - 1}" in error, error
     assert "Traceback" not in error and not ray.is_initialized()
+
+
+def test_weights_flag_reaches_the_pool_spec_and_auto_says_why(tmp_path, monkeypatch, capsys):
+    from mochi_xdit.mochi.weight_placement import WeightPlacement
+
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    common = ["generate", "--prompt", "a fox", "--world-size", "2", "--output", str(tmp_path / "out.mp4")]
+    sharded = cli.plan_run(cli.build_parser().parse_args(common + ["--weights", "sharded"]))
+    assert sharded.spec.weights is WeightPlacement.SHARDED
+    auto = cli.plan_run(cli.build_parser().parse_args(common))
+    assert auto.spec.weights is WeightPlacement.REPLICATED
+    assert "weights auto -> replicated: CPU ranks" in capsys.readouterr().err
 
 
 def test_cfg_1_with_a_cfg_split_runs_and_says_what_would_be_faster(tmp_path, monkeypatch):
