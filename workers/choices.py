@@ -11,3 +11,4 @@ SCHEDULE_CHOICES = SCHEDULE_NAMES
 ATTENTION_CHOICES = ("auto", "torch", "flash_attn", "flash_attn_3", "xfuser")
 # mochi.weight_placement.WeightPlacement's values behind "auto" (a test pins them)
 WEIGHTS_CHOICES = (AUTO, "replicated", "sharded", "offload")
+CACHE_CHOICES = ("off", "teacache", "first_block")  # "off" + mochi.step_cache.StepCacheKind's values (a test pins them)
