@@ -191,11 +191,11 @@ def resolve_spec(args, dit_path: str, vae_path: str, video: tuple[int, int, int]
         dit_path=dit_path, vae_path=vae_path, weight_dtype=args.weight_dtype, world_size=args.world_size,
         cfg=degree(args.cfg_degree), ulysses=degree(args.ulysses_degree), ring=degree(args.ring_degree),
         device=args.device, cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=video,
-        steps=run.steps, use_cfg=run.uses_cfg, attention=args.attention_backend,
+        steps=run.steps, use_cfg=run.uses_cfg, attention=args.attention_backend, weights=args.weights,
         compile=args.compile,
     )
     try:
-        return resolve_load(choices)
+        return resolve_load(choices, on_note=_say)
     except OptionsError as error:
         raise flag_error(error, args) from None
 

@@ -25,7 +25,10 @@ the GPU's bf16.)
 - every attention kernel's measured TFLOP/s at the real 848x480x49 shape, without and with the
   log-sum-exp, and the one a pool keeps (`kernel_choice.KernelChoice`); the bf16 forward without and
   with `DiTCompile.ON` (first compiled forward, steady seconds, speedup; on a GPU only: Inductor's
-  CPU build takes minutes, `bench/compile_speedup.py` measures it).
+  CPU build takes minutes, `bench/compile_speedup.py` measures it);
+- with two or more GPUs, 2-rank pool steps at 848x480x49 with the weights sharded (FSDP2 over the
+  ranks) beside the same steps replicated (demo-size DiT: it checks the gathers on NCCL and their
+  cost next to a step; the full-size figures are the planner's).
 The run is a list of sections (`SECTIONS`: key, estimated seconds on one H200, function); adding
 one is one `Section(...)` line. Each section is guarded and timed: one that fails (an
 out-of-memory, a kernel error of any type) is recorded in the JSON under "error" and the run goes
@@ -334,14 +337,17 @@ def make_pool(spec):
     return service, service.pool(spec)
 
 
-def pool_figures(device: torch.device, parallel: ParallelConfig, folder: str, steps: int = 1) -> dict:
-    """Start a pool of these degrees on the demo weights, run `steps` sampling steps, stop it."""
+def pool_figures(device: torch.device, parallel: ParallelConfig, folder: str, steps: int = 1,
+                 weights: str = "replicated", latent_shape: tuple[int, ...] = (1, 12, 2, 8, 12)) -> dict:
+    """Start a pool of these degrees on the demo weights (placed as `weights` says), run `steps`
+    sampling steps, stop it."""
     from mochi_xdit.workers.protocol import PoolSpec
 
     dit_path, vae_path = demo_checkpoints(folder)
-    spec = PoolSpec(str(dit_path), str(vae_path), "bf16", parallel, device=device.type, cpu_threads=1)
+    spec = PoolSpec(str(dit_path), str(vae_path), "bf16", parallel, device=device.type, cpu_threads=1,
+                    weights=weights)
     positive, negative = text_conditions()
-    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=0, steps=steps, cfg=CFG)
+    request = SampleRequest(positive, negative, latent_shape=latent_shape, seed=0, steps=steps, cfg=CFG)
     started = time.perf_counter()
     service, pool = make_pool(spec)
     start_s = time.perf_counter() - started
@@ -354,7 +360,7 @@ def pool_figures(device: torch.device, parallel: ParallelConfig, folder: str, st
     finally:
         service.shutdown()  # the pool and the Ray it started
     return {"world_size": parallel.world_size, "degrees": f"cfg{parallel.cfg_degree} x U{parallel.ulysses_degree} x "
-            f"R{parallel.ring_degree}", "device": device.type, "start_seconds": start_s,
+            f"R{parallel.ring_degree}", "device": device.type, "weights": weights, "start_seconds": start_s,
             "step_seconds": statistics.median(r.seconds for r in reports), "sample_wall_seconds": wall,
             "ranks": len(ranks), "latent_finite": bool(torch.isfinite(latent).all())}
 
@@ -374,6 +380,17 @@ def multi_gpu_figures(device: torch.device, gpus: int, folder: str) -> dict:
         parallel = ParallelConfig(world, cfg, ulysses, ring, num_heads=heads)
         figures[name] = guarded(f"{name} pool", lambda: pool_figures(device, parallel, folder, steps=3))
     return figures
+
+
+def sharded_figures(device: torch.device, folder: str) -> dict:
+    """A few steps of a 2-rank Ulysses pool at 848x480x49, weights replicated and sharded (each
+    guarded on its own, so one failing still reports the other)."""
+    parallel = ParallelConfig(2, 1, 2, 1, num_heads=DEMO_DIT_CONFIG.num_heads)
+    shape = latent_shape_for_video(848, 480, 49)
+    return {weights: guarded(f"2-rank pool, {weights} weights, 848x480x49",
+                             lambda weights=weights: pool_figures(device, parallel, folder, steps=3, weights=weights,
+                                                                  latent_shape=shape))
+            for weights in ("replicated", "sharded")}
 
 
 # -- collectives: all-to-all per block, NCCL's transport -------------------------------------------
@@ -532,6 +549,7 @@ SECTIONS = (
     Section(("compile",), 240, lambda run: compile_figures(run.mode, run.device),
             skip=lambda run: None if run.device.type == "cuda" else
             "compile is measured on a GPU here; on the CPU run bench/compile_speedup.py"),
+    Section(("sharded",), 90, lambda run: sharded_figures(run.device, run.folder), skip=_needs_gpus(2)),
 )
 
 
@@ -666,6 +684,14 @@ def print_summary(figures: dict) -> None:
         f"first {compiled['first_compiled_forward_s']:.1f} s, eager {compiled['eager_forward_s']:.3f} s, compiled "
         f"{compiled['compiled_forward_s']:.3f} s ({compiled['speedup']:.2f}x), max difference "
         f"{compiled['max_abs_difference']:.2e}"))
+    sharded = part("sharded")
+    if "skipped" in sharded or "error" in sharded:
+        line("2-rank pool, sharded vs replicated weights", sharded, lambda: "")
+    else:
+        for weights, run in sharded.items():
+            if isinstance(run, dict):
+                line(f"2-rank pool, {weights} weights, 848x480x49 (demo DiT)", run,
+                     lambda r=run: f"step {r['step_seconds']:.3f} s, finite {r['latent_finite']}")
     seconds = {".".join(k): v for k, v in section_seconds(figures).items()}
     print(f"section seconds (measured / estimate on one H200): {seconds}")
     print(f"goals: {figures['goals']}; failed: {figures['failed_sections'] or 'none'}; "

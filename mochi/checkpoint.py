@@ -7,6 +7,8 @@ genmo names (`dit.safetensors`, ComfyUI `mochi_preview_bf16.safetensors`), the
 `model.diffusion_model.` prefix of full checkpoints, VAE files with a bare or `decoder.`-prefixed
 decoder (a full VAE's `encoder.*` keys are ignored), and ComfyUI `fp8_scaled` files (a top-level
 `scaled_fp8` marker and a fp32 `<linear>.scale_weight` per Linear: weight = fp8 weight x scale).
+Quantised files (`.gguf`, and the GGUF-in-safetensors files made for ComfyUI-MochiWrapper) are
+read by `gguf_checkpoint.py`, which shows them here in the model's own names and shapes.
 Anything else is refused with a message that says what the file looks like.
 """
 
@@ -81,6 +83,9 @@ class CheckpointInfo:
         metadata: the header's `__metadata__` strings.
         label: a noun phrase more precise than `kind.description` ("" for that description).
         detail: header evidence for `describe()`, e.g. "12 layers, width 768".
+        gguf: a .gguf file (read with the gguf package); `tensors` then has torch-order shapes.
+        stored_keys: for GGUF-in-safetensors files, logical key (`<m>.weight`, the quantised type as
+            its dtype) -> the key stored in the file (`<m>.Q8_0_qweight`); empty otherwise.
     """
 
     path: str
@@ -93,6 +98,13 @@ class CheckpointInfo:
     metadata: dict[str, str] = field(repr=False)
     label: str = ""
     detail: str = ""
+    gguf: bool = False
+    stored_keys: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def quantised(self) -> bool:
+        """GGUF-quantised weights (a .gguf file or GGUF-in-safetensors)."""
+        return self.gguf or bool(self.stored_keys)
 
     def describe(self) -> str:
         """One phrase for error messages, e.g. 'a Mochi VAE (decoder + encoder, 405 tensors, BF16)',
@@ -103,7 +115,8 @@ class CheckpointInfo:
         if self.kind == "dit":
             pattern = re.compile(rf"{re.escape(self.dit_prefix)}blocks\.(\d+)\.")
             blocks = {m.group(1) for k in self.tensors if (m := pattern.match(k))}
-            extra = ", fp8_scaled" if self.fp8_scaled else ""
+            extra = ", fp8_scaled" if self.fp8_scaled else ", GGUF" if self.gguf else \
+                ", GGUF in safetensors" if self.stored_keys else ""
             return f"a Mochi DiT / diffusion model ({len(blocks)} blocks, {size}{extra})"
         if self.kind == "vae":
             parts = " + ".join(p for p, present in (("decoder", self.vae_decoder_prefix is not None),
@@ -211,15 +224,28 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Tell what a safetensors file is from its header (see CheckpointInfo and file_kind.recognise)."""
-    tensors, metadata = read_safetensors_header(path)
+    """Tell what a safetensors or GGUF file is from its header (see CheckpointInfo and file_kind.recognise)."""
+    from .gguf_checkpoint import is_gguf_file, logical_view, read_gguf_header
+
+    gguf, stored_keys = os.path.isfile(path) and is_gguf_file(path), {}
+    if gguf:
+        try:
+            header, metadata = read_gguf_header(os.fspath(path))
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        tensors = {name: TensorInfo(dtype, shape) for name, (dtype, shape) in header.items()}
+    else:
+        tensors, metadata = read_safetensors_header(path)
+        logical, stored_keys = logical_view({name: (t.dtype, t.shape) for name, t in tensors.items()})
+        if stored_keys:
+            tensors = {name: TensorInfo(dtype, shape) for name, (dtype, shape) in logical.items()}
     found = recognise({name: tensor.shape for name, tensor in tensors.items()})
     names = list(tensors)
     return CheckpointInfo(
         path=os.fspath(path), kind=found.kind, tensors=tensors, dit_prefix=found.dit_prefix,
         vae_decoder_prefix=found.vae_decoder_prefix, has_vae_encoder=found.has_vae_encoder,
         fp8_scaled=any(n == FP8_MARKER or n.endswith("." + FP8_MARKER) for n in names), metadata=metadata,
-        label=found.label, detail=found.detail,
+        label=found.label, detail=found.detail, gguf=gguf, stored_keys=stored_keys,
     )
 
 
@@ -318,10 +344,11 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     """Load a Mochi DiT of any size from safetensors (genmo names, optional ComfyUI prefix, fp8_scaled).
 
     Args:
-        path: the .safetensors file.
+        path: the .safetensors file, or a .gguf file / GGUF-in-safetensors file (Linear weights stay
+            quantised, dequantised per layer at call time; `gguf_checkpoint.py`).
         weight_dtype: "bf16", "fp16", "fp32", or "fp8" (Linear weights stored as float8_e4m3fn with
-            a per-tensor scale, cast at call time; everything else bf16). `pos_frequencies` is
-            always fp32.
+            a per-tensor scale, cast at call time; everything else bf16; not for GGUF files).
+            `pos_frequencies` is always fp32.
         device: where the weights live; on CPU, weights already in the target dtype stay memory-mapped.
         compile: `dit.DiTCompile` (ON compiles the blocks' regions between collectives at the first
             forward).
@@ -339,7 +366,12 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     weights, scales = _split_aux(info.dit_names())
     model = _build_on_meta(path, info, weights, DiTConfig, functools.partial(MochiDiT, compile=compile), "the model",
                            hint)
-    _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
+    if info.quantised:
+        from .gguf_checkpoint import load_quantised_into
+
+        load_quantised_into(model, path, weights, info.stored_keys, info.gguf, weight_dtype, torch.device(device))
+    else:
+        _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model
 
 

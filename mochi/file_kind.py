@@ -7,7 +7,9 @@ Users' model folders hold many files that look alike from a distance: CLIP's
 So every kind is recognised by keys only it has, checked most specific first; shapes settle the
 variants (CLIP width 768 / 1280 / 1024, T5 width 4096, UMT5's vocabulary of 256384, VAE latent
 channels from `decoder.conv_in`). Key names are those of the files ComfyUI loads (read in its
-`comfy/model_detection.py`, `comfy/sd.py`) and of diffusers' models.
+`comfy/model_detection.py`, `comfy/sd.py`) and of diffusers' models. Quantised Mochi files (`.gguf`,
+GGUF-in-safetensors with `<m>.Q8_0_qweight` keys) come here through `gguf_checkpoint.logical_view` /
+`read_gguf_header`, in the model's own names and shapes, and are recognised like any Mochi DiT.
 """
 
 import re

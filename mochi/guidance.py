@@ -21,6 +21,7 @@ import torch
 from .parallel.kernel import AttentionConfig
 from .parallel.kernel_choice import KernelChoice
 from .text import TextCondition
+from .weight_placement import needs_lockstep_calls
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
@@ -98,6 +99,8 @@ class GuidedDiT:
             attention = KernelChoice() if ctx is None else KernelChoice(AttentionConfig(ctx.attention_backend))
         self.attention = attention
         self.cfg_parallel = ctx is not None and ctx.cfg_degree == 2
+        # sharded weights: the blocks' gathers span both CFG halves, so no rank may sit a call out
+        self.lockstep = self.cfg_parallel and needs_lockstep_calls(model)
         self._texts = {
             "cond": (positive.features.to(self.device), positive.mask.to(self.device)),
             "uncond": (negative.features.to(self.device), negative.mask.to(self.device)),
@@ -109,11 +112,13 @@ class GuidedDiT:
 
     def local_branches(self, with_uncond: bool) -> tuple[str, ...]:
         """The branches this rank evaluates: under CFG parallelism its own one (none on the second
-        cfg rank when there is no unconditional pass), else every needed one."""
+        cfg rank when there is no unconditional pass, unless the weights are sharded: then it
+        evaluates anyway, in lockstep with the first, and the result is not used), else every
+        needed one."""
         needed = ("cond", "uncond") if with_uncond else ("cond",)
         if self.cfg_parallel:
             mine = "cond" if self.ctx.cfg_rank == 0 else "uncond"
-            return (mine,) if mine in needed else ()
+            return (mine,) if mine in needed or self.lockstep else ()
         return needed
 
     def branch(self, latent: torch.Tensor, sigma: float, branch: str) -> torch.Tensor:

@@ -230,7 +230,8 @@ class DenoiseLoop:
         predictions = self._predict_all(i, sigma, calls, [(b, branch) for b in range(batch) for branch in needed])
         for b in range(batch):
             latent = self._latent[b : b + 1]  # [1, 12, T, H, W] fp32
-            own = {branch: predictions[(b, branch)] for branch in local}
+            # a lockstep call the step cache skipped has no prediction; it was not needed anyway
+            own = {branch: predictions[(b, branch)] for branch in local if (b, branch) in predictions}
             pred = guided_combine(*self.guided.exchange(own, latent, scale != 1.0), scale)  # fp32
             self._latent[b : b + 1] = latent + (sigma - sigma_next) * pred  # fp32 Euler
         self._next_step = i + 1

@@ -191,7 +191,9 @@ class StepCache:
         Args:
             model: a MochiDiT.
             step: the step index (0-based, in order).
-            evaluations: this rank's calls, in the same order on every rank of a sequence group.
+            evaluations: this rank's calls, in the same order on every rank of a sequence group. A
+                call whose key is not in `needed` is a lockstep-only call (sharded weights: the idle
+                CFG rank at a cfg-1 step): it runs the same blocks but neither feeds nor uses the cache.
             needed: the keys the whole pool evaluates at this step (all samples, all needed branches).
 
         Returns:
@@ -212,7 +214,9 @@ class StepCache:
             else:
                 indicator = model.first_block_modulated_input(state)  # [1, S_local, Dx]
             # Padding rows (sequence shards are padded to equal length) are not tokens: leave them out.
-            indicators[evaluation.key] = indicator[:, : self._real_rows(state)]  # [1, S_real, Dx]
+            if evaluation.key in needed:  # a lockstep-only call (sharded weights) never feeds the cache
+                indicators[evaluation.key] = indicator[:, : self._real_rows(state)]  # [1, S_real, Dx]
+            del indicator
             states[evaluation.key] = state
 
         forced = step == 0 or step == self.num_steps - 1 or not self._ready.issuperset(needed)
@@ -224,7 +228,8 @@ class StepCache:
         if compute:
             self._accumulated = 0.0
             for key in states:  # replaced below; freed first so old and new never coexist
-                self._residual.pop(key, None)
+                if key in needed:
+                    self._residual.pop(key, None)
 
         predictions = {}
         for key in list(states):
@@ -232,8 +237,11 @@ class StepCache:
             if compute:
                 stack_input = state.x
                 model.run_blocks(state, 1 if first_block else 0, None, ctx=self.ctx)
-                self._residual[key] = state.x - stack_input  # [1, S_local, Dx]
+                if key in needed:
+                    self._residual[key] = state.x - stack_input  # [1, S_local, Dx]
                 del stack_input
+            elif key not in needed:  # a skipped lockstep-only call: nothing to predict
+                continue
             else:
                 state.x = state.x + self._residual[key]  # [1, S_local, Dx]
             predictions[key] = model.head(state, ctx=self.ctx)

@@ -30,14 +30,14 @@ class MochiXDiTLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                        cfg_degree, ray_address, attention_backend="auto", compile="off"):
+                        cfg_degree, ray_address, attention_backend="auto", compile="off", weights="auto"):
         problem, _ = cls._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                  cfg_degree, ray_address, attention_backend, compile, plan=False)
+                                  cfg_degree, ray_address, attention_backend, compile, weights, plan=False)
         return checks.refuse(problem)
 
     @staticmethod
     def _resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-                 ray_address, attention_backend, compile, plan: bool):
+                 ray_address, attention_backend, compile, weights, plan: bool):
         """(message, None) for a bad input, else (None, PoolSpec). Reads the two files' headers;
         starts nothing (plan=True also asks the planner for automatic degrees on a local GPU)."""
         from ..workers.option_table import Field
@@ -51,7 +51,8 @@ class MochiXDiTLoader:
             return f"vae_name: {problem}", None
         problem = widget_problem(Door.LOADER, dict(
             weight_dtype=weight_dtype, world_size=world_size, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
-            cfg_degree=cfg_degree, ray_address=ray_address, attention_backend=attention_backend, compile=compile))
+            cfg_degree=cfg_degree, ray_address=ray_address, attention_backend=attention_backend, compile=compile,
+            weights=weights))
         if problem:
             return problem, None
         choices = LoadChoices(
@@ -59,6 +60,7 @@ class MochiXDiTLoader:
             cfg=degree_choice(cfg_degree), ulysses=degree_choice(ulysses_degree),
             ring=degree_choice(ring_degree), ray_address=ray_address, attention=attention_backend,
             compile=compile,
+            weights=weights,
         )
         try:
             return None, resolve_load(choices, plan=plan)
@@ -69,9 +71,9 @@ class MochiXDiTLoader:
             return f"{files.get(error.field, '')}{error}" + (f" {advice}" if advice else ""), None
 
     def load(self, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree, cfg_degree,
-             ray_address, attention_backend="auto", compile="off"):
+             ray_address, attention_backend="auto", compile="off", weights="auto"):
         problem, spec = self._resolve(dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,
-                                      cfg_degree, ray_address, attention_backend, compile, plan=True)
+                                      cfg_degree, ray_address, attention_backend, compile, weights, plan=True)
         if problem:
             raise ValueError(problem)
         return (open_pool(spec),)

@@ -70,6 +70,7 @@ def test_cli_writes_a_playable_mp4_with_the_right_frames_and_size(tmp_path):
         (["--output", "{tmp}"], r"is a directory; give a file name ending in .mp4"),
         (["--output", "{tmp}/out.gif"], r"give a path ending in .mp4"),
         (["--attention", "flash_attn"], r"--attention: attention_backend=flash_attn runs on CUDA GPUs only"),
+        (["--weights", "sharded"], r"--weights: weights='sharded' needs two or more ranks"),
         (["--lora", "/nonexistent/x.safetensors:0.5"], r"--lora /nonexistent/x.safetensors:0.5: no such file"),
         (["--lora", "{tmp}/out.mp4:nan"], r"--lora .*: LoRA strength=nan is outside"),
         (["--cache", "teacache", "--cache-threshold", "2"], r"--cache-threshold: cache_threshold=2.0 is outside \[0.0, 1.0\]"),
@@ -106,6 +107,18 @@ def test_more_ranks_than_cpus_is_refused_before_ray_starts(tmp_path, capsys, mon
     error = capsys.readouterr().err
     assert exited.value.code == 2 and f"needs {world} CPUs but this machine has {world - 1}" in error, error
     assert "Traceback" not in error and not ray.is_initialized()
+
+
+def test_weights_flag_reaches_the_pool_spec_and_auto_says_why(tmp_path, monkeypatch, capsys):
+    from mochi_xdit.mochi.weight_placement import WeightPlacement
+
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    common = ["generate", "--prompt", "a fox", "--world-size", "2", "--output", str(tmp_path / "out.mp4")]
+    sharded = cli.check_inputs(cli.build_parser().parse_args(common + ["--weights", "sharded"]))
+    assert sharded.spec.weights is WeightPlacement.SHARDED
+    auto = cli.check_inputs(cli.build_parser().parse_args(common))
+    assert auto.spec.weights is WeightPlacement.REPLICATED
+    assert "weights auto -> replicated: CPU ranks" in capsys.readouterr().err
 
 
 def test_cfg_1_with_a_cfg_split_runs_and_says_what_would_be_faster(tmp_path, monkeypatch):
@@ -245,12 +258,16 @@ def test_auto_degrees_on_a_local_gpu_use_the_planner(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda index=0: type("Props", (), {"total_memory": 48 * 2**30})())
     monkeypatch.setattr(planner_plan, "recommend", fake_recommend)
+    placed = []  # weights auto asks the planner too (for the resolved degrees)
+    monkeypatch.setattr(planner_plan, "choose_placement",
+                        lambda parallel, *args, **kwargs: placed.append(parallel) or ("replicated", "fake plan"))
     common = ["generate", "--prompt", "x", "--dit", str(dit), "--vae", str(vae), "--t5", str(t5),
               "--width", "64", "--height", "48", "--frames", "13", "--steps", "5", "--device", "cuda",
               "--world-size", "2", "--output", str(tmp_path / "o.mp4")]
     plan = cli.check_inputs(cli.build_parser().parse_args(common))
     assert asked == [(2, 64, 48, 13, "bf16", 5)]
     assert (plan.parallel.cfg_degree, plan.parallel.ulysses_degree, plan.parallel.ring_degree) == (1, 1, 2)
+    assert placed and all(parallel == plan.parallel for parallel in placed)  # placed for the planned degrees
     explicit = cli.check_inputs(cli.build_parser().parse_args(common + ["--ulysses", "2"]))
     assert len(asked) == 1 and explicit.parallel.ulysses_degree == 2
 

@@ -250,6 +250,8 @@ def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, b
     assert validate_loader(world_size=2, ulysses_degree=2, ring_degree=0, cfg_degree=1) is True  # ring filled in
     assert validate_loader(world_size=4, ulysses_degree=2, ring_degree=1, cfg_degree=2) is True
     assert validate_loader(world_size=4, ulysses_degree=1, ring_degree=4, cfg_degree=1) is True
+    assert validate_loader(world_size=2, weights="sharded") is True
+    assert validate_loader(world_size=1, weights="offload") is True
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -261,6 +263,8 @@ def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, b
     (dict(ray_address="http://x y"), "is not a Ray address"),
     (dict(attention_backend="flash_attn"), "attention_backend=flash_attn runs on CUDA GPUs only"),
     (dict(attention_backend="sdpa"), "attention_backend='sdpa' is not one of auto, torch"),
+    (dict(world_size=1, weights="sharded"), "weights='sharded' needs two or more ranks"),
+    (dict(weights="fsdp"), "weights='fsdp' is not one of auto, replicated, sharded, offload"),
 ])
 def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, big_machine, changes, fragment):
     message = validate_loader(**changes)

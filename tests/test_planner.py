@@ -191,7 +191,8 @@ def test_degree_mixes_are_every_valid_split():
 def test_recommend_picks_a_fitting_mix_and_says_why_when_nothing_fits():
     config = recommend(2, 848, 480, 163, gpu="H100", weight_dtype="bf16", link="nvlink")
     assert isinstance(config, ParallelConfig) and config.world_size == 2
-    tight = plan(1, 848, 480, 175, gpu="RTX4090", weight_dtype="bf16", link="pcie")  # 163 frames just fit
+    tight = plan(1, 848, 480, 175, gpu="RTX4090", weight_dtype="bf16", link="pcie",
+                 placements=("replicated",))  # 163 frames just fit
     assert not tight.best.fits and tight.reason.startswith("nothing fits")
     assert "fp8" in tight.reason
     roomy = plan(1, 848, 480, 175, gpu="RTX4090", weight_dtype="fp8", link="pcie")
@@ -213,3 +214,34 @@ def test_hardware_lookup_and_link_errors_name_the_fix():
     assert gpu_from_device_name("Tesla V100-SXM2-32GB", 34e9).memory_gb == pytest.approx(34.0)
     with pytest.raises(ValueError, match="pass memory_bytes"):
         gpu_from_device_name("Tesla V100-SXM2-32GB")
+
+
+def test_placement_bytes_split_the_dit_and_shard_one_nth_of_the_blocks():
+    from mochi_xdit.mochi.planner.placement import place, weight_split
+    from mochi_xdit.mochi.weight_placement import WeightPlacement
+
+    for dtype in ("bf16", "fp8"):
+        split = weight_split(DiTConfig(), dtype)
+        assert split.total_bytes == weight_bytes(DiTConfig(), dtype)
+        assert split.outside_bytes / split.total_bytes < 0.011  # embeddings, T5 pool, final layer: ~1 %
+        for world in (2, 4, 8):
+            sharded = place(split, WeightPlacement.SHARDED, world, calls=1, compute_s=1.0, link_gbps=32.0)
+            persistent = sharded.resident_bytes - 3 * split.largest_block_bytes  # minus the gathered blocks
+            assert persistent <= split.total_bytes * (1 / world + 0.05)
+            assert sharded.moved_bytes == (world - 1) * split.block_bytes // world
+        offload = place(split, WeightPlacement.OFFLOAD, 1, calls=2, compute_s=10.0, link_gbps=32.0)
+        assert offload.resident_bytes == split.outside_bytes + 2 * split.largest_block_bytes
+        assert offload.moved_bytes == 2 * split.block_bytes and offload.exposed_s == 0.0
+
+
+def test_plan_answers_with_a_placement_for_cards_smaller_than_the_model():
+    from mochi_xdit.mochi.planner.hardware import gpu_with_memory
+    from mochi_xdit.mochi.weight_placement import WeightPlacement
+
+    four_small = plan(4, 848, 480, 163, gpu=gpu_with_memory(16), weight_dtype="bf16", link="pcie")
+    assert four_small.best.fits and four_small.best.placement is WeightPlacement.SHARDED
+    assert "1/4 of every block" in four_small.reason
+    one_card = plan(1, 848, 480, 175, gpu="RTX4090", weight_dtype="bf16", link="pcie")  # 163 just fits replicated
+    assert one_card.best.fits and one_card.best.placement is WeightPlacement.OFFLOAD
+    roomy = plan(2, 848, 480, 163, gpu="H100", weight_dtype="bf16", link="nvlink")
+    assert roomy.best.placement is WeightPlacement.REPLICATED

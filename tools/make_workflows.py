@@ -56,7 +56,7 @@ NODES = [
     (5, "MochiXDiTLoader", "Mochi xDiT Loader (multi-GPU pool)",
      pack_widgets(Door.LOADER, dit_name="mochi_preview_bf16.safetensors", vae_name="mochi_vae.safetensors",
                   world_size=2),
-     [], [("pool", "MOCHI_XDIT_POOL")], (40, 300), (320, 274)),
+     [], [("pool", "MOCHI_XDIT_POOL")], (40, 300), (320, 298)),
     (6, "MochiXDiTSampler", "Mochi xDiT Sampler",
      pack_widgets(Door.SAMPLER, seed=42),
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("positive", "CONDITIONING", (2, 0)),

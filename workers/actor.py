@@ -5,6 +5,7 @@ Its verbs check their own order and raise with the fix instead of returning None
 plain Python: `pool.py` wraps it with `ray.remote`, and tests can call it directly.
 """
 
+import logging
 import os
 import time
 from datetime import timedelta
@@ -15,6 +16,8 @@ import torch
 from ..mochi.vae_conv import ConvSettings
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .shared_latent import BroadcastLatent, SharedLatentFiles, map_float32
+
+logger = logging.getLogger(__name__)
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -173,21 +176,29 @@ class RankWorker:
         self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention,
                                    collectives=ledger)
 
-    def load(self) -> None:
-        """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
+    def load(self) -> str:
+        """Read the weights from the spec's files (memory-mapped, each rank for itself) and place the
+        DiT's blocks as the spec says (sharded and offloaded blocks are read into host memory first,
+        so the whole DiT never sits on the GPU). Returns the placement's one-line note (also logged)."""
         import torch.distributed as dist
 
         from ..mochi.checkpoint import load_dit, load_vae_decoder
         from ..mochi.guidance import default_compute_dtype
         from ..mochi.parallel.kernel_choice import KernelChoice
+        from ..mochi.weight_placement import WeightPlacement, place_weights
 
         if self.spec.world_size > 1 and self.ctx is None:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
         # one choice for the pool's life; every rank of the pool agrees on it (see kernel_choice)
         self.kernels = KernelChoice(self.attention, measure=True,
                                     group=dist.group.WORLD if self.ctx is not None else None, report=self._report)
-        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device, compile=self.spec.compile)
+        replicated = self.spec.weights is WeightPlacement.REPLICATED
+        self.dit = load_dit(self.spec.dit_path, self.spec.weight_dtype, self.device if replicated else "cpu",
+                            compile=self.spec.compile)
+        note = f"rank {self.rank}: " + place_weights(self.dit, self.spec.weights, self.device)
+        logger.info(note)
         # compiled regions built here, so that no rank is still building at the first collective
+        # (options.py allows compile only where the block weights are resident)
         self.dit.compile_now(self.device, default_compute_dtype(self.device), joined=self.ctx is None)
         heads = self.dit.config.num_heads
         if heads % self.spec.parallel.ulysses_degree:
@@ -204,6 +215,7 @@ class RankWorker:
             self.vae_conv, _ = measure_conv_settings(decoder_conv_shape(self.vae.config),
                                                      next(self.vae.parameters()).dtype, self.device)
             apply_memory_format(self.vae, self.vae_conv)
+        return note
 
     # -- sampling ----------------------------------------------------------------------------
 

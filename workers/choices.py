@@ -11,4 +11,6 @@ SCHEDULE_CHOICES = SCHEDULE_NAMES
 ATTENTION_CHOICES = ("auto", "torch", "flash_attn", "flash_attn_3", "xfuser")
 # mochi.dit.DiTCompile's values (the same reason)
 COMPILE_CHOICES = ("off", "on")
+# mochi.weight_placement.WeightPlacement's values behind "auto" (a test pins them)
+WEIGHTS_CHOICES = (AUTO, "replicated", "sharded", "offload")
 CACHE_CHOICES = ("off", "teacache", "first_block")  # "off" + mochi.step_cache.StepCacheKind's values (a test pins them)

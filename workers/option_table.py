@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from enum import Enum, Flag, auto
 
 from ..mochi.constants import DEFAULT_CACHE_THRESHOLD, DEFAULT_CFG, DEFAULT_STEPS, SCHEDULE_NAMES, SPATIAL_COMPRESSION
-from .choices import ATTENTION_CHOICES, AUTO, CACHE_CHOICES, COMPILE_CHOICES, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .choices import (ATTENTION_CHOICES, AUTO, CACHE_CHOICES, COMPILE_CHOICES, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES,
+                      WEIGHTS_CHOICES)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
@@ -71,6 +72,7 @@ class Field(Enum):
     SAMPLER = "sampler_name"
     SCHEDULER = "scheduler"
     VIDEO = "video"
+    WEIGHTS = "weights"
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,14 @@ _OPTIONS = (
            Door.LOADER | Door.GENERATE, default="off", choices=COMPILE_CHOICES, optional_at=Door.LOADER,
            group="ranks", field=Field.COMPILE,
            cli_help="on: compile the DiT's blocks with torch.compile on every rank when the pool loads"),
+    Option("weights", Kind.CHOICE, "Where the DiT's weights live. auto: replicated if the whole DiT fits a GPU with "
+           "the planner's margin, else sharded, else offload (the log says which and why). replicated: every rank "
+           "holds all of it (fastest). sharded: each of N ranks keeps 1/N of every block, gathered block by block "
+           "(2+ ranks; for cards smaller than the model). offload: blocks stream from host memory (one small GPU; "
+           "nothing on CPU).", Door.LOADER | Door.GENERATE, default=AUTO, choices=WEIGHTS_CHOICES,
+           optional_at=Door.LOADER, group="ranks", field=Field.WEIGHTS,
+           cli_help="DiT weight placement: auto (replicated if it fits a GPU, else sharded, else offload), "
+                    "replicated, sharded (1/N of every block per rank, 2+ ranks), offload (blocks from host memory)"),
     # ---- decoding (decode node)
     Option("tiling", Kind.CHOICE, "auto: tile sizes chosen to bound memory. manual: use the three values below. "
            "off: decode everything at once (most memory).", Door.DECODE, default=AUTO,

@@ -7,17 +7,21 @@ GPU), the Ray address, whether the ranks fit, and which files are a Mochi DiT an
 here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time validation.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
 from ..mochi.constants import DEFAULT_STEPS, PATCH_SIZE
 from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
 from .capacity import CapacityError, check_local_capacity
-from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from ..mochi.weight_placement import WeightPlacement
+from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES, WEIGHTS_CHOICES
 from .model_files import model_file_problem
 from .option_table import Field
 from .protocol import PoolSpec, Timeouts
 from .ray_runtime import address_problem, resolve_address
+
+logger = logging.getLogger(__name__)
 
 # The video `auto` degrees are planned for when the video is not known yet (the loader node): the
 # largest Mochi-1 video, so the chosen mix fits every smaller one too.
@@ -59,6 +63,8 @@ class LoadChoices:
         attention: "auto", "torch", "flash_attn", "flash_attn_3" or "xfuser" (checked against what
             this process has installed; the ranks check again, for clusters).
         compile: "off" or "on" (`mochi.dit.DiTCompile`: the ranks compile their DiT's blocks).
+        weights: "auto" (replicated when the whole DiT fits a rank with the planner's margin, else
+            sharded, else offload), "replicated", "sharded" or "offload" (mochi.weight_placement).
     """
 
     dit_path: str
@@ -77,6 +83,7 @@ class LoadChoices:
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention: str = AUTO
     compile: str = "off"
+    weights: str = AUTO
 
 
 def resolve_device(device: str) -> str:
@@ -176,12 +183,50 @@ def planned_degrees(parallel: ParallelConfig, choices: LoadChoices, dit_path: st
                      steps=choices.steps, use_cfg=choices.use_cfg, config=dit_config(dit_path))
 
 
-def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
+def resolve_weights(choices: LoadChoices, parallel: ParallelConfig, device: str, weight_dtype: str,
+                    plan: bool = True) -> tuple[WeightPlacement, str]:
+    """The weight placement and one line saying which and why.
+
+    `auto` on a local GPU asks the planner for this mix and video (replicated if it fits with
+    RESERVE_GB, else sharded, else offload); CPU ranks, clusters (their GPUs are unknown here) and
+    unplanned resolution (queue-time validation) keep replicated."""
+    if choices.weights not in WEIGHTS_CHOICES:
+        raise OptionsError(Field.WEIGHTS, f"weights={choices.weights!r}; use one of {', '.join(WEIGHTS_CHOICES)}")
+    if choices.weights != AUTO:
+        placement = WeightPlacement(choices.weights)
+        if placement is WeightPlacement.SHARDED and parallel.world_size < 2:
+            raise OptionsError(Field.WEIGHTS, "weights='sharded' needs two or more ranks (each keeps 1/N of every "
+                               "block); raise world_size, or use 'offload' on one GPU")
+        return placement, f"weights={placement.value}, as chosen"
+    replicated = WeightPlacement.REPLICATED
+    if device != "cuda":
+        return replicated, ("weights auto -> replicated: CPU ranks keep the weights in host memory (memory-mapped; "
+                            "ranks share the file's pages where its dtype is kept)")
+    import torch
+
+    if resolve_address(choices.ray_address) is not None or not torch.cuda.is_available():
+        return replicated, ("weights auto -> replicated: this pool's GPUs are not on this machine, so the planner "
+                            "cannot size them; choose sharded or offload yourself for cards smaller than the DiT")
+    if weight_dtype == "fp32" or not plan:
+        return replicated, "weights auto -> replicated (not planned: fp32 weights or queue-time validation)"
+    from ..mochi.planner.hardware import gpu_from_device_name
+    from ..mochi.planner.plan import choose_placement
+
+    gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    planner_dtype = "fp8" if weight_dtype == "fp8" else "bf16"  # fp16 stores as many bytes as bf16
+    width, height, frames = choices.video
+    return choose_placement(parallel, width, height, frames, gpu, planner_dtype, steps=choices.steps,
+                            use_cfg=choices.use_cfg, config=dit_config(choices.dit_path))
+
+
+def resolve_load(choices: LoadChoices, plan: bool = True, on_note=None) -> PoolSpec:
     """Apply every rule to the user's choices; raise OptionsError naming the choice and the fix.
 
     Args:
-        plan: ask the planner for automatic degrees on a local GPU (a few seconds); queue-time
-            validation passes False and gets the same checks without it.
+        plan: ask the planner for automatic degrees and weight placement on a local GPU (a few
+            seconds); queue-time validation passes False and gets the same checks without it.
+        on_note: called with the one line saying which weight placement was chosen and why (when
+            planning); default: this module's logger at INFO (ComfyUI's log).
     """
     for name, path in (("dit", choices.dit_path), ("vae", choices.vae_path)):
         problem = None if path is None else model_file_problem(path)
@@ -213,9 +258,28 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
     compile = resolve_compile(choices.compile)
     if plan:
         parallel = planned_degrees(parallel, choices, choices.dit_path, device, weight_dtype)
+    weights, why = resolve_weights(choices, parallel, device, weight_dtype, plan)
+    check_compile_with_weights(compile, weights, device, why)
+    if plan:
+        (on_note or logger.info)(f"Mochi xDiT: {why}")
     return PoolSpec(dit_path=choices.dit_path, vae_path=choices.vae_path, weight_dtype=weight_dtype,
                     parallel=parallel, device=device, cpu_threads=choices.cpu_threads, ray_address=address,
-                    timeouts=choices.timeouts, attention_backend=attention, compile=compile)
+                    timeouts=choices.timeouts, attention_backend=attention, compile=compile,
+                    weights=weights)
+
+
+def check_compile_with_weights(compile, weights, device: str, why: str) -> None:
+    """Compiled regions are built on the block's own parameters, so they need them resident: refuse
+    compile on with sharded weights (FSDP swaps the parameters per block) and with offload on a GPU."""
+    from ..mochi.dit import DiTCompile
+    from ..mochi.weight_placement import WeightPlacement
+
+    if compile is DiTCompile.OFF or weights is WeightPlacement.REPLICATED:
+        return
+    if weights is WeightPlacement.OFFLOAD and device == "cpu":
+        return  # offload changes nothing on CPU ranks
+    raise OptionsError(Field.COMPILE, f"compile=on needs the DiT's weights on every rank, but {why}; set compile "
+                       "to off, or weights to replicated on cards that hold the whole DiT")
 
 
 def resolve_compile(requested: str):

@@ -14,6 +14,7 @@ from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
 from ..mochi.dit import DiTCompile
 from ..mochi.parallel.config import ParallelConfig
 from ..mochi.parallel.kernel import AttentionBackend
+from ..mochi.weight_placement import WeightPlacement
 from .model_files import identify, model_file_problem
 
 LOOPBACK = "127.0.0.1"
@@ -57,6 +58,8 @@ class PoolSpec:
             accepted and converted); each rank refuses at start one it cannot run.
         compile: the `mochi.dit.DiTCompile` the ranks build their DiT with (ON: the blocks' regions
             between collectives run through torch.compile; a value name is accepted).
+        weights: where each rank keeps the DiT's block weights, a `mochi.weight_placement.WeightPlacement`
+            (a value name is accepted and converted; `auto` is resolved before, in `options.py`).
     """
 
     dit_path: str
@@ -69,10 +72,12 @@ class PoolSpec:
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention_backend: AttentionBackend = AttentionBackend.AUTO
     compile: DiTCompile = DiTCompile.OFF
+    weights: WeightPlacement = WeightPlacement.REPLICATED
 
     def __post_init__(self):
         object.__setattr__(self, "attention_backend", AttentionBackend.parse(self.attention_backend))
         object.__setattr__(self, "compile", DiTCompile.parse(self.compile))
+        object.__setattr__(self, "weights", WeightPlacement.parse(self.weights))
         for name in ("dit_path", "vae_path"):
             path = getattr(self, name)
             if path is None and name == "vae_path":
@@ -91,6 +96,9 @@ class PoolSpec:
             raise ValueError(f"cpu_threads={self.cpu_threads!r} must be a positive integer")
         if not isinstance(self.parallel, ParallelConfig):
             raise TypeError("parallel must be a ParallelConfig (see mochi_xdit.mochi.parallel.config.auto)")
+        if self.weights is WeightPlacement.SHARDED and self.parallel.world_size < 2:
+            raise ValueError("weights='sharded' needs two or more ranks (each keeps 1/N of every block); "
+                             "use 'offload' (or 'replicated') on one rank")
 
     @property
     def world_size(self) -> int:
@@ -99,7 +107,7 @@ class PoolSpec:
     def reuse_key(self) -> tuple:
         """Pools are reused while this is unchanged: the same files with the same content
         (`model_files.FileIdentity`: inode, size, times, header hash), dtype, degrees, device,
-        threads, cluster, timeouts, attention backend and compile option.
+        threads, cluster, timeouts, attention backend, compile option and weight placement.
 
         Raises:
             ModelFileError: a file was deleted or cannot be read now (one line, with the fix).
@@ -107,7 +115,7 @@ class PoolSpec:
         files = tuple(identify(path, role, "now") for role, path in (("dit", self.dit_path), ("vae", self.vae_path))
                       if path is not None)
         return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
-                self.timeouts, self.attention_backend, self.compile)
+                self.timeouts, self.attention_backend, self.compile, self.weights)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,24 @@ GPUS: dict[str, GPU] = {
         GPU("L40S", 362.0, 46068 * MIB / GB, None, PCIE4),
         GPU("L20", 119.5, 46068 * MIB / GB, None, PCIE4),
         GPU("RTX4090", 165.0, 24564 * MIB / GB, None, PCIE4),
+        GPU("RTX4080", 97.5, 16376 * MIB / GB, None, PCIE4),  # the 16 GB card class (4060 Ti 16 GB, 4070 Ti S, 4080)
     )
 }
 _ALIASES = {"A100": "A100-80", "4090": "RTX4090", "RTX-4090": "RTX4090", "RTX 4090": "RTX4090"}
 
 LINK_CLASSES = ("nvlink", "pcie", "ethernet")
+
+
+def gpu_with_memory(memory_gb: float, base: GPU | None = None) -> GPU:
+    """A card with `memory_gb` GB as sold (16, 24: binary GB, ~1024 MiB each, which torch reports as
+    17.2 and 25.8 decimal GB): `base` with that memory, or a stand-in (UNKNOWN_GPU_TFLOPS, PCIe 4,
+    no NVLink) when no base is given."""
+    if not memory_gb > 0:
+        raise ValueError(f"GPU memory must be a positive number of GB, got {memory_gb}")
+    memory = memory_gb * 1024 * MIB / GB
+    if base is None:
+        return GPU(f"{memory_gb:g} GB GPU", UNKNOWN_GPU_TFLOPS, memory, None, PCIE4)
+    return GPU(f"{base.name} ({memory_gb:g} GB)", base.bf16_tflops, memory, base.nvlink_gbps, base.pcie_gbps)
 
 
 def get_gpu(name: str) -> GPU:
