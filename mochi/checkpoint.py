@@ -365,6 +365,26 @@ def vae_encoder_prefix(info: CheckpointInfo) -> str | None:
     return None
 
 
+def require_vae_encoder(path: str | os.PathLike) -> tuple[CheckpointInfo, str]:
+    """What `path` is and the prefix of its VAE encoder (header only).
+
+    Raises CheckpointError for a file that is not a Mochi VAE, or a VAE without an encoder (the
+    message says which files carry one).
+    """
+    path = os.fspath(path)
+    info = inspect_checkpoint(path)
+    if info.kind != FileKind.VAE:
+        advice = info.wrong_slot_advice(Slot.VAE, dit_input="the DiT input", vae_input="the VAE input")
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected. {advice}")
+    prefix = vae_encoder_prefix(info)
+    if prefix is None:
+        raise CheckpointError(
+            f"{path} looks like {info.describe()}: it has no encoder, so it cannot encode video; "
+            f"use a Mochi VAE file with an encoder: {ENCODER_FILES}."
+        )
+    return info, prefix
+
+
 def load_vae_encoder(path: str | os.PathLike, weight_dtype: str = "fp32", device: str | torch.device = "cpu"):
     """Load Mochi's VAE encoder from genmo's encoder.safetensors (bare names) or a full VAE
     (`encoder.` prefix; the decoder's tensors are ignored).
@@ -377,25 +397,18 @@ def load_vae_encoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
     Returns:
         MochiVAEEncoder in eval mode without gradients.
 
-    Raises CheckpointError for a file without an encoder (a decoder-only VAE: the message says
-    which files carry one) or one that is not a Mochi VAE.
+    Raises CheckpointError as `require_vae_encoder` does, or for a broken encoder.
     """
     from .vae_encoder import MochiVAEEncoder, VAEEncoderConfig
 
     _check_dtype(weight_dtype, ("bf16", "fp16", "fp32"))
     path = os.fspath(path)
-    info = inspect_checkpoint(path)
-    hint = f"use a Mochi VAE file with an encoder: {ENCODER_FILES}."
-    if info.kind != FileKind.VAE:
-        advice = info.wrong_slot_advice(Slot.VAE, dit_input="the DiT input", vae_input="the VAE input")
-        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected. {advice}")
-    prefix = vae_encoder_prefix(info)
-    if prefix is None:
-        raise CheckpointError(f"{path} looks like {info.describe()}: it has no encoder, so it cannot encode video; {hint}")
+    info, prefix = require_vae_encoder(path)
     if prefix:
         names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
     else:  # genmo's bare encoder (a bare decoder's names would clash with its output_proj)
         names = {k: k for k in info.tensors if k.startswith(("layers.", "output_norm.", "output_proj."))}
+    hint = f"use a Mochi VAE file with an encoder: {ENCODER_FILES}."
     model = _build_on_meta(path, info, names, VAEEncoderConfig, MochiVAEEncoder, "the encoder", hint)
     _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
     return model

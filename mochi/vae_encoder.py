@@ -333,23 +333,27 @@ class MochiVAEEncoder(nn.Module):
         return moments[:, : self.config.latent_channels]  # [B, 12, t, h, w] the mean
 
     def check_video(self, video: torch.Tensor) -> None:
-        """Raise ValueError unless video is [B, in_channels, F, H, W] with F = 6k + 1 and H, W
-        multiples of 8 (the rule the encoder's strides need), naming the nearest valid sizes."""
-        config = self.config
-        channels, step, space = config.in_channels, config.temporal_compression, config.spatial_compression
-        if video.dim() != 5 or video.shape[1] != channels or min(video.shape) < 1:
-            raise ValueError(
-                f"the VAE encoder takes a video [B, {channels}, F, H, W] with F, H, W >= 1; got shape {tuple(video.shape)}"
-            )
-        frames, H, W = video.shape[2:]
-        if (frames - 1) % step:
-            raise ValueError(
-                f"the VAE encoder needs {step}k + 1 frames; got {frames}; use {nearest_frame_counts(frames, step)}"
-            )
-        for name, size in (("height", H), ("width", W)):
-            if size % space:
-                raise ValueError(f"the VAE encoder needs a {name} that is a multiple of {space}; got {size}; "
-                                 f"use {nearest_multiples(size, space)}")
+        """`check_video(video, self.config)`."""
+        check_video(video, self.config)
+
+
+def check_video(video: torch.Tensor, config: VAEEncoderConfig) -> None:
+    """Raise ValueError unless video is [B, in_channels, F, H, W] with F = 6k + 1 and H, W
+    multiples of 8 (the rule the encoder's strides need), naming the nearest valid sizes."""
+    channels, step, space = config.in_channels, config.temporal_compression, config.spatial_compression
+    if video.dim() != 5 or video.shape[1] != channels or min(video.shape) < 1:
+        raise ValueError(
+            f"the VAE encoder takes a video [B, {channels}, F, H, W] with F, H, W >= 1; got shape {tuple(video.shape)}"
+        )
+    frames, H, W = video.shape[2:]
+    if (frames - 1) % step:
+        raise ValueError(
+            f"the VAE encoder needs {step}k + 1 frames; got {frames}; use {nearest_frame_counts(frames, step)}"
+        )
+    for name, size in (("height", H), ("width", W)):
+        if size % space:
+            raise ValueError(f"the VAE encoder needs a {name} that is a multiple of {space}; got {size}; "
+                             f"use {nearest_multiples(size, space)}")
 
 
 def nearest_frame_counts(frames: int, step: int) -> str:

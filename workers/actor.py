@@ -79,6 +79,7 @@ class RankWorker:
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.dit = None
         self.vae = None
+        self.vae_encoder = None  # loaded when the VAE file carries an encoder
         self._loop = None
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
         self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
@@ -149,7 +150,7 @@ class RankWorker:
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
-        from ..mochi.checkpoint import load_dit, load_vae_decoder
+        from ..mochi.checkpoint import inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder
 
         if self.spec.world_size > 1 and self.ctx is None:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
@@ -163,6 +164,8 @@ class RankWorker:
         if self.spec.vae_path is not None:
             vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
             self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
+            if inspect_checkpoint(self.spec.vae_path).has_vae_encoder:  # the file's encoder half, if any
+                self.vae_encoder = load_vae_encoder(self.spec.vae_path, vae_dtype, self.device)
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -281,6 +284,35 @@ class RankWorker:
             available = _available_host_bytes() // self.spec.world_size
         dtype = next(self.vae.parameters()).dtype
         return TileSpec.auto(available, self.vae.config, dtype, latent_shape=tuple(latent_shape))
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode_tiles(self, video: torch.Tensor, tiles: list) -> list[torch.Tensor]:
+        """Encode this rank's tiles of a video [B, 3, F, H, W] in [-1, 1]; returns one latent mean
+        [B, 12, t, h, w] per tile, in order."""
+        from ..mochi.vae_encoder_tiling import encode_tile
+
+        encoder = self._require_encoder("encode_tiles()")
+        video = video.to(self.device, next(encoder.parameters()).dtype)  # [B, 3, F, H, W] in the VAE's dtype
+        return [encode_tile(encoder, video, tile).cpu() for tile in tiles]
+
+    def auto_encode_tiles(self, video_shape: tuple[int, ...]):
+        """An EncodeTileSpec sized to this rank's free memory."""
+        from ..mochi.vae_encoder_tiling import EncodeTileSpec
+
+        encoder = self._require_encoder("auto_encode_tiles()")
+        if self.device.type == "cuda":
+            available = free_device_bytes(self.device)
+        else:  # ranks of a CPU pool share the machine's memory
+            available = _available_host_bytes() // self.spec.world_size
+        dtype = next(encoder.parameters()).dtype
+        return EncodeTileSpec.auto(available, encoder.config, dtype, video_shape=tuple(video_shape))
+
+    def _require_encoder(self, verb: str):
+        if self.vae_encoder is None:
+            raise RuntimeError(f"rank {self.rank}: {verb} without a VAE encoder; build the pool with a vae_path "
+                               "whose file has one (the driver checks this before calling)")
+        return self.vae_encoder
 
     def shutdown(self) -> None:
         """Leave the process group (the driver kills the actor afterwards)."""
