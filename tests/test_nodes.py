@@ -22,7 +22,7 @@ from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, 
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode", "MochiXDiTLoraLoader", "MochiXDiTGuider",
-            "MochiXDiTModelSampling")
+            "MochiXDiTModelSampling", "MochiTiledVAEEncode")
 
 
 class InterruptProcessingException(Exception):
