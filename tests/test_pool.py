@@ -30,6 +30,7 @@ from mochi_xdit.mochi.demo import (DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, DEMO_VAE_EN
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.pipeline import generate
 from mochi_xdit.mochi.sampler import SampleRequest
+from mochi_xdit.mochi.schedule import parse_cfg_schedule
 from mochi_xdit.mochi.text import TextCondition
 from mochi_xdit.mochi.vae_encoder_tiling import EncodeTileSpec, encode_tiled
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
@@ -187,6 +188,14 @@ def test_pool_reused_for_same_spec_rebuilt_for_new_degrees(cache, model_files, r
 def test_cfg_1_runs_on_a_cfg_split_pool_and_equals_one_process(cache, model_files, request_6_steps):
     pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
     request = replace(request_6_steps, cfg=1.0)
+    expected = generate(load_dit(model_files[0], "fp32", "cpu"), request)
+    assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
+
+
+def test_cfg_schedule_with_cfg_1_steps_on_a_cfg_split_pool_equals_one_process(cache, model_files, request_6_steps):
+    """genmo's cfg_schedule: guided steps, then cfg-1 steps (rank 1 of the CFG split sends zeros)."""
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
+    request = replace(request_6_steps, cfg=parse_cfg_schedule("4.5*2,1*2,3,1", 6))
     expected = generate(load_dit(model_files[0], "fp32", "cpu"), request)
     assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
 
