@@ -1,10 +1,12 @@
-"""`mochi-xdit generate`: text to mp4 on a pool of ranks, outside ComfyUI.
+"""`mochi-xdit generate`: text (or a video and text) to mp4 on a pool of ranks, outside ComfyUI.
 
     mochi-xdit generate --prompt "a red fox running through snow" --world-size 2 --output fox.mp4
+    mochi-xdit generate --prompt "a red fox in autumn" --input-video fox.mp4 --denoise 0.6 --output autumn.mp4
 
 Steps: check every input (no Ray yet), encode the prompts with T5 in this process, start the
 pool (a private Ray on 127.0.0.1, or --ray-address), sample with a progress bar, decode the tiles
-across the ranks, write an H.264 mp4 with PyAV. Without --dit/--vae/--t5 it runs the built-in
+across the ranks, write an H.264 mp4 with PyAV. With --input-video the video is read with PyAV,
+encoded in tiles across the ranks and re-noised to --denoise before sampling (`input_video.py`). Without --dit/--vae/--t5 it runs the built-in
 demo model (tiny random weights: the video is noise) and says so.
 """
 
@@ -48,10 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--width", type=int, help="pixels, multiple of 16 (default 848; demo 128)")
     video.add_argument("--height", type=int, help="pixels, multiple of 16 (default 480; demo 96)")
     video.add_argument("--frames", type=int, help="6k+1 frames, e.g. 31, 85, 163 (default 31; demo 13)")
-    video.add_argument("--fps", type=int, default=30, help="frames per second of the mp4 (Mochi: 30)")
+    video.add_argument("--fps", type=int, default=None, help="frames per second of the mp4 (default 30, or the input "
+                       "video's)")
+    video.add_argument("--input-video", default=None,
+                       help="video-to-video: encode this file (PyAV) and denoise it with the prompt; its size is "
+                            "used (multiples of 16) and its first 6k+1 frames (all that fit, or --frames)")
+    video.add_argument("--denoise", type=float, default=None,
+                       help="with --input-video: how much to change it, in (0, 1] (default 0.6; 1 ignores it)")
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, help="Euler steps (default 64; demo 8)")
     sampling.add_argument("--cfg", type=float, default=4.5, help="guidance scale; 1 skips the negative prompt")
+    sampling.add_argument("--cfg-schedule", default=None, metavar="SCALE*STEPS,...",
+                          help="one cfg per step instead of --cfg, e.g. \"4.5*40,1*24\" (genmo's cfg_schedule); "
+                               "steps at 1 skip the negative prompt")
     sampling.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI's convention)")
     sampling.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="linear_quadratic",
                           help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)")
@@ -100,6 +111,10 @@ class Plan:
     output: str
     loras: tuple = ()  # mochi.lora.LoraSpec, checked against the DiT
     cache: object = None  # mochi.step_cache.StepCacheSpec or None
+    cfg: float | tuple = 4.5  # --cfg, or --cfg-schedule parsed (one scale per step)
+    input_video: object = None  # input_video.InputVideo (--input-video) or None
+    denoise: float = 1.0
+    fps: int = 30
 
     @property
     def parallel(self):
@@ -147,6 +162,7 @@ def plan_run(args) -> Plan:
         missing = sorted({"dit", "vae", "t5"} - set(given))
         raise InputError(f"give all of --dit, --vae and --t5 (missing: {', '.join('--' + m for m in missing)}), "
                          "or none of them for the built-in demo model")
+    source, denoise = read_source(args)  # sets width, height and frames from an input video
     defaults = DEMO_DEFAULTS if demo else REAL_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -155,6 +171,16 @@ def plan_run(args) -> Plan:
         raise InputError(f"--steps={args.steps}: need at least 1 step")
     if args.cfg < 0:
         raise InputError(f"--cfg={args.cfg}: use a scale >= 0 (1 disables guidance; Mochi's default is 4.5)")
+    cfg = args.cfg
+    if args.cfg_schedule is not None:
+        from .mochi.schedule import parse_cfg_schedule
+
+        try:
+            cfg = parse_cfg_schedule(args.cfg_schedule, args.steps)
+        except ValueError as error:
+            raise InputError(f"--cfg-schedule: {error}") from None
+    if args.fps is None:
+        args.fps = source.fps if source is not None else 30
     if args.fps < 1:
         raise InputError(f"--fps={args.fps}: need at least 1 frame per second")
     if args.cpu_threads < 1:
@@ -183,9 +209,45 @@ def plan_run(args) -> Plan:
         if args.t5_tokenizer and not os.path.isdir(args.t5_tokenizer):
             raise InputError(f"--t5-tokenizer {args.t5_tokenizer}: not a directory; give the tokenizer's folder")
         dit_path, vae_path = os.path.abspath(args.dit), os.path.abspath(args.vae)
-    spec = resolve_spec(args, dit_path, vae_path)
+    spec = resolve_spec(args, dit_path, vae_path, use_cfg=any(c != 1.0 for c in (cfg if isinstance(cfg, tuple) else (cfg,))))
+    if source is not None:
+        from .mochi.checkpoint import CheckpointError, require_vae_encoder
+
+        try:
+            require_vae_encoder(vae_path)
+        except CheckpointError as error:
+            raise InputError(f"--input-video needs a VAE with an encoder: {error}") from None
     return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, spec, latent_shape, output,
-                resolve_loras(args, spec), resolve_step_cache(args))
+                resolve_loras(args, spec), resolve_step_cache(args), cfg, source, denoise, args.fps)
+
+
+def read_source(args):
+    """(InputVideo or None, denoise) from --input-video / --frames / --denoise; the video's size
+    and frame count become --width/--height/--frames (given values must agree)."""
+    if args.input_video is None:
+        if args.denoise is not None and args.denoise != 1.0:
+            raise InputError(f"--denoise={args.denoise} needs --input-video (without one, sampling starts from noise)")
+        return None, 1.0
+    from .input_video import read_input_video
+
+    denoise = 0.6 if args.denoise is None else args.denoise
+    if not 0.0 < denoise <= 1.0:
+        raise InputError(f"--denoise={denoise}: use a value in (0, 1]; 0.6 keeps the input's layout, 1 ignores it")
+    if not os.path.isfile(args.input_video):
+        raise InputError(f"--input-video {args.input_video}: no such file; give the path of a video file")
+    try:
+        source = read_input_video(args.input_video, args.frames)
+    except ValueError as error:
+        raise InputError(f"--input-video: {error}") from None
+    width, height, frames = source.size
+    for flag, name, value in (("--width", "width", width), ("--height", "height", height)):
+        if getattr(args, name) not in (None, value):
+            raise InputError(f"{flag}={getattr(args, name)} but {args.input_video} is {width}x{height}; leave {flag} "
+                             "out (the input's size is used) or resize the video first")
+    if frames < source.available:
+        _say(f"--input-video: using the first {frames} of its {source.available} frames (Mochi takes 6k+1)")
+    args.width, args.height, args.frames = width, height, frames
+    return source, denoise
 
 
 def resolve_loras(args, spec) -> tuple:
@@ -216,7 +278,7 @@ def resolve_step_cache(args):
         raise InputError(f"--cache/--cache-threshold: {error}") from None
 
 
-def resolve_spec(args, dit_path: str, vae_path: str):
+def resolve_spec(args, dit_path: str, vae_path: str, use_cfg: bool = True):
     """The pool's PoolSpec from the flags, through the one resolver the loader node uses too."""
     from .workers.options import LoadChoices, OptionsError, resolve_load
 
@@ -226,7 +288,7 @@ def resolve_spec(args, dit_path: str, vae_path: str):
         dit_path=dit_path, vae_path=vae_path, weight_dtype=args.dtype, world_size=args.world_size,
         cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
         cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
-        steps=args.steps, use_cfg=args.cfg != 1.0, attention=args.attention,
+        steps=args.steps, use_cfg=use_cfg, attention=args.attention,
     )
     try:
         return resolve_load(choices)
@@ -307,8 +369,14 @@ def run(args) -> int:
         else:
             positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
             pool = service.open(plan.spec)
-        request = SampleRequest(positive, negative, latent_shape=plan.latent_shape, seed=args.seed,
-                                steps=args.steps, cfg=args.cfg, schedule=args.schedule, cache=plan.cache)
+        start = {"latent_shape": plan.latent_shape}
+        if plan.input_video is not None:
+            from .mochi.vae_encoder import images_to_video
+
+            _say(f"encoding the input video (tiles spread over the ranks); denoise {plan.denoise:g}")
+            start = {"init_latent": pool.encode(images_to_video(plan.input_video.frames))}  # [1, 12, T, H/8, W/8]
+        request = SampleRequest(positive, negative, **start, seed=args.seed, steps=args.steps, cfg=plan.cfg,
+                                schedule=args.schedule, denoise=plan.denoise, cache=plan.cache)
         note = layout_note(plan.parallel, request.uses_cfg)
         if note:
             _say(f"note: {note}")
@@ -323,9 +391,9 @@ def run(args) -> int:
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:
         service.shutdown()
-    write_mp4(video[0], plan.output, args.fps)
+    write_mp4(video[0], plan.output, plan.fps)
     _, _, F, H, W = video.shape
-    _say(f"wrote {plan.output}: {F} frames, {W}x{H}, {args.fps} fps, in {time.perf_counter() - started:.1f} s"
+    _say(f"wrote {plan.output}: {F} frames, {W}x{H}, {plan.fps} fps, in {time.perf_counter() - started:.1f} s"
          + (" (DEMO model: noise)" if plan.demo else ""))
     return 0
 
