@@ -47,8 +47,7 @@ def image_problem(pixels) -> str | None:
         return f"pixels has {channels} channels per pixel; the Mochi VAE encodes RGB (3): {fix}"
     if (frames - 1) % TEMPORAL_COMPRESSION:
         return (f"pixels has {frames} frames; Mochi encodes {TEMPORAL_COMPRESSION}k + 1 frames: use "
-                f"{nearest_frame_counts(frames, TEMPORAL_COMPRESSION)} (e.g. ImageFromBatch with that length, or "
-                "LoadVideo's frame limits)")
+                f"{nearest_frame_counts(frames, TEMPORAL_COMPRESSION)} (e.g. ImageFromBatch with that length)")
     for name, size in (("width", width), ("height", height)):
         if size % SIZE_MULTIPLE:
             return (f"pixels {name} {size} is not a multiple of {SIZE_MULTIPLE}; resize or crop to "
