@@ -150,7 +150,7 @@ class RankWorker:
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
-        from ..mochi.checkpoint import inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder
+        from ..mochi.checkpoint import inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder, vae_encoder_prefix
 
         if self.spec.world_size > 1 and self.ctx is None:
             raise RuntimeError(f"rank {self.rank}: load() before join_group(); form the process group first")
@@ -164,7 +164,7 @@ class RankWorker:
         if self.spec.vae_path is not None:
             vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
             self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
-            if inspect_checkpoint(self.spec.vae_path).has_vae_encoder:  # the file's encoder half, if any
+            if vae_encoder_prefix(inspect_checkpoint(self.spec.vae_path)) is not None:  # its encoder half, if any
                 self.vae_encoder = load_vae_encoder(self.spec.vae_path, vae_dtype, self.device)
 
     # -- sampling ----------------------------------------------------------------------------
