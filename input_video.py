@@ -22,7 +22,8 @@ class InputVideo:
     Args:
         frames: [F, H, W, 3] float32 in [0, 1] (ComfyUI's IMAGE layout), F = 6k + 1.
         fps: the file's average frame rate, rounded (30 when the file does not say).
-        available: frames the file holds (F of them are used).
+        available: frames the file holds (F of them are used), or F when `--frames` stopped decoding
+            there.
     """
 
     frames: torch.Tensor
@@ -54,7 +55,11 @@ def read_input_video(path: str, frames: int | None = None) -> InputVideo:
                 raise ValueError(f"{path} has no video stream; give a video file (e.g. an mp4)")
             stream = container.streams.video[0]
             rate = stream.average_rate
-            decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            decoded = []
+            for frame in container.decode(stream):
+                decoded.append(frame.to_ndarray(format="rgb24"))  # [H, W, 3] uint8
+                if frames is not None and len(decoded) == frames:  # enough: the rest is never decoded
+                    break
     except (av.error.FFmpegError, OSError) as error:
         raise ValueError(f"cannot read {path} as a video ({error}); give an mp4/webm/mov file") from None
     available = len(decoded)

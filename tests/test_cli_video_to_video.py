@@ -78,3 +78,14 @@ def test_cfg_schedule_all_ones_plans_like_cfg_1(tmp_path, monkeypatch):
                                           "--cfg-schedule", "1*4", "--output", str(tmp_path / "out.mp4")])
     plan = cli.plan_run(args)
     assert plan.cfg == (1.0,) * 4 and plan.parallel.cfg_degree == 1  # no negative pass: no CFG split
+
+
+def test_frames_flag_takes_the_first_frames_and_the_video_sets_size_and_fps(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
+    source = write_video(tmp_path / "in.mp4", frames=13, width=64, height=32, fps=12)
+    args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--input-video", source, "--frames", "7",
+                                          "--output", str(tmp_path / "out.mp4")])
+    plan = cli.plan_run(args)
+    assert tuple(plan.input_video.frames.shape) == (7, 32, 64, 3) and plan.latent_shape == (1, 12, 2, 4, 8)
+    assert (plan.fps, plan.denoise) == (12, 0.6)
+    assert 0.0 <= plan.input_video.frames.min() and plan.input_video.frames.max() <= 1.0
