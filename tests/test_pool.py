@@ -170,6 +170,8 @@ def test_parallel_tiled_encode_on_2_ranks_equals_single_rank_tiled_encode(cache,
     expected = encode_tiled(load_vae_encoder(model_files[1], "fp32", "cpu"), video, tiles)
     assert latent.shape == (1, 12, 2, 6, 8)
     assert torch.equal(latent, expected)
+    auto = pool.encode(video)  # rank 0 sizes the tiles to its memory: one tile here, the untiled encode
+    assert torch.equal(auto, load_vae_encoder(model_files[1], "fp32", "cpu").encode(video))
     with pytest.raises(ValueError, match=r"6k \+ 1 frames; got 8; use 7 or 13 frames"):
         pool.encode(video[:, :, :1].repeat(1, 1, 8, 1, 1), tiles)
 
