@@ -2,8 +2,9 @@
 
 Time is not split. The encoder's attention joins every frame of a pixel (causal: frame t sees
 frames 0..t), so a later temporal chunk would need the keys and values of all earlier frames at
-every attention layer, about 60x the video's own size at 848x480; each tile therefore encodes all
-its frames at once and memory is bounded by the tile's area.
+each of the 16 attention layers, about 90 values per video value (2 x (3 x 128 / 4 + 4 x 256 / 32
++ 9 x 384 / 384) per pixel and frame against 3); each tile therefore encodes all its frames at
+once and memory is bounded by the tile's area times the frame count.
 
 Space is approximate, as in the decoder: GroupNorm statistics are taken over a whole frame and
 convs replicate a tile's edge pixels, so a tile sees slightly different numbers than the full
