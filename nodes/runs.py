@@ -25,12 +25,13 @@ def open_pool(spec) -> PoolHandle:
 
 
 def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, *,
-               seed: int, steps: int, cfg: float, schedule: str, denoise: float, progress, cache: str = "off",
+               seed: int, steps: int, cfg: float | tuple[float, ...], schedule: str, denoise: float, progress, cache: str = "off",
                cache_threshold: float | None = None) -> torch.Tensor:
     """Sample on the pool with the handle's LoRAs; returns VAE-space samples [B, 12, T, H, W] float32 on CPU.
 
     Args:
         progress: a `progress.ProgressReporter` (the pool's per-step callback).
+        cfg: one scale, or one per step (a parsed cfg_schedule).
         cache, cache_threshold: the step cache ("off", "teacache", "first_block").
     """
     from ..mochi.sampler import SampleRequest

@@ -1,6 +1,7 @@
 """MochiXDiTSampler: text-to-video sampling on the rank pool, with progress and interruption."""
 
 from ..mochi.constants import SCHEDULE_NAMES as SCHEDULES
+from ..mochi.schedule import parse_cfg_schedule
 from . import checks
 from .comfy_types import conditioning_to_text, latent_samples, output_latent
 from .inputs import CFG_INPUT, MAX_CFG, NEGATIVE_INPUT, POOL_INPUT, POSITIVE_INPUT
@@ -33,8 +34,17 @@ def comfy_choices() -> tuple[list[str], list[str]]:
 
 
 def sampler_problem(seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD,
-                    sampler_name=DEFAULT_SAMPLER, scheduler=None) -> str | None:
+                    sampler_name=DEFAULT_SAMPLER, scheduler=None, cfg_schedule="") -> str | None:
     """Checks of the widget inputs; None values (inputs fed by a link) are checked at run time."""
+    cfg_schedule = (cfg_schedule or "").strip()  # blank = no schedule
+    if cfg_schedule and steps is not None:
+        if None not in (sampler_name, scheduler) and not runs_on_ranks(sampler_name, scheduler or schedule):
+            return (f"cfg_schedule runs on the on-rank path only (sampler_name euler with scheduler simple or "
+                    f"linear_quadratic); clear it for {sampler_name} / {scheduler}")
+        try:
+            parse_cfg_schedule(cfg_schedule, steps)
+        except ValueError as error:
+            return f"cfg_schedule: {error}"
     if sampler_name is not None or scheduler is not None:
         samplers, schedulers = comfy_choices()
         for name, value, choices in (("sampler_name", sampler_name, samplers), ("scheduler", scheduler, schedulers)):
@@ -122,31 +132,39 @@ class MochiXDiTSampler:
                     "default": DEFAULT_CACHE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "How much change a skipped step may hide: higher skips more steps (faster) and "
                                "drifts further from the uncached video. 0 never skips."}),
+                "cfg_schedule": ("STRING", {
+                    "default": "",
+                    "tooltip": "One cfg per step instead of cfg, e.g. 4.5*40,1*24 (scale*steps, comma-separated; "
+                               "the counts add up to steps). Steps at 1 skip the negative pass. Empty: cfg for "
+                               "every step. On-rank path only (euler with simple / linear_quadratic)."}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed, steps, cfg, schedule, denoise, cache="off", cache_threshold=DEFAULT_CACHE_THRESHOLD,
-                        sampler_name=DEFAULT_SAMPLER, scheduler=None):
+                        sampler_name=DEFAULT_SAMPLER, scheduler=None, cfg_schedule=""):
         return checks.refuse(sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold,
-                                             sampler_name, scheduler))
+                                             sampler_name, scheduler, cfg_schedule))
 
     def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, schedule, denoise, cache="off",
-               cache_threshold=DEFAULT_CACHE_THRESHOLD, sampler_name=DEFAULT_SAMPLER, scheduler=None):
+               cache_threshold=DEFAULT_CACHE_THRESHOLD, sampler_name=DEFAULT_SAMPLER, scheduler=None, cfg_schedule=""):
         scheduler = scheduler or schedule  # prompts saved before `scheduler` existed keep their schedule
+        cfg_schedule = (cfg_schedule or "").strip()
         problem = (sampler_problem(seed, steps, cfg, schedule, denoise, cache, cache_threshold, sampler_name,
-                                   scheduler) or checks.latent_problem(latent_image))
+                                   scheduler, cfg_schedule) or checks.latent_problem(latent_image))
         if problem:
             raise ValueError(problem)
-        if cache != "off" and not runs_on_ranks(sampler_name, scheduler, latent_image):
-            raise ValueError("step caching runs on the on-rank path only, and this LATENT carries a noise_mask or "
-                             "batch_index (ComfyUI's own sampler code handles those); set cache to off")
+        if (cache != "off" or cfg_schedule) and not runs_on_ranks(sampler_name, scheduler, latent_image):
+            raise ValueError("step caching and cfg_schedule run on the on-rank path only, and this LATENT carries a "
+                             "noise_mask or batch_index (ComfyUI's own sampler code handles those); set cache to off "
+                             "and clear cfg_schedule")
         positive_text = conditioning_to_text(positive, "positive")
         negative_text = conditioning_to_text(negative, "negative")
         if runs_on_ranks(sampler_name, scheduler, latent_image):
             progress = ProgressReporter(steps)  # created here: ComfyUI's hook belongs to this node
             samples = run_sample(pool, positive_text, negative_text, latent_samples(latent_image), seed=seed,
-                                 steps=steps, cfg=cfg, schedule=scheduler, denoise=denoise, progress=progress,
+                                 steps=steps, cfg=parse_cfg_schedule(cfg_schedule, steps) if cfg_schedule else cfg,
+                                 schedule=scheduler, denoise=denoise, progress=progress,
                                  cache=cache, cache_threshold=cache_threshold)
         else:
             from .comfy_sampling import sample_latent  # imports ComfyUI

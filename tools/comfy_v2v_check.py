@@ -9,13 +9,13 @@ It reuses tools/comfy_server_check.py (model files, pack link, server start/stop
 /history polling). Extra files: a demo VAE with an encoder half (`encoder.` + `decoder.`, as
 ComfyUI's mochi_vae.safetensors), a decoder-only VAE, and a 9-frame 80x64 mp4 in ComfyUI/input/
 (PyAV). Prompts come from workflows/api/mochi_xdit_video_to_video_api.json with the text encoding
-replaced by the harness's E2EFakeT5Cond, ImageFromBatch length 7, ImageScale 64x48, 3 steps,
-world_size 2. Exit status 1 when any outcome is not the expected one.
+replaced by the harness's E2EFakeT5Cond, ImageFromBatch length 7, ImageScale 64x48, 3 steps
+(the first run with cfg_schedule "4.5*2,1"), world_size 2. Exit status 1 when any outcome is not the expected one.
 
 If the harness venv has no Ray, give it the main environment's (same Python) without shadowing its
 torch: a folder of links to ray, msgpack, jsonschema (+ referencing, rpds, jsonschema_specifications)
-and google (protobuf) with their dist-info, put on PYTHONPATH (2026-12-02: 7 of 7 cases as expected,
-100 s).
+and google (protobuf) with their dist-info, put on PYTHONPATH (2026-12-02: 8 of 8 cases as expected,
+57 s).
 """
 
 import argparse
@@ -90,7 +90,9 @@ class Checker(server.Checker):
         self.record(case, outcome, ok, outcome.error[:220])
 
     def run_all(self) -> None:
-        self.good("a video to video, denoise 0.6")
+        p = self.prompt()
+        p[SAMPLER]["inputs"]["cfg_schedule"] = "4.5*2,1"  # genmo's cfg schedule: the last step unguided
+        self.good("a video to video, denoise 0.6", p)
         p = self.prompt()
         p[FRAMES]["inputs"]["length"] = 8
         self.fails("b 8 frames", p, "pixels has 8 frames; Mochi encodes 6k + 1 frames: use 7 or 13 frames")
@@ -108,6 +110,9 @@ class Checker(server.Checker):
         p = self.prompt()
         p[ENCODE]["inputs"].update(tile_size=64, tile_overlap=40)
         self.refused("f tile_overlap > half", p, ENCODE, "at most half of tile_size", exactly_one=True)
+        p = self.prompt()
+        p[SAMPLER]["inputs"]["cfg_schedule"] = "4.5*5"
+        self.refused("h cfg_schedule for 5 of 3 steps", p, SAMPLER, "covers 5 steps but steps=3", exactly_one=True)
         self.good("g good run after the failures (pool reused)")
 
 
