@@ -16,6 +16,8 @@ import sys
 CANONICAL_NAME = "mochi_xdit"
 
 _NODE_EXPORTS = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
+# The frontend extension (web/): opens sampler nodes saved with an earlier widget layout by name.
+WEB_DIRECTORY = "./web"
 
 if __name__ == CANONICAL_NAME:
 

@@ -17,22 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-# Defaults: the real model (genmo's 848x480, 64 steps) and a demo run that takes seconds.
-REAL_DEFAULTS = {"width": 848, "height": 480, "frames": 31, "steps": 64}
-DEMO_DEFAULTS = {"width": 128, "height": 96, "frames": 13, "steps": 8}
-# How the resolver's fields are called on this command line.
-FLAGS = {"dit": "--dit", "vae": "--vae", "weight_dtype": "--dtype", "device": "--device",
-         "world_size": "--world-size", "degrees": "degrees (--ulysses/--ring/--cfg-parallel)",
-         "cpu_threads": "--cpu-threads", "ray_address": "--ray-address", "attention_backend": "--attention",
-         "lora": "--lora", "cache": "--cache"}
-
-
 class InputError(ValueError):
     """A command-line input that cannot work; the message says what to change."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .workers.choices import ATTENTION_CHOICES, DEVICE_CHOICES, SCHEDULE_CHOICES, WEIGHT_DTYPE_CHOICES
+    from .workers.option_table import Door, add_cli_flags
 
     parser = argparse.ArgumentParser(prog="mochi-xdit", description="Mochi-1 text-to-video on many ranks (Ray).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,64 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="will it fit? per-rank memory, FLOPs and traffic of every degree mix (mochi-xdit plan --help)",
     )
     planner.add_argument("rest", nargs=argparse.REMAINDER)
-    gen = commands.add_parser("generate", help="generate one video and write it as mp4",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    text = gen.add_argument_group("prompt")
-    text.add_argument("--prompt", required=True, help="what the video shows")
-    text.add_argument("--negative-prompt", default="", help="what to steer away from (empty: none, genmo's default)")
-    video = gen.add_argument_group("video")
-    video.add_argument("--width", type=int, help="pixels, multiple of 16 (default 848; demo 128)")
-    video.add_argument("--height", type=int, help="pixels, multiple of 16 (default 480; demo 96)")
-    video.add_argument("--frames", type=int, help="6k+1 frames, e.g. 31, 85, 163 (default 31; demo 13)")
-    video.add_argument("--fps", type=int, default=None, help="frames per second of the mp4 (default 30, or the input "
-                       "video's)")
-    video.add_argument("--input-video", default=None,
-                       help="video-to-video: encode this file (PyAV) and denoise it with the prompt; its size is "
-                            "used (multiples of 16) and its first 6k+1 frames (all that fit, or --frames)")
-    video.add_argument("--denoise", type=float, default=None,
-                       help="with --input-video: how much to change it, in (0, 1] (default 0.6; 1 ignores it)")
-    sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--steps", type=int, help="Euler steps (default 64; demo 8)")
-    sampling.add_argument("--cfg", type=float, default=4.5, help="guidance scale; 1 skips the negative prompt")
-    sampling.add_argument("--cfg-schedule", default=None, metavar="SCALE*STEPS,...",
-                          help="one cfg per step instead of --cfg, e.g. \"4.5*40,1*24\" (genmo's cfg_schedule); "
-                               "steps at 1 skip the negative prompt")
-    sampling.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI's convention)")
-    sampling.add_argument("--schedule", choices=SCHEDULE_CHOICES, default="linear_quadratic",
-                          help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)")
-    sampling.add_argument("--cache", choices=("off", "teacache", "first_block"), default="off",
-                          help="step caching: skip the blocks on steps whose input barely changes (all ranks agree)")
-    sampling.add_argument("--cache-threshold", type=float, default=None,
-                          help="how much change a skipped step may hide (default 0.06; TeaCache published 1.5x at "
-                               "0.06, 2.1x at 0.09); 0 never skips")
-    sampling.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                          help="a Mochi LoRA .safetensors (genmo, ComfyUI/kohya or diffusers format), strength "
-                               "default 1; repeat to stack")
-    ranks = gen.add_argument_group("ranks")
-    ranks.add_argument("--world-size", type=int, default=1, help="number of ranks (one GPU each, or CPU threads)")
-    ranks.add_argument("--ulysses", default="auto", help="Ulysses degree (divides the heads) or auto")
-    ranks.add_argument("--ring", default="auto", help="Ring degree or auto")
-    ranks.add_argument("--cfg-parallel", default="auto", help="CFG degree (1 or 2) or auto")
-    ranks.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                       help="auto: cuda when this machine has a GPU, else cpu (say cuda for a GPU cluster)")
-    ranks.add_argument("--cpu-threads", type=int, default=1, help="torch threads per CPU rank")
-    ranks.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
-                       help="attention kernel: auto (fastest installed), torch (PyTorch's fused kernels), flash_attn, "
-                            "flash_attn_3 (Hopper) or xfuser (xDiT's USP layer; CUDA, 2+ ranks)")
-    ranks.add_argument("--ray-address", default=None,
-                       help="join this Ray cluster (else RAY_ADDRESS, else a private Ray on 127.0.0.1)")
-    weights = gen.add_argument_group("weights (all omitted: the built-in demo model)")
-    weights.add_argument("--dit", help="Mochi DiT .safetensors (genmo dit.safetensors or mochi_preview_bf16)")
-    weights.add_argument("--vae", help="Mochi VAE .safetensors (mochi_vae.safetensors or genmo decoder)")
-    weights.add_argument("--t5", help="T5-XXL: a Hugging Face directory, or a single .safetensors file")
-    weights.add_argument("--t5-tokenizer", help="tokenizer directory (needed with a single T5 file)")
-    weights.add_argument("--dtype", choices=WEIGHT_DTYPE_CHOICES, default="auto", help="DiT weights; auto: bf16 on GPU, fp32 on CPU")
-    gen.add_argument("--output", default="mochi.mp4", help="mp4 file to write")
+    gen = commands.add_parser("generate", help="generate one video and write it as mp4")
+    add_cli_flags(gen, Door.GENERATE)
     return parser
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunInputs:
     """Checked inputs: everything needed to run, decided before any actor starts."""
 
     demo: bool
@@ -107,13 +46,11 @@ class Plan:
     t5_path: str | None  # None: the demo T5
     t5_tokenizer: str | None
     spec: object  # workers.protocol.PoolSpec, resolved by workers.options
+    run: object  # workers.run_plan.RunPlan, resolved by workers.run_plan
     latent_shape: tuple[int, ...]
     output: str
     loras: tuple = ()  # mochi.lora.LoraSpec, checked against the DiT
-    cache: object = None  # mochi.step_cache.StepCacheSpec or None
-    cfg: float | tuple = 4.5  # --cfg, or --cfg-schedule parsed (one scale per step)
     input_video: object = None  # input_video.InputVideo (--input-video) or None
-    denoise: float = 1.0
     fps: int = 30
 
     @property
@@ -123,19 +60,6 @@ class Plan:
     @property
     def device(self) -> str:
         return self.spec.device
-
-
-def _degree(name: str, value: str) -> int | None:
-    """A degree flag: an integer, or None for 'auto'."""
-    if str(value).lower() == "auto":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise InputError(f"--{name}={value!r}: give a positive integer or 'auto'") from None
-    if number < 1:
-        raise InputError(f"--{name}={number}: degrees are positive integers (or 'auto')")
-    return number
 
 
 def _check_output(path: str) -> str:
@@ -152,64 +76,58 @@ def _check_output(path: str) -> str:
     return path
 
 
-def plan_run(args) -> Plan:
-    """Check every input without starting anything; raise InputError saying what to change."""
-    from .mochi.sampler import latent_shape_for_video
+def check_inputs(args) -> RunInputs:
+    """Check every input without starting anything; raise InputError saying what to change. The
+    flags are only converted here: the limits are the option table's, the rules the resolvers'."""
+    from .mochi.sampler import VideoSizeError, latent_shape_for_video
+    from .workers.option_table import Door, option, options_at, value_problem
+    from .workers.options import OptionsError
+    from .workers.run_plan import RunChoices, resolve_run, resolve_video
 
-    given = [name for name in ("dit", "vae", "t5") if getattr(args, name)]
+    given = [name for name in ("dit_name", "vae_name", "t5") if getattr(args, name)]
     demo = not given
     if given and len(given) != 3:
-        missing = sorted({"dit", "vae", "t5"} - set(given))
-        raise InputError(f"give all of --dit, --vae and --t5 (missing: {', '.join('--' + m for m in missing)}), "
+        missing = sorted(option(name).cli_flag for name in {"dit_name", "vae_name", "t5"} - set(given))
+        raise InputError(f"give all of --dit, --vae and --t5 (missing: {', '.join(missing)}), "
                          "or none of them for the built-in demo model")
-    source, denoise = read_source(args)  # sets width, height and frames from an input video
-    defaults = DEMO_DEFAULTS if demo else REAL_DEFAULTS
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.steps < 1:
-        raise InputError(f"--steps={args.steps}: need at least 1 step")
-    if args.cfg < 0:
-        raise InputError(f"--cfg={args.cfg}: use a scale >= 0 (1 disables guidance; Mochi's default is 4.5)")
-    cfg = args.cfg
-    if args.cfg_schedule is not None:
-        from .mochi.schedule import parse_cfg_schedule
-
-        try:
-            cfg = parse_cfg_schedule(args.cfg_schedule, args.steps)
-        except ValueError as error:
-            raise InputError(f"--cfg-schedule: {error}") from None
-    if args.fps is None:
-        args.fps = source.fps if source is not None else 30
-    if args.fps < 1:
-        raise InputError(f"--fps={args.fps}: need at least 1 frame per second")
-    if args.cpu_threads < 1:
-        raise InputError(f"--cpu-threads={args.cpu_threads}: need at least 1 thread per rank")
-    if not 0 <= args.seed < 2**64:
-        raise InputError(f"--seed={args.seed}: use an integer in [0, 2**64)")
+    for entry in options_at(Door.GENERATE):
+        value = getattr(args, entry.name)
+        problem = None if value is None or entry.repeat else value_problem(entry, value)
+        if problem:
+            raise InputError(f"{entry.cli_flag}: {problem}")
+    source, denoise = read_source(args)  # an input video sets width, height and frames
+    width, height, frames = resolve_video(args.width, args.height, args.frames, demo)
+    fps = args.fps if args.fps is not None else (source.fps if source is not None else option("fps").default)
     try:
-        latent_shape = latent_shape_for_video(args.width, args.height, args.frames)
-    except ValueError as error:
-        raise InputError(str(error).replace("frames=", "--frames=").replace("width=", "--width=")
-                         .replace("height=", "--height=")) from None
+        latent_shape = latent_shape_for_video(width, height, frames)
+    except VideoSizeError as error:
+        raise InputError(f"{option(error.dimension).cli_flag}: {error}") from None
+    try:
+        run = resolve_run(RunChoices(seed=args.seed, steps=args.steps, cfg=args.cfg, scheduler=args.scheduler,
+                                     cache=args.cache, cache_threshold=args.cache_threshold, denoise=denoise,
+                                     cfg_schedule=args.cfg_schedule, demo=demo))
+    except OptionsError as error:
+        raise flag_error(error, args) from None
     output = _check_output(args.output)
     if demo:
-        from .mochi.demo import demo_checkpoints
+        from .cli_phases import prepare_demo
 
-        dit_path, vae_path = (str(p) for p in demo_checkpoints())
+        dit_path, vae_path = prepare_demo(_say)
     else:
-        for name in ("dit", "vae"):
-            path = getattr(args, name)
-            if not os.path.isfile(path):
-                raise InputError(f"--{name} {path}: no such file; give the path of the .safetensors file")
+        from .workers.model_files import model_file_problem
+
+        for name in ("dit_name", "vae_name"):
+            problem = model_file_problem(getattr(args, name))
+            if problem:
+                raise InputError(f"{option(name).cli_flag} {problem}")
         if not os.path.exists(args.t5):
             raise InputError(f"--t5 {args.t5}: no such file or directory; give a T5-XXL directory or .safetensors file")
         if os.path.isfile(args.t5) and not args.t5_tokenizer:
             raise InputError(f"--t5 {args.t5} is a single file; also give --t5-tokenizer (a T5 tokenizer directory)")
         if args.t5_tokenizer and not os.path.isdir(args.t5_tokenizer):
             raise InputError(f"--t5-tokenizer {args.t5_tokenizer}: not a directory; give the tokenizer's folder")
-        dit_path, vae_path = os.path.abspath(args.dit), os.path.abspath(args.vae)
-    spec = resolve_spec(args, dit_path, vae_path, use_cfg=any(c != 1.0 for c in (cfg if isinstance(cfg, tuple) else (cfg,))))
+        dit_path, vae_path = os.path.abspath(args.dit_name), os.path.abspath(args.vae_name)
+    spec = resolve_spec(args, dit_path, vae_path, (width, height, frames), run)
     if source is not None:
         from .mochi.checkpoint import CheckpointError, require_vae_encoder
 
@@ -217,8 +135,8 @@ def plan_run(args) -> Plan:
             require_vae_encoder(vae_path)
         except CheckpointError as error:
             raise InputError(f"--input-video needs a VAE with an encoder: {error}") from None
-    return Plan(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, spec, latent_shape, output,
-                resolve_loras(args, spec), resolve_step_cache(args), cfg, source, denoise, args.fps)
+    return RunInputs(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, spec, run, latent_shape,
+                     output, resolve_loras(args, spec), source, fps)
 
 
 def read_source(args):
@@ -231,8 +149,6 @@ def read_source(args):
     from .input_video import read_input_video
 
     denoise = 0.6 if args.denoise is None else args.denoise
-    if not 0.0 < denoise <= 1.0:
-        raise InputError(f"--denoise={denoise}: use a value in (0, 1]; 0.6 keeps the input's layout, 1 ignores it")
     if not os.path.isfile(args.input_video):
         raise InputError(f"--input-video {args.input_video}: no such file; give the path of a video file")
     try:
@@ -250,73 +166,99 @@ def read_source(args):
     return source, denoise
 
 
+def flag_error(error, args) -> InputError:
+    """An OptionsError as this command line says it: the flag first (the degrees name themselves)."""
+    from .workers.option_table import Door, Field, option_for_field
+
+    entry = option_for_field(error.field, Door.GENERATE)
+    advice = error.advice(dit_input="--dit", vae_input="--vae")
+    message = f"{error} {advice}" if advice else str(error)
+    if entry is None or error.field is Field.DEGREES:
+        return InputError(message)
+    flag = entry.cli_flag
+    if error.field in (Field.DIT, Field.VAE):
+        flag = f"{flag} {getattr(args, entry.name) or '(demo model)'}"
+    return InputError(f"{flag}: {message}")
+
+
+def lora_flag(text: str) -> tuple[str, float]:
+    """`--lora FILE[:STRENGTH]` as (path, strength): the text after the last ':' is the strength unless
+    the whole text names a file (so `C:\\loras\\x.safetensors` stays a path)."""
+    from .workers.option_table import option, value_problem
+
+    head, sep, tail = text.rpartition(":")
+    if not text or (sep and not head):
+        raise InputError(f"--lora {text!r}: give FILE[:STRENGTH], e.g. my_lora.safetensors:0.8")
+    if not sep or os.path.exists(text):
+        return text, option("strength").default
+    try:
+        strength = float(tail)
+    except ValueError:
+        if os.path.exists(head):
+            raise InputError(f"--lora {text}: strength {tail!r} is not a number; give FILE[:STRENGTH], e.g. "
+                             f"{head}:0.8") from None
+        return text, option("strength").default
+    problem = value_problem(option("strength"), strength)
+    if problem:
+        raise InputError(f"--lora {text}: LoRA {problem} (the LoRA node's limits)")
+    return head, strength
+
+
 def resolve_loras(args, spec) -> tuple:
     """The --lora flags as LoraSpecs, each checked against the DiT (header only)."""
-    from .mochi.lora import LoraSpec
     from .workers.options import OptionsError, resolve_lora
 
     loras = []
-    for text in args.lora:
+    for text in args.lora_name:
+        path, strength = lora_flag(text)
+        if not os.path.isfile(path):
+            raise InputError(f"--lora {text}: no such file; give the path of a LoRA .safetensors file")
         try:
-            parsed = LoraSpec.parse(text)
-            if not os.path.isfile(parsed.path):
-                raise InputError(f"--lora {text}: no such file; give the path of a LoRA .safetensors file")
-            loras.append(resolve_lora(spec, parsed.path, parsed.strength))
-        except (OptionsError, ValueError) as error:
-            if isinstance(error, InputError):
-                raise
+            loras.append(resolve_lora(spec, path, strength))
+        except OptionsError as error:
             raise InputError(f"--lora {text}: {error}") from None
     return tuple(loras)
 
 
-def resolve_step_cache(args):
-    from .workers.options import OptionsError, resolve_cache
-
-    try:
-        return resolve_cache(args.cache, args.cache_threshold)
-    except OptionsError as error:
-        raise InputError(f"--cache/--cache-threshold: {error}") from None
-
-
-def resolve_spec(args, dit_path: str, vae_path: str, use_cfg: bool = True):
+def resolve_spec(args, dit_path: str, vae_path: str, video: tuple[int, int, int], run):
     """The pool's PoolSpec from the flags, through the one resolver the loader node uses too."""
+    from .workers.option_table import AUTO_DEGREE
     from .workers.options import LoadChoices, OptionsError, resolve_load
 
-    degrees = {name: _degree(name, getattr(args, attr)) for name, attr in
-               (("ulysses", "ulysses"), ("ring", "ring"), ("cfg-parallel", "cfg_parallel"))}
+    def degree(value: int) -> int | None:
+        return None if value == AUTO_DEGREE else value
+
     choices = LoadChoices(
-        dit_path=dit_path, vae_path=vae_path, weight_dtype=args.dtype, world_size=args.world_size,
-        cfg=degrees["cfg-parallel"], ulysses=degrees["ulysses"], ring=degrees["ring"], device=args.device,
-        cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=(args.width, args.height, args.frames),
-        steps=args.steps, use_cfg=use_cfg, attention=args.attention,
+        dit_path=dit_path, vae_path=vae_path, weight_dtype=args.weight_dtype, world_size=args.world_size,
+        cfg=degree(args.cfg_degree), ulysses=degree(args.ulysses_degree), ring=degree(args.ring_degree),
+        device=args.device, cpu_threads=args.cpu_threads, ray_address=args.ray_address, video=video,
+        steps=run.steps, use_cfg=run.uses_cfg, attention=args.attention_backend,
     )
     try:
         return resolve_load(choices)
     except OptionsError as error:
-        flag = FLAGS[error.field.value]
-        if error.field.value in ("dit", "vae"):
-            flag = f"{flag} {getattr(args, error.field.value) or '(demo model)'}"
-        advice = error.advice(dit_input="--dit", vae_input="--vae")
-        message = f"{error} {advice}" if advice else str(error)
-        raise InputError(message if error.field.value == "degrees" else f"{flag}: {message}") from None
+        raise flag_error(error, args) from None
 
 
-def encode_prompts(plan: Plan, prompt: str, negative: str):
-    """(positive, negative) TextConditions from T5 in this process; the encoder is freed afterwards."""
+def encode_prompts(plan: RunInputs, prompt: str, negative: str):
+    """(positive, negative) TextConditions from T5 in this process; the encoder and its GPU cache are
+    freed before this returns (`text_encoder.encode_then_free`)."""
     import torch
 
-    from .mochi.text_encoder import demo_text_encoder, load_text_encoder
+    from .mochi.guidance import default_compute_dtype
+    from .mochi.text_encoder import demo_text_encoder, encode_then_free, load_text_encoder
 
-    if plan.demo:
-        from .mochi.demo import demo_dir
+    _say("encoding the prompts (T5, in this process)")
 
-        encoder = demo_text_encoder(str(demo_dir()))
-    else:
-        cuda = plan.device == "cuda" and torch.cuda.is_available()
-        encoder = load_text_encoder(plan.t5_path, plan.t5_tokenizer, torch.bfloat16 if cuda else torch.float32,
-                                    "cuda" if cuda else "cpu")
-    positive, negative_condition = encoder.encode(prompt), encoder.encode(negative)
-    del encoder
+    def load():
+        if plan.demo:
+            from .mochi.demo import demo_dir
+
+            return demo_text_encoder(str(demo_dir()))
+        device = torch.device("cuda" if plan.device == "cuda" and torch.cuda.is_available() else "cpu")
+        return load_text_encoder(plan.t5_path, plan.t5_tokenizer, default_compute_dtype(device), device.type)
+
+    positive, negative_condition = encode_then_free(load, (prompt, negative))  # T5 gone before the ranks load
     return positive, negative_condition
 
 
@@ -343,20 +285,33 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(args) -> int:
+def run(args, started: float | None = None) -> int:
+    """Generate and write the video; `started` is when the command began (for the final "in N s")."""
+    from .cli_output import OutputFile
+    from .cli_phases import quiet_third_party_progress
+
+    started = time.perf_counter() if started is None else started
+    quiet_third_party_progress()
+    plan = check_inputs(args)
+    output = OutputFile(plan.output)  # created before any rank starts: a path that cannot be written fails now
+    try:
+        return _generate(args, plan, started)
+    except BaseException:
+        output.discard()
+        raise
+
+
+def _generate(args, plan: RunInputs, started: float) -> int:
     from tqdm import tqdm
 
-    from .mochi.sampler import SampleRequest
-    from .workers.options import layout_note
+    from .workers.run_plan import layout_note
     from .workers.service import MochiService
 
-    plan = plan_run(args)
     if plan.demo:
         from .mochi.demo import DEMO_NOTICE
 
         bar = "!" * 78
         _say(f"{bar}\n!!! {DEMO_NOTICE}\n{bar}")
-    started = time.perf_counter()
     service = MochiService(log=_say)
     try:
         if plan.device == "cpu":  # encode while the ranks start (on GPU, T5 first: it needs GPU memory)
@@ -373,20 +328,20 @@ def run(args) -> int:
         if plan.input_video is not None:
             from .mochi.vae_encoder import images_to_video
 
-            _say(f"encoding the input video (tiles spread over the ranks); denoise {plan.denoise:g}")
+            _say(f"encoding the input video (tiles spread over the ranks); denoise {plan.run.denoise:g}")
             start = {"init_latent": pool.encode(images_to_video(plan.input_video.frames))}  # [1, 12, T, H/8, W/8]
-        request = SampleRequest(positive, negative, **start, seed=args.seed, steps=args.steps, cfg=plan.cfg,
-                                schedule=args.schedule, denoise=plan.denoise, cache=plan.cache)
-        note = layout_note(plan.parallel, request.uses_cfg)
-        if note:
-            _say(f"note: {note}")
+        request = plan.run.sample_request(positive, negative, **start)
+        for note in (*plan.run.notes, layout_note(plan.parallel, plan.run.uses_cfg)):
+            if note:
+                _say(f"note: {note}")
         if plan.loras:
             _say("LoRAs: " + ", ".join(f"{os.path.basename(lora.path)} x {lora.strength:g}" for lora in plan.loras))
         with tqdm(total=request.steps, desc="sampling", unit="step", file=sys.stderr) as progress:
             result = pool.run(request, on_step=lambda report: progress.update(1), loras=plan.loras)
         latent = result.latent
         if result.cache_stats is not None:
-            _say(f"step cache ({args.cache}, threshold {plan.cache.threshold:g}): {result.cache_stats}")
+            cache = plan.run.cache
+            _say(f"step cache ({cache.kind.value}, threshold {cache.threshold:g}): {result.cache_stats}")
         _say("decoding (tiles spread over the ranks)")
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:
@@ -399,6 +354,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:  # the planner parses its own options
@@ -409,13 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # the planner's input checks (GPU, link, video size)
             parser.exit(2, f"mochi-xdit plan: error: {error}\n")
     args = parser.parse_args(argv)
+    from .cli_output import OutputFileError
     from .workers.capacity import CapacityError
     from .workers.failures import PoolError
+    from .workers.model_files import ModelFileError
     from .workers.ray_runtime import RayAddressError
 
     try:
-        return run(args)
-    except (InputError, CapacityError, RayAddressError) as error:
+        return run(args, started)
+    except (InputError, CapacityError, RayAddressError, OutputFileError, ModelFileError) as error:
         parser.exit(2, f"mochi-xdit: error: {error}\n")
     except PoolError as error:
         parser.exit(1, f"mochi-xdit: error: {error}\n")

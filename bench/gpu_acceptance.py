@@ -16,12 +16,18 @@ prints:
 (On the CPU, as the ranks do there, the DiT and the VAE compute in fp32; the planner always counts
 the GPU's bf16.)
 - one step of a 1-rank Ray pool with num_gpus=1 (demo weights: it checks the pool on a GPU);
-- multi-rank NCCL: one step of a 2-rank Ulysses pool when the machine has two GPUs; otherwise it
-  says so and skips it (not counted).
-It ends with ONE JSON line of these figures. A section that fails (an out-of-memory, a kernel
-error) is recorded in the JSON under "error" and the run goes on (exit status 1); when the
-automatic attention kernel fails its check, the DiT runs use PyTorch's flash kernel instead and
-the JSON says so ("attention": {"fallback": ...}).
+- the cuDNN version; fp8 with and without `_scaled_mm`'s fast accumulation (error and TFLOP/s);
+- conv3d at the VAE's costliest shape with channels_last_3d and cuDNN's autotuner on and off, and
+  the setting a rank keeps (`mochi/vae_conv.py`);
+- one Ulysses block's all-to-alls between two ranks at the largest video (NCCL on two GPUs, with the
+  transport NCCL chose from its NCCL_DEBUG=INFO lines: P2P/NVLink or not; gloo on the CPU rehearsal);
+- with two or more GPUs: a few steps of U2, CFG2 and (with four) U2xR2 NCCL pools.
+The run is a list of sections (`SECTIONS`: key, estimated seconds on one H200, function); adding
+one is one `Section(...)` line. Each section is guarded and timed: one that fails (an
+out-of-memory, a kernel error of any type) is recorded in the JSON under "error" and the run goes
+on (exit status 1); the JSON line always prints, with each section's measured and estimated
+seconds. When the automatic attention kernel fails its check, the DiT runs use PyTorch's flash
+kernel instead and the JSON says so ("attention": {"fallback": ...}). `--sections a,b` runs some.
 
     python bench/gpu_acceptance.py                       # one GPU; < 8 minutes on an H200
     python bench/gpu_acceptance.py --tiny --device cpu   # the same code at demo size, in seconds
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +67,8 @@ FIT_MARGIN = 1.15  # run a size only when 1.15 x the planner's activations fit i
 ATTENTION_CHECK_TOLERANCE = 2e-2  # bf16 inputs against fp32 math, outputs of magnitude ~1
 FP8_INPUT_ROUNDING = 2.0**-4  # relative rounding of a float8_e4m3fn activation
 BF16_ROUNDING = 2.0**-8
+FP8_TIMED_CALLS = 10
+NCCL_TRANSPORT_WORDS = ("via P2P", "P2P/", "NVLS", "via SHM", "via NET")  # NCCL_DEBUG=INFO channel lines
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,8 @@ def attention_check(mode: Mode, device: torch.device, installed: InstalledKernel
     try:
         out = attention(q, k, v, kernel=kernel)
         ring_out, ring_lse = attention_with_lse(q, k, v, kernel=ring_kernel)
-    except RuntimeError as error:  # a kernel this GPU / build refuses: reported, the runs fall back
-        return {**figures, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}", "ok": False}
+    except Exception as error:  # a kernel this GPU / build refuses (an older FA3 raises TypeError): the runs fall back
+        return {**figures, "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}", "ok": False}
     errors = {
         "max_abs_error": (out.float() - expected).abs().max().item(),
         "ring_max_abs_error": (ring_out.float() - expected).abs().max().item(),
@@ -155,20 +164,10 @@ def attention_check(mode: Mode, device: torch.device, installed: InstalledKernel
     return {**figures, **errors, "ok": max(errors.values()) <= ATTENTION_CHECK_TOLERANCE}
 
 
-def kernels_for_runs(mode: Mode, device: torch.device, installed: InstalledKernels) -> tuple[InstalledKernels, dict]:
-    """The installed kernels the DiT runs use: this machine's, when its automatic kernels pass the
-    check; else PyTorch's flash / efficient kernels only (the check records the fallback)."""
-    check = attention_check(mode, device, installed)
-    if check["ok"]:
-        return installed, check
-    plain = InstalledKernels(cuda_capability=installed.cuda_capability)
-    check["fallback"] = attention_check(mode, device, plain)
-    return plain, check
-
-
 def fp8_check(mode: Mode, device: torch.device) -> dict:
-    """The fp8 multiply a rank runs, and the fp8 x fp8 product against the cast path: within fp8's
-    input rounding, |y - y_cast| <= 2^-4 (|x| @ |W|^T) + bf16 rounding."""
+    """The fp8 multiply a rank runs, and the fp8 x fp8 product against the cast path, without and
+    with `_scaled_mm`'s fast accumulation: within fp8's input rounding,
+    |y - y_cast| <= 2^-4 (|x| @ |W|^T) + bf16 rounding; and each one's time."""
     size = mode.linear_size
     capability = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
     path = fp8_compute(device.type, capability, FP8, default_compute_dtype(device), size, size)
@@ -176,13 +175,22 @@ def fp8_check(mode: Mode, device: torch.device) -> dict:
     weight, scale = quantise_fp8((torch.randn(size, size, generator=generator) / size**0.5).to(device))
     bias = (0.02 * torch.randn(size, generator=generator)).to(device, torch.bfloat16)
     x = torch.randn(4 * size, size, generator=generator).to(device, torch.bfloat16)
-    y = scaled_mm_linear(x, weight, scale, bias).float()  # the fp8 product in bf16 (torch runs it on CPU too)
     dequantised = weight.float() * scale
     cast = torch.nn.functional.linear(x.float(), dequantised, bias.float())
     bound = FP8_INPUT_ROUNDING * (x.float().abs() @ dequantised.abs().T) + BF16_ROUNDING * cast.abs() + 1e-5
-    return {"compute": path.value, "capability": capability,
-            "relative_error": ((y - cast).norm() / cast.norm()).item(),
-            "within_fp8_rounding": bool(((y - cast).abs() <= bound).all())}
+    figures = {"compute": path.value, "capability": capability}
+    for label, fast in (("", False), ("fast_accumulation_", True)):
+        y = scaled_mm_linear(x, weight, scale, bias, fast).float()  # the fp8 product in bf16 (CPU torch runs it too)
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(FP8_TIMED_CALLS):
+            scaled_mm_linear(x, weight, scale, bias, fast)
+        synchronize(device)
+        seconds = (time.perf_counter() - started) / FP8_TIMED_CALLS
+        figures.update({f"{label}relative_error": ((y - cast).norm() / cast.norm()).item(),
+                        f"{label}within_fp8_rounding": bool(((y - cast).abs() <= bound).all()),
+                        f"{label}tflops": 2 * x.shape[0] * size * size / seconds / 1e12})
+    return figures
 
 
 # -- the DiT ---------------------------------------------------------------------------------------
@@ -291,6 +299,24 @@ def vae_figures(mode: Mode, device: torch.device) -> dict:
             "finite": bool(torch.isfinite(video).all())}
 
 
+def vae_conv_figures(mode: Mode, device: torch.device) -> dict:
+    """conv3d at the decoder's costliest shape (finest width, output resolution of one tile) with
+    channels_last_3d and cuDNN's autotuner on and off; the setting a rank keeps (`mochi.vae_conv`:
+    measured on a GPU at load, the default elsewhere)."""
+    from mochi_xdit.mochi.vae_conv import ALL_CONV_SETTINGS, decoder_conv_shape, fastest, time_conv3d
+
+    shape = decoder_conv_shape(mode.vae, mode.tiles.tile_height, mode.tiles.tile_width, mode.tiles.frame_chunk)
+    dtype = default_compute_dtype(device)
+    timings = {settings: time_conv3d(settings, shape, dtype, device) for settings in ALL_CONV_SETTINGS}
+    chosen = fastest(timings) if device.type == "cuda" else ALL_CONV_SETTINGS[0]  # the CPU keeps the default
+
+    def label(settings) -> str:
+        return f"channels_last={settings.channels_last},cudnn_benchmark={settings.cudnn_benchmark}"
+
+    return {"shape": list(shape), "seconds": {label(k): v for k, v in timings.items()}, "rank_keeps": label(chosen),
+            "speedup_vs_default": timings[ALL_CONV_SETTINGS[0]] / timings[chosen]}
+
+
 # -- the Ray pool ----------------------------------------------------------------------------------
 
 
@@ -302,16 +328,14 @@ def make_pool(spec):
     return service, service.pool(spec)
 
 
-def pool_figures(device: torch.device, world_size: int, folder: str) -> dict:
-    """Start a pool of `world_size` ranks on the demo weights, run one sampling step, stop it."""
+def pool_figures(device: torch.device, parallel: ParallelConfig, folder: str, steps: int = 1) -> dict:
+    """Start a pool of these degrees on the demo weights, run `steps` sampling steps, stop it."""
     from mochi_xdit.workers.protocol import PoolSpec
 
     dit_path, vae_path = demo_checkpoints(folder)
-    heads = DEMO_DIT_CONFIG.num_heads
-    parallel = ParallelConfig(world_size, 1, world_size, 1, num_heads=heads)  # Ulysses over the ranks
     spec = PoolSpec(str(dit_path), str(vae_path), "bf16", parallel, device=device.type, cpu_threads=1)
     positive, negative = text_conditions()
-    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=0, steps=1, cfg=CFG)
+    request = SampleRequest(positive, negative, latent_shape=(1, 12, 2, 8, 12), seed=0, steps=steps, cfg=CFG)
     started = time.perf_counter()
     service, pool = make_pool(spec)
     start_s = time.perf_counter() - started
@@ -323,9 +347,204 @@ def pool_figures(device: torch.device, world_size: int, folder: str) -> dict:
         ranks = [info.node_ip for info in pool.ranks]
     finally:
         service.shutdown()  # the pool and the Ray it started
-    return {"world_size": world_size, "device": device.type, "start_seconds": start_s,
-            "step_seconds": reports[0].seconds, "sample_wall_seconds": wall, "ranks": len(ranks),
-            "latent_finite": bool(torch.isfinite(latent).all())}
+    return {"world_size": parallel.world_size, "degrees": f"cfg{parallel.cfg_degree} x U{parallel.ulysses_degree} x "
+            f"R{parallel.ring_degree}", "device": device.type, "start_seconds": start_s,
+            "step_seconds": statistics.median(r.seconds for r in reports), "sample_wall_seconds": wall,
+            "ranks": len(ranks), "latent_finite": bool(torch.isfinite(latent).all())}
+
+
+MULTI_GPU_LAYOUTS = (("U2", 1, 2, 1), ("CFG2", 2, 1, 1), ("U2xR2", 1, 2, 2))  # name, cfg, ulysses, ring
+
+
+def multi_gpu_figures(device: torch.device, gpus: int, folder: str) -> dict:
+    """A few sampling steps of an NCCL pool per layout that fits this machine's GPUs."""
+    heads = DEMO_DIT_CONFIG.num_heads
+    figures = {}
+    for name, cfg, ulysses, ring in MULTI_GPU_LAYOUTS:
+        world = cfg * ulysses * ring
+        if world > gpus:
+            figures[name] = {"skipped": f"needs {world} GPUs, this machine has {gpus}"}
+            continue
+        parallel = ParallelConfig(world, cfg, ulysses, ring, num_heads=heads)
+        figures[name] = guarded(f"{name} pool", lambda: pool_figures(device, parallel, folder, steps=3))
+    return figures
+
+
+# -- collectives: all-to-all per block, NCCL's transport -------------------------------------------
+
+
+def ulysses_block_bytes(mode: Mode, world: int) -> tuple[int, int]:
+    """Elements one rank sends into one block's Ulysses exchanges at the mode's largest video:
+    (q, k, v in, attention output back), for `world` Ulysses ranks."""
+    width, height, frames = mode.videos[-1]
+    _, _, T, H, W = latent_shape_for_video(width, height, frames)
+    tokens = T * (H // 2) * (W // 2)
+    shard = -(-tokens // world)
+    inner = mode.dit.num_heads * mode.dit.head_dim
+    return 3 * shard * inner, shard * inner
+
+
+def _collective_rank(rank: int, world: int, backend: str, store_path: str, elements: tuple[int, int],
+                     repeats: int, result_path: str) -> None:
+    """One rank of `collective_figures` (a spawned process)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            device_id=device if device.type == "cuda" else None)
+    dtype = default_compute_dtype(device)
+    buffers = [torch.randn(n // world * world, device=device).to(dtype) for n in elements]  # [U * chunk]
+    outputs = [torch.empty_like(b) for b in buffers]
+    times = []
+    for i in range(1 + repeats):  # the first round warms up (NCCL connects lazily per peer)
+        synchronize(device)
+        dist.barrier()
+        started = time.perf_counter()
+        for buffer, output in zip(buffers, outputs):
+            dist.all_to_all_single(output, buffer)
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - started)
+    dist.destroy_process_group()
+    torch.save({"seconds": statistics.median(times), "bytes": sum(b.numel() * b.element_size() for b in buffers)},
+               result_path)
+
+
+def collective_figures(mode: Mode, device: torch.device, folder: str) -> dict:
+    """Two ranks (NCCL on two GPUs; gloo on the CPU at demo size) time one block's Ulysses all-to-alls
+    at the mode's largest video, and on NCCL report which transport NCCL chose (NCCL_DEBUG=INFO)."""
+    import glob
+    import os
+
+    import torch.multiprocessing as mp
+
+    world, backend = 2, ("nccl" if device.type == "cuda" else "gloo")
+    elements = ulysses_block_bytes(mode, world)
+    log_pattern = os.path.join(folder, "nccl_debug.%p.log")
+    os.environ.update({"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,P2P,NET", "NCCL_DEBUG_FILE": log_pattern})
+    store_path = os.path.join(folder, "collectives_store")
+    results = [os.path.join(folder, f"collectives_rank{r}.pt") for r in range(world)]
+    spawn = mp.get_context("spawn")
+    ranks = [spawn.Process(target=_collective_rank, args=(r, world, backend, store_path, elements, 3, results[r]))
+             for r in range(world)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(300)
+        if rank.is_alive():
+            rank.kill()
+    for name in ("NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"):
+        os.environ.pop(name, None)
+    if not all(os.path.exists(path) for path in results):
+        raise RuntimeError(f"a collective rank failed (exit codes {[rank.exitcode for rank in ranks]})")
+    measured = [torch.load(path) for path in results]
+    seconds = max(m["seconds"] for m in measured)
+    lines = []
+    for path in glob.glob(os.path.join(folder, "nccl_debug.*.log")):
+        with open(path, errors="replace") as log:
+            lines += [line.strip() for line in log if any(word in line for word in NCCL_TRANSPORT_WORDS)]
+    return {"backend": backend, "ranks": world, "video": "x".join(map(str, mode.videos[-1])),
+            "bytes_per_rank_per_block": measured[0]["bytes"], "all_to_all_ms_per_block": seconds * 1e3,
+            "gb_per_s_per_rank": measured[0]["bytes"] / seconds / 1e9,
+            "nccl_p2p_or_nvlink": (any("P2P" in line or "NVLS" in line for line in lines) if backend == "nccl"
+                                   else None),
+            "nccl_transport_lines": lines[:6]}
+
+
+# -- sections: each a guarded, timed part of the run -----------------------------------------------
+
+
+class Run:
+    """What the sections share: the mode, the device, what is installed, a scratch folder, and the
+    figures gathered so far (later sections read earlier ones, e.g. the attention fallback)."""
+
+    def __init__(self, mode: Mode, device: torch.device, installed: InstalledKernels, folder: str):
+        self.mode, self.device, self.installed, self.folder = mode, device, installed, folder
+        self.gpu = gpu_entry(device)
+        self.gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        self.figures: dict = {}
+
+    @property
+    def run_installed(self) -> InstalledKernels:
+        """The installed kernels the DiT runs use: this machine's when its automatic kernels passed
+        the attention check, else PyTorch's flash / efficient kernels only."""
+        check = self.figures.get("attention", {})
+        if check.get("ok"):
+            return self.installed
+        return InstalledKernels(cuda_capability=self.installed.cuda_capability)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the acceptance run.
+
+    Args:
+        key: where its figures go in the JSON (("dit", "bf16") nests).
+        estimate_s: expected seconds on one H200 (full size), printed beside the measured ones.
+        run: makes the figures (a dict); an exception becomes {"error": ...} and the run goes on.
+        skip: says why it does not apply here (None: it runs).
+    """
+
+    key: tuple[str, ...]
+    estimate_s: float
+    run: Callable[[Run], dict]
+    skip: Callable[[Run], str | None] = lambda run: None
+
+
+def _attention_section(run: Run) -> dict:
+    check = attention_check(run.mode, run.device, run.installed)
+    if not check["ok"]:
+        check["fallback"] = attention_check(run.mode, run.device, InstalledKernels(
+            cuda_capability=run.installed.cuda_capability))
+    return check
+
+
+def _needs_gpus(count: int):
+    def skip(run: Run) -> str | None:
+        if run.device.type != "cuda":
+            return "NCCL runs on GPUs; this run is on the CPU"
+        return None if run.gpus >= count else f"needs {count} or more GPUs, this machine has {run.gpus}"
+    return skip
+
+
+SECTIONS = (
+    Section(("attention",), 5, _attention_section),
+    Section(("fp8",), 5, lambda run: fp8_check(run.mode, run.device)),
+    *(Section(("dit", dtype), 75, lambda run, dtype=dtype: dit_figures(run.mode, dtype, run.device, run.gpu,
+                                                                        run.run_installed))
+      for dtype in WEIGHT_DTYPES),
+    Section(("vae",), 40, lambda run: vae_figures(run.mode, run.device)),
+    Section(("vae_conv",), 15, lambda run: vae_conv_figures(run.mode, run.device)),
+    Section(("pool",), 45, lambda run: pool_figures(run.device, ParallelConfig(1, num_heads=DEMO_DIT_CONFIG.num_heads),
+                                                    run.folder)),
+    Section(("collectives",), 30, lambda run: collective_figures(run.mode, run.device, run.folder),
+            skip=lambda run: None if run.device.type == "cpu" else _needs_gpus(2)(run)),
+    Section(("multi_gpu",), 150, lambda run: multi_gpu_figures(run.device, run.gpus, run.folder), skip=_needs_gpus(2)),
+)
+
+
+def run_sections(sections, run: Run) -> dict:
+    """Run every section in order, each guarded (any Exception is recorded, never raised) and timed;
+    returns run.figures."""
+    for section in sections:
+        label = ".".join(section.key)
+        reason = section.skip(run)
+        if reason is not None:
+            part = {"skipped": reason}
+            print(f"{label}: skipped ({reason})", flush=True)
+        else:
+            print(f"{label} ... (estimate {section.estimate_s:g} s on one H200)", flush=True)
+            started = time.perf_counter()
+            part = guarded(label, lambda: section.run(run))
+            part["section_seconds"] = time.perf_counter() - started
+        part["estimate_s"] = section.estimate_s
+        place = run.figures
+        for key in section.key[:-1]:
+            place = place.setdefault(key, {})
+        place[section.key[-1]] = part
+    return run.figures
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -340,16 +559,19 @@ def gpu_entry(device: torch.device):
 
 def goals(figures: dict) -> dict:
     """The issue's goals, from the figures (None where this device cannot say)."""
-    bf16_runs = figures["dit"]["bf16"]["runs"]
+    dit = figures.get("dit", {})
+    bf16_runs = dit.get("bf16", {}).get("runs", [])
     fraction = bf16_runs[0].get("fraction_of_bf16_peak") if bf16_runs else None
-    ratios = [run.get("peak_ratio") for dtype in WEIGHT_DTYPES for run in figures["dit"][dtype]["runs"]]
-    ratios.append(figures["vae"].get("peak_ratio"))
+    ratios = [run.get("peak_ratio") for dtype in WEIGHT_DTYPES for run in dit.get(dtype, {}).get("runs", [])]
+    ratios.append(figures.get("vae", {}).get("peak_ratio"))
     ratios = [r for r in ratios if r is not None]
+    fp8 = figures.get("fp8", {})
     return {
         "bf16_fraction_of_peak_ge_0.5": None if fraction is None else fraction >= PEAK_FRACTION_GOAL,
         "peaks_within_10_percent": (all(abs(r - 1) <= MEMORY_RATIO_GOAL for r in ratios) if ratios else None),
-        "attention_matches_math": figures["attention"]["ok"],
-        "fp8_within_rounding": figures["fp8"].get("within_fp8_rounding"),
+        "attention_matches_math": figures.get("attention", {}).get("ok"),
+        "fp8_within_rounding": fp8.get("within_fp8_rounding"),
+        "fp8_fast_accumulation_within_rounding": fp8.get("fast_accumulation_within_fp8_rounding"),
     }
 
 
@@ -362,53 +584,95 @@ def print_summary(figures: dict) -> None:
         return "n/a" if value is None else f"{100 * value:.1f} %"
 
     def line(label: str, part: dict, text) -> None:
-        print(f"{label}: FAILED {part['error']}" if "error" in part else f"{label}: {text()}")
+        if "skipped" in part:
+            print(f"{label}: skipped ({part['skipped']})")
+        elif "error" in part:
+            print(f"{label}: FAILED {part['error']}")
+        else:
+            try:
+                print(f"{label}: {text()}")
+            except (KeyError, TypeError, ValueError) as error:  # a partial section: say so, keep printing
+                print(f"{label}: incomplete figures ({type(error).__name__}: {error})")
 
-    print(f"device: {figures['device_name']} (table: {figures['gpu_table']}, dense bf16 peak "
-          f"{figures['peak_bf16_tflops']} TFLOP/s); torch {figures['torch']}; installed {figures['installed']}")
-    for label, check in (("attention kernel", figures["attention"]),
-                         ("attention fallback", figures["attention"].get("fallback"))):
+    def part(*keys) -> dict:
+        found = figures
+        for key in keys:
+            found = found.get(key) or {}
+        return found or {"skipped": "not run (--sections)"}
+
+    print(f"device: {figures.get('device_name')} (table: {figures.get('gpu_table')}, dense bf16 peak "
+          f"{figures.get('peak_bf16_tflops')} TFLOP/s); torch {figures['torch']}, cuDNN {figures.get('cudnn')}; "
+          f"installed {figures.get('installed')}")
+    attention_check_figures = part("attention")
+    for label, check in (("attention kernel", attention_check_figures),
+                         ("attention fallback", attention_check_figures.get("fallback"))):
         if check is not None:
             line(label, check, lambda c=check: (
                 f"{c['kernel']} (with Ring: {c['ring_kernel']}), max error vs fp32 math {c['max_abs_error']:.2e} / "
                 f"{c['ring_max_abs_error']:.2e}, lse {c['ring_lse_max_abs_error']:.2e}"))
-    fp8 = figures["fp8"]
+    fp8 = part("fp8")
     line("fp8 weights multiply by", fp8, lambda: (
         f"{fp8['compute']} (fp8 product vs cast path: relative error {fp8['relative_error']:.3f}, within fp8 "
-        f"input rounding: {fp8['within_fp8_rounding']})"))
+        f"input rounding: {fp8['within_fp8_rounding']}, {fp8['tflops']:.1f} TFLOP/s; fast accumulation "
+        f"{fp8['fast_accumulation_relative_error']:.3f}, {fp8['fast_accumulation_within_fp8_rounding']}, "
+        f"{fp8['fast_accumulation_tflops']:.1f} TFLOP/s)"))
     for dtype in WEIGHT_DTYPES:
-        dit = figures["dit"][dtype]
+        dit = part("dit", dtype)
         line(f"DiT {dtype}", dit, lambda: (f"built in {dit['build_seconds']:.1f} s, weights {gb(dit['weight_bytes'])} "
                                            f"(planner {gb(dit['planned_weight_bytes'])})"))
-        for run in dit["runs"]:
-            if "skipped" in run:
-                print(f"  {run['video']}: skipped ({run['skipped']})")
-                continue
+        for run in dit.get("runs", []):
             line(f"  {run['video']}", run, lambda r=run: (
                 f"{r['seconds_per_forward']:.3f} s/forward, {r['achieved_tflops']:.1f} TFLOP/s "
                 f"({pct(r['fraction_of_bf16_peak'])} of dense bf16 peak), peak {gb(r['peak_bytes'])} vs planner "
                 f"{gb(r['planned_peak_bytes'])} (ratio {r['peak_ratio'] or float('nan'):.3f}), planner kernel "
                 f"{r['planned_attention_kernel']}"))
-    vae = figures["vae"]
+    vae = part("vae")
     line("tiled VAE decode", vae, lambda: (
         f"{vae['video']} ({vae['tiles']} tiles, {vae['tile_spec']}): {vae['seconds']:.1f} s, peak "
         f"{gb(vae['peak_bytes'])} vs planner {gb(vae['planned_peak_bytes'])}"))
-    pool = figures["pool"]
+    conv = part("vae_conv")
+    line("VAE conv3d settings", conv, lambda: (
+        f"rank keeps {conv['rank_keeps']} ({conv['speedup_vs_default']:.2f}x the default) at {conv['shape']}"))
+    pool = part("pool")
     line("1-rank pool", pool, lambda: (f"on {pool['device']}, started in {pool['start_seconds']:.1f} s, one step "
                                        f"{pool['step_seconds']:.3f} s"))
-    nccl = figures["nccl"]
-    if "skipped" in nccl:
-        print(f"multi-rank NCCL: skipped ({nccl['skipped']})")
+    collectives = part("collectives")
+    line("Ulysses all-to-all, 2 ranks", collectives, lambda: (
+        f"{collectives['backend']} at {collectives['video']}: {collectives['all_to_all_ms_per_block']:.2f} ms per "
+        f"block ({collectives['gb_per_s_per_rank']:.1f} GB/s per rank), NCCL P2P/NVLink: "
+        f"{collectives['nccl_p2p_or_nvlink']}"))
+    multi = part("multi_gpu")
+    if "skipped" in multi or "error" in multi:
+        line("multi-GPU NCCL pools", multi, lambda: "")
     else:
-        line("multi-rank NCCL", nccl, lambda: f"2-rank Ulysses pool step {nccl['step_seconds']:.3f} s")
+        for name, part in multi.items():
+            if isinstance(part, dict):
+                line(f"NCCL pool {name}", part, lambda p=part: f"{p['degrees']}: step {p['step_seconds']:.3f} s")
+    seconds = {".".join(k): v for k, v in section_seconds(figures).items()}
+    print(f"section seconds (measured / estimate on one H200): {seconds}")
     print(f"goals: {figures['goals']}; failed: {figures['failed_sections'] or 'none'}; "
           f"total {figures['total_seconds']:.0f} s")
+
+
+def section_seconds(figures: dict) -> dict:
+    """{section key: (measured seconds or None when skipped, estimate)} of every section."""
+    found = {}
+    for section in SECTIONS:
+        part = figures
+        for key in section.key:
+            part = part.get(key, {})
+        measured = part.get("section_seconds")
+        found[section.key] = (None if measured is None else round(measured, 1), section.estimate_s)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="demo-size models and videos (seconds, any device)")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated section names to run (e.g. attention,fp8); default all: "
+                             + ", ".join(".".join(s.key) for s in SECTIONS))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -416,49 +680,53 @@ def main(argv: list[str] | None = None) -> int:
             print("no CUDA GPU here; run with --tiny --device cpu for the CPU rehearsal", file=sys.stderr)
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
-    mode = TINY if args.tiny else FULL
+    sections = SECTIONS
+    if args.sections is not None:
+        wanted = set(args.sections.split(","))
+        sections = tuple(s for s in SECTIONS if ".".join(s.key) in wanted or s.key[0] in wanted)
+        if not sections:
+            print(f"--sections {args.sections}: no such section; use some of "
+                  + ", ".join(".".join(s.key) for s in SECTIONS), file=sys.stderr)
+            return 2
     started = time.perf_counter()
-    installed = InstalledKernels.detect()
-    gpu = gpu_entry(device)
-    figures = {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "gpu_table": None if gpu is None else gpu.name,
-        "peak_bf16_tflops": None if gpu is None else gpu.bf16_tflops,
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "installed": {"flash_attn": installed.flash_attn, "flash_attn_3": installed.flash_attn_3,
-                      "xfuser": installed.xfuser, "capability": installed.cuda_capability,
-                      "cudnn": installed.cudnn_version},
-    }
-    print("attention and fp8 checks ...", flush=True)
-    run_installed, figures["attention"] = kernels_for_runs(mode, device, installed)
-    figures["fp8"] = guarded("fp8 check", lambda: fp8_check(mode, device))
-    figures["dit"] = {}
-    for dtype in WEIGHT_DTYPES:
-        print(f"DiT {dtype} ...", flush=True)
-        figures["dit"][dtype] = guarded(f"DiT {dtype}", lambda: dit_figures(mode, dtype, device, gpu, run_installed),
-                                        runs=[])
-    print("VAE ...", flush=True)
-    figures["vae"] = guarded("VAE", lambda: vae_figures(mode, device))
-    print("Ray pool ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="mochi_xdit_acceptance_") as folder:
-        figures["pool"] = guarded("pool", lambda: pool_figures(device, 1, folder))
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        if gpus >= 2:
-            figures["nccl"] = guarded("NCCL pool", lambda: pool_figures(device, 2, folder))
-        else:
-            reason = (f"needs 2 or more GPUs, this machine has {gpus}" if device.type == "cuda"
-                      else "NCCL runs on GPUs; this run is on the CPU")
-            figures["nccl"] = {"skipped": reason}
-            print(f"multi-rank NCCL: skipped ({reason})", flush=True)
+    figures = {"device": device.type, "tiny": args.tiny, "torch": torch.__version__}
+    try:  # the header too: nothing before the JSON line may end the run
+        mode = TINY if args.tiny else FULL
+        installed = InstalledKernels.detect()
+        gpu = gpu_entry(device)
+        figures.update({
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "gpu_table": None if gpu is None else gpu.name,
+            "peak_bf16_tflops": None if gpu is None else gpu.bf16_tflops,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "installed": {"flash_attn": installed.flash_attn, "flash_attn_3": installed.flash_attn_3,
+                          "xfuser": installed.xfuser, "capability": installed.cuda_capability,
+                          "cudnn": installed.cudnn_version},
+        })
+        with tempfile.TemporaryDirectory(prefix="mochi_xdit_acceptance_") as folder:
+            run = Run(mode, device, installed, folder)
+            run.figures = figures
+            run_sections(sections, run)
+    except Exception as error:  # recorded; the JSON line still prints
+        traceback.print_exc()
+        figures["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    return finish(figures, started)
+
+
+def finish(figures: dict, started: float) -> int:
+    """Goals, failures, the summary and the JSON line (always printed, whatever failed); exit status."""
     figures["total_seconds"] = time.perf_counter() - started
-    figures["goals"] = goals(figures)
-    failed = failures(figures)
-    figures["failed_sections"] = failed
-    print_summary(figures)
-    print(json.dumps(figures))
-    return 1 if failed else 0
+    try:
+        figures["goals"] = goals(figures)
+    except Exception as error:
+        figures["goals"] = {"error": f"{type(error).__name__}: {error}"}
+    figures["failed_sections"] = failures(figures)
+    try:
+        print_summary(figures)
+    except Exception:  # a summary that cannot print must not cost the JSON line
+        traceback.print_exc()
+    print(json.dumps(figures, default=str), flush=True)
+    return 1 if figures["failed_sections"] else 0
 
 
 def failures(figures: dict, path: str = "") -> list[str]:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from mochi_xdit.mochi.demo import random_dit_state_dict
 from mochi_xdit.mochi.dit import DiTConfig
-from mochi_xdit.mochi.lora import LoraSpec, linear_shapes_for
+from mochi_xdit.mochi.lora_files import LoraSpec, linear_shapes_for
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.sampler import SampleRequest
 from mochi_xdit.mochi.text import TextCondition

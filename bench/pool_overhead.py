@@ -18,10 +18,12 @@ do, through `nodes/comfy_sampling.py`) and each step is one lockstep model evalu
 (`Pool.evaluations`): here driven by k-diffusion's Euler written out, which is what ComfyUI's `euler`
 computes per step. Its per-step overhead is measured the same way (outside the ranks' evaluation
 compute, minus the in-process loop's outside time) and set beside the on-rank path's. Unlike the
-on-rank path, it ships the latent both ways every evaluation, so for a full-size step it is
-extrapolated: the measured overhead + (the measured round trip of a full-size latent
-[1, 12, 28, 60, 106] fp32 through a Ray actor - that of the bench latent) + the driver's Euler update
-on a full-size latent; and set against a full-size step time taken as the planner's counted FLOPs of
+on-rank path, it ships the latent both ways every evaluation (a private pool through shared files,
+`workers/shared_latent.py`; a cluster pool through Ray's object store: both round trips are timed,
+alternating, and their ratio printed), so for a full-size step it is extrapolated: the measured
+overhead + (the measured round trip of a full-size latent [1, 12, 28, 60, 106] fp32 - that of the
+bench latent) + the driver's Euler update on a full-size latent; and set against a full-size step
+time taken as the planner's counted FLOPs of
 one 848x480x163 step (cfg 4.5, one rank) at 50 % of an H100's dense bf16 peak (an assumption:
 published Mochi runs reach 45-55 %), and the same on 8 ranks with perfect scaling.
 
@@ -96,28 +98,48 @@ def driver_run(pool, request) -> tuple[float, float, torch.Tensor]:
 @ray.remote(num_cpus=0)
 class _Echo:
     """A latent's round trip driver -> actor -> driver, moved as `Pool.evaluations` and
-    `RankWorker.evaluate` move it (numpy through the object store, a torch copy at each end)."""
+    `RankWorker.evaluate` move it: through the object store (numpy, a torch copy at each end; what a
+    cluster pool does) or through the driver's shared files (a private pool)."""
 
     def echo(self, latent):
         return (torch.from_numpy(latent.copy()) + 0.0).numpy()
 
+    def shared_echo(self, files):
+        from mochi_xdit.workers.shared_latent import map_float32
 
-def latent_round_trip_ms(shape: tuple[int, ...], repeats: int = 5) -> float:
-    """Median ms of one latent's round trip, what an evaluation moves besides the call itself."""
+        latent = map_float32(files.input_path, files.input_shape)
+        map_float32(files.output_path, files.output_shape).copy_(latent + 0.0)
+
+
+def latent_round_trips_ms(shape: tuple[int, ...], repeats: int = 5) -> tuple[float, float]:
+    """Median ms of one latent's round trip, what an evaluation moves besides the call itself:
+    (through Ray's object store, through shared files), alternating."""
+    from mochi_xdit.workers.shared_latent import SharedLatents
+
     echo = _Echo.remote()
     latent = torch.randn(shape)
+    shared = SharedLatents()
 
-    def round_trip():
+    def object_store():
         return torch.from_numpy(ray.get(echo.echo.remote(ray.put(latent.numpy()))).copy())
 
-    round_trip()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        round_trip()
-        times.append(time.perf_counter() - start)
-    ray.kill(echo)
-    return sorted(times)[len(times) // 2] * 1e3
+    def shared_files():
+        ray.get(echo.shared_echo.remote(shared.send(latent, shape)))
+        return shared.receive()
+
+    times = {object_store: [], shared_files: []}
+    try:
+        for trip in times:
+            assert torch.equal(trip(), latent)  # warm-up, and both carry the latent exactly
+        for _ in range(repeats):
+            for trip, spent in times.items():
+                start = time.perf_counter()
+                trip()
+                spent.append(time.perf_counter() - start)
+    finally:
+        shared.close()
+        ray.kill(echo)
+    return tuple(sorted(spent)[len(spent) // 2] * 1e3 for spent in times.values())
 
 
 def driver_update_ms(shape: tuple[int, ...], repeats: int = 5) -> float:
@@ -177,8 +199,8 @@ def main():
             scale = max(1.0, local_latent.abs().max().item())
             assert (driver_latent - local_latent).abs().max().item() <= 1e-5 * scale, "driver-side Euler differs"
             driver_runs.append((driver_total, rank_evaluating))
-        round_trip_bench = latent_round_trip_ms(LATENT_SHAPE)
-        round_trip_full = latent_round_trip_ms(FULL_LATENT_SHAPE)
+        store_bench, shared_bench = latent_round_trips_ms(LATENT_SHAPE)
+        store_full, shared_full = latent_round_trips_ms(FULL_LATENT_SHAPE)
     finally:
         service.shutdown()
 
@@ -208,16 +230,21 @@ def main():
           f"per-step overhead {driver_overhead_ms:.2f} ms = {driver_overhead_ms / step_ms * 100:.2f} % of a "
           f"{step_ms:.0f} ms step; on-rank path {overhead_ms:.2f} ms = {overhead_ms / step_ms * 100:.2f} %")
     update_full, update_bench = driver_update_ms(FULL_LATENT_SHAPE), driver_update_ms(LATENT_SHAPE)
-    extrapolated_ms = driver_overhead_ms + (round_trip_full - round_trip_bench) + (update_full - update_bench)
+    # the bench's pool is private (shared files); a cluster pool moves latents through the object store
+    extrapolated_ms = driver_overhead_ms + (shared_full - shared_bench) + (update_full - update_bench)
+    cluster_ms = driver_overhead_ms + (store_full - shared_bench) + (update_full - update_bench)
     flops, full_step_s = full_size_step_s()
     print(f"full size {FULL_WIDTH}x{FULL_HEIGHT}x{FULL_FRAMES} (latent {FULL_LATENT_SHAPE} fp32, "
-          f"{torch.Size(FULL_LATENT_SHAPE).numel() * 4 / 2**20:.1f} MiB): latent round trip {round_trip_full:.1f} ms "
-          f"(bench latent {round_trip_bench:.1f} ms), driver Euler update {update_full:.1f} ms "
-          f"-> driver-side overhead ~{extrapolated_ms:.1f} ms per evaluation")
+          f"{torch.Size(FULL_LATENT_SHAPE).numel() * 4 / 2**20:.1f} MiB): latent round trip through shared files "
+          f"{shared_full:.1f} ms, through Ray's object store {store_full:.1f} ms ({store_full / shared_full:.1f}x; "
+          f"bench latent {shared_bench:.1f} / {store_bench:.1f} ms), driver Euler update {update_full:.1f} ms")
+    print(f"  -> driver-side overhead ~{extrapolated_ms:.1f} ms per evaluation on a private pool (shared files), "
+          f"~{cluster_ms:.1f} ms on a cluster pool (object store)")
     print(f"  full-size step: planner count {flops / 1e12:,.0f} TFLOP (cfg 4.5, one rank) at {ASSUMED_MFU:.0%} of "
           f"H100 dense bf16 peak (an assumption) = {full_step_s:.2f} s -> driver-side overhead "
           f"{extrapolated_ms / 1e3 / full_step_s * 100:.3f} % of a step on 1 GPU, "
-          f"{extrapolated_ms / 1e3 / (full_step_s / 8) * 100:.2f} % on 8 GPUs (perfect scaling); on-rank path "
+          f"{extrapolated_ms / 1e3 / (full_step_s / 8) * 100:.2f} % on 8 GPUs (perfect scaling; cluster pool "
+          f"{cluster_ms / 1e3 / (full_step_s / 8) * 100:.2f} %); on-rank path "
           f"{overhead_ms / 1e3 / (full_step_s / 8) * 100:.3f} % on 8 GPUs")
     print(f"machine load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 

@@ -17,6 +17,7 @@ import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -32,17 +33,29 @@ WEIGHT_DTYPES = dict(zip(WEIGHT_DTYPE_NAMES, (torch.bfloat16, torch.float16, tor
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 FP8_MARKER = "scaled_fp8"
 FP32_ONLY = ("pos_frequencies",)  # learned RoPE frequencies: tiny, kept in fp32 whatever the choice
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 _MAX_HEADER_BYTES = 100 * 2**20
 _METADATA_ARCHITECTURE = "modelspec.architecture"  # what a file says it is, shown for unrecognised files
 
 
+class FileProblem(Enum):
+    """What `read_safetensors_header` found wrong with a file (the kind of a CheckpointError)."""
+
+    MISSING = "does not exist"
+    NOT_A_FILE = "not a file"
+    PICKLE = "a pickle file"
+    NOT_SAFETENSORS = "not a safetensors file"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt header"
+    WRONG_MODEL = "not the model asked for"
+
+
 class CheckpointError(ValueError):
-    """A file that cannot be loaded as the requested model; the message says why and what to use."""
+    """A file that cannot be loaded as the requested model; `problem` says why (never parse the
+    message), the message says why and what to use."""
+
+    def __init__(self, message: str, problem: FileProblem = FileProblem.WRONG_MODEL):
+        self.problem = problem
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,12 @@ class CheckpointInfo:
         evidence = f"{self.detail}, {size}" if self.detail else size
         return f"{self.label or self.kind.description} ({evidence})"
 
+    def dit_names(self) -> dict[str, str]:
+        """The DiT's genmo names -> their keys in this file (prefix stripped); {} without a DiT."""
+        if self.dit_prefix is None:
+            return {}
+        return {key[len(self.dit_prefix):]: key for key in self.tensors if key.startswith(self.dit_prefix)}
+
     def wrong_slot_advice(self, slot: Slot | str, *, dit_input: str = "dit_name", vae_input: str = "vae_name") -> str:
         """Where this file belongs and what the slot needs, for a message that already says what the
         file is (`describe()`); "" when the file is right for the slot.
@@ -125,47 +144,56 @@ def _refuse_pickle(path: str, reason: str) -> CheckpointError:
     return CheckpointError(
         f"{path} {reason}. Pickle checkpoints can run arbitrary code when loaded and are not "
         "supported: use the .safetensors version of this model (e.g. mochi_preview_bf16.safetensors "
-        "for the DiT, mochi_vae.safetensors for the VAE)."
+        "for the DiT, mochi_vae.safetensors for the VAE).", FileProblem.PICKLE
     )
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header without touching tensor data.
+    """Parse and check a safetensors header without touching tensor data: the one place that decides
+    what a file is on disk (the DiT, VAE and LoRA readers all come here).
 
-    Raises CheckpointError for a missing path, a directory, a pickle file, a non-safetensors file
-    and a truncated file (a tensor's bytes reach past the end of the file).
+    Raises CheckpointError (its `problem` a FileProblem) for a missing path, a directory, a pickle
+    file, a non-safetensors file, a corrupt header and a truncated file (a tensor's bytes reach past
+    the end of the file).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist; check the path (models go in ComfyUI's models/ folders)")
+        raise CheckpointError(f"{path} does not exist; check the path (models go in ComfyUI's models/ folders)",
+                              FileProblem.MISSING)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is not a file (a directory?); give the path of a .safetensors file")
+        raise CheckpointError(f"{path} is not a file (a directory?); give the path of a .safetensors file",
+                              FileProblem.NOT_A_FILE)
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise _refuse_pickle(path, f"is a pickle checkpoint ({os.path.splitext(path)[1]})")
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
-        # a safetensors header is JSON, so byte 8 is "{"; zip and pickle files never have that there,
-        # while a header of 640 bytes starts with the bytes of a pickle's protocol mark (0x80 0x02)
+        # A safetensors file starts with its header's length (8 bytes, little-endian) and the JSON
+        # header, so byte 8 is "{"; zip and pickle files never have that there. A header of 0x0280..
+        # 0x05ff bytes starts like a pickle's protocol mark (0x80 0x02..0x05), but its third byte is
+        # 0 (headers stay far below 16 MB) where a pickle has an opcode (none is 0).
         json_start = head[8:9] == b"{"
-        if not json_start and (head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5))):
+        pickle_mark = len(head) >= 3 and head[0] == 0x80 and head[1] in (2, 3, 4, 5) and head[2] != 0
+        if not json_start and (head[:2] == b"PK" or pickle_mark):
             raise _refuse_pickle(path, "is a pickle / torch.save file, not safetensors")
         if len(head) < 9:
-            raise CheckpointError(f"{path} is only {file_size} bytes: not a safetensors file (empty or truncated)")
+            raise CheckpointError(f"{path} is only {file_size} bytes: not a safetensors file (empty or truncated)",
+                                  FileProblem.TRUNCATED)
         (header_len,) = struct.unpack("<Q", head[:8])
         if not json_start or header_len > _MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path} is not a safetensors file (no JSON header); give a .safetensors file")
+            raise CheckpointError(f"{path} is not a safetensors file (no JSON header); give a .safetensors file",
+                                  FileProblem.NOT_SAFETENSORS)
         if 8 + header_len > file_size:
             raise CheckpointError(
                 f"{path} is truncated: its header needs {8 + header_len} bytes but the file has {file_size} "
-                "(an incomplete download or copy?); download the file again"
+                "(an incomplete download or copy?); download the file again", FileProblem.TRUNCATED
             )
         f.seek(8)
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(
-                f"{path} has a corrupt safetensors header ({error}); download the file again"
+                f"{path} has a corrupt safetensors header ({error}); download the file again", FileProblem.CORRUPT
             ) from None
     metadata = header.pop("__metadata__", None) or {}
     tensors = {}
@@ -176,7 +204,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     if 8 + header_len + data_end > file_size:
         raise CheckpointError(
             f"{path} is truncated: its tensors need {8 + header_len + data_end} bytes but the file has "
-            f"{file_size} (an incomplete download or copy?); download the file again"
+            f"{file_size} (an incomplete download or copy?); download the file again", FileProblem.TRUNCATED
         )
     return tensors, metadata
 
@@ -304,9 +332,7 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     if info.kind != FileKind.DIT:
         advice = info.wrong_slot_advice(Slot.DIT, dit_input="the DiT input", vae_input="the VAE input")
         raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi DiT was expected. {advice}")
-    prefix = info.dit_prefix
-    names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
-    weights, scales = _split_aux(names)
+    weights, scales = _split_aux(info.dit_names())
     model = _build_on_meta(path, info, weights, DiTConfig, MochiDiT, "the model", hint)
     _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model

@@ -12,6 +12,12 @@ ROPE_TARGET_AREA = 36864  # RoPE positions are scaled to this patch-grid area (1
 TIMESTEP_SCALE = 1000.0
 TIMESTEP_FREQ_DIM = 256
 SCHEDULE_NAMES = ("linear_quadratic", "simple")  # genmo's schedule, ComfyUI's flow schedule (shift 6)
+# genmo's sampling settings for Mochi-1 (every front door's default, workers/option_table.py)
+DEFAULT_STEPS = 64
+DEFAULT_CFG = 4.5
+# Step caching: TeaCache's published Mochi threshold (~1.5x; 0.09: ~2.1x; 848x480x163, 64 steps, one
+# A800), also ParaAttention's first-block default for Mochi.
+DEFAULT_CACHE_THRESHOLD = 0.06
 WEIGHT_DTYPE_NAMES = ("bf16", "fp16", "fp32", "fp8")  # DiT weights; fp8: Linear weights only, per-tensor scale
 
 # Per-channel statistics of the VAE latent space (ComfyUI latent_formats.Mochi, genmo vae stats).

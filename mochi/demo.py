@@ -158,6 +158,13 @@ def _write_once(path: Path, make_state) -> None:
     os.replace(temporary, path)
 
 
+def demo_paths(directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Where `demo_checkpoints` keeps the demo DiT and VAE (written or not yet)."""
+    folder = Path(directory) if directory is not None else demo_dir()
+    return (folder / f"mochi_demo_dit_v{_DEMO_FILE_VERSION}.safetensors",
+            folder / f"mochi_demo_vae_v{_DEMO_FILE_VERSION}.safetensors")
+
+
 def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Write (first time only) and return the demo DiT and VAE files.
 
@@ -172,9 +179,7 @@ def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, 
     Returns:
         (dit_path, vae_path).
     """
-    folder = Path(directory) if directory is not None else demo_dir()
-    dit_path = folder / f"mochi_demo_dit_v{_DEMO_FILE_VERSION}.safetensors"
-    vae_path = folder / f"mochi_demo_vae_v{_DEMO_FILE_VERSION}.safetensors"
+    dit_path, vae_path = demo_paths(directory)
     _write_once(dit_path, lambda: random_dit_state_dict(DEMO_DIT_CONFIG, DEMO_SEED))
     _write_once(vae_path, lambda: {
         **{f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, DEMO_SEED).items()},

@@ -119,6 +119,17 @@ _POS_FREQUENCIES = re.compile(r"(^|\.)pos_frequencies$")
 _LORA = re.compile(r"(lora_up|lora_down|lora_A|lora_B|lora\.up|lora\.down|lora_mid|hada_w\d|lokr_w\d)"
                    r"(\.|_)|\.alpha$|\.dora_scale$")
 
+# Other models' LoRAs, told by module names only they have (dotted, or kohya's underscores), even
+# when some names coincide with Mochi's; the LoRA reader (lora_files.py) refuses them by name. SD3's
+# `transformer_blocks.N.attn` also covers Flux / HunyuanVideo-style files (Mochi has attn1 there).
+LORA_FAMILIES = (
+    (FileKind.FLUX, re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]")),
+    (FileKind.SD_UNET, re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|"
+                                  r"middle_block)[._]|^lora_te\d?_")),
+    (FileKind.WAN, re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn)[._]")),
+    (FileKind.SD3, re.compile(r"(^|[._])transformer_blocks[._]\d+[._]attn[._]")),
+)
+
 _DOUBLE_BLOCK = re.compile(r"(^|\.)double_blocks\.(?P<index>\d+)\.")
 _SINGLE_BLOCK = re.compile(r"(^|\.)single_blocks\.(?P<index>\d+)\.")
 _TRANSFORMER_BLOCK = re.compile(r"(^|\.)transformer_blocks\.(?P<index>\d+)\.")
@@ -306,7 +317,11 @@ def _recognise_lora(header: _Header) -> Recognition | None:
     lora = sum(1 for name in header.names if _LORA.search(name))
     if not header.names or lora < LORA_SHARE * len(header.names):
         return None
-    target = " for a Mochi DiT" if any("qkv_x" in name or "mod_x" in name for name in header.names) else ""
+    families = [kind for kind, pattern in LORA_FAMILIES if any(pattern.search(name) for name in header.names)]
+    if families:
+        target = f" for {families[0].description}"
+    else:
+        target = " for a Mochi DiT" if any("qkv_x" in name or "mod_x" in name for name in header.names) else ""
     return Recognition(FileKind.LORA, detail=f"{lora} LoRA tensors{target}")
 
 

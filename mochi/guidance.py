@@ -155,34 +155,41 @@ class GuidedDiT:
         return sigmas
 
     @torch.no_grad()
-    def denoised(self, latent: torch.Tensor, sigmas: Sequence[float], scale: float) -> torch.Tensor:
+    def denoised(self, latent: torch.Tensor, sigmas: Sequence[float], scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """ComfyUI's denoised x0 of the guided prediction, every sample of a batch.
 
         Args:
             latent: [B, 12, T, H, W] model-space noisy latent x_t.
             sigmas: one sigma per sample (or one for all).
             scale: CFG scale; 1 skips the unconditional pass.
+            out: where to write the result ([B, 12, T, H, W] fp32, any device: a rank passes the
+                driver's shared buffer), or None for a new tensor on the DiT's device.
 
         Returns:
-            [B, 12, T, H, W] fp32 x0 = x_t + sigma * (u + scale * (c - u)).
+            [B, 12, T, H, W] fp32 x0 = x_t + sigma * (u + scale * (c - u)) (`out` when given).
         """
         sigmas = self._per_sample_sigmas(latent, sigmas)
-        out = torch.empty(latent.shape, dtype=torch.float32, device=self.device)  # [B, 12, T, H, W]
+        if out is None:
+            out = torch.empty(latent.shape, dtype=torch.float32, device=self.device)  # [B, 12, T, H, W]
         for b, sigma in enumerate(sigmas):
             sample = latent[b : b + 1].to(self.device, torch.float32)  # [1, 12, T, H, W]
             out[b : b + 1] = denoised_from_prediction(sample, sigma, self.prediction(sample, sigma, scale))
         return out
 
     @torch.no_grad()
-    def denoised_branches(self, latent: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    def denoised_branches(self, latent: torch.Tensor, sigmas: Sequence[float],
+                          out: torch.Tensor | None = None) -> torch.Tensor:
         """Both branches' denoised x0 unguided, for samplers that combine them themselves
-        (ComfyUI's cfg_pp samplers and CFG hooks need the unconditional x0 too).
+        (ComfyUI's cfg_pp samplers and CFG hooks need the unconditional x0 too). `out`: as in
+        `denoised`, [2, B, 12, T, H, W].
 
         Returns:
             [2, B, 12, T, H, W] fp32: index 0 conditional, 1 unconditional.
         """
         sigmas = self._per_sample_sigmas(latent, sigmas)
-        out = torch.empty((2, *latent.shape), dtype=torch.float32, device=self.device)  # [2, B, 12, T, H, W]
+        if out is None:
+            out = torch.empty((2, *latent.shape), dtype=torch.float32, device=self.device)  # [2, B, 12, T, H, W]
         for b, sigma in enumerate(sigmas):
             sample = latent[b : b + 1].to(self.device, torch.float32)  # [1, 12, T, H, W]
             cond, uncond = self.branches(sample, sigma, with_uncond=True)

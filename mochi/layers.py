@@ -21,7 +21,6 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores (torch._scaled_mm): Ada 8.9, Hopper 9.0, Blackwell
 FP8_MATMUL_ALIGNMENT = 16  # _scaled_mm needs K and N divisible by 16
 FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)  # activations that may go through fp8
-FP8_QUANTISE_CHUNK = 2**24  # elements scaled at a time: the only temporary beside the fp8 copy (32 MB bf16)
 
 
 class Fp8Compute(str, Enum):
@@ -68,21 +67,44 @@ def quantise_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weight.float() / scale).to(FP8), scale.reshape(())
 
 
+def activation_scale(rows: torch.Tensor) -> torch.Tensor:
+    """The per-tensor fp8 scale of non-empty activations: the power of two at or above absmax / 448
+    (fp32 scalar). Scaling by a power of two is exact in any float dtype, and absmax / scale stays
+    below 448 * (1 + 2^-20), well under 480 where float8_e4m3fn overflows, so no clamp is needed."""
+    absmax = torch.linalg.vector_norm(rows, ord=float("inf")).float().clamp(min=1e-30)  # one read, no |x| copy
+    return torch.exp2(torch.ceil(torch.log2(absmax / FP8_MAX)))  # fp32 scalar, a power of two
+
+
+def quantise_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] bf16/fp16 (M > 0) -> ([M, K] float8_e4m3fn, fp32 scalar scale), rows ~ fp8 * scale.
+
+    Two reads of x and one fp8 write: the absmax, then one fused multiply whose result is stored
+    straight as fp8 (`mul(out=fp8)`: on CUDA TensorIterator casts inside the kernel, no temporary;
+    the CPU builds a temporary in x's dtype, which only tests and the planner ever run)."""
+    scale = activation_scale(rows)
+    quantised = torch.empty(rows.shape, dtype=FP8, device=rows.device)  # [M, K]
+    torch.mul(rows, 1.0 / scale, out=quantised)  # exact scaling, one rounding to fp8
+    return quantised, scale
+
+
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, fast_accumulation: bool = False) -> torch.Tensor:
     """y = x @ (weight * scale_weight)^T + bias with x quantised per tensor to fp8.
 
     The activation scale is the power of two at or above absmax / 448, so scaling x is exact in
-    its own dtype and the fp8 rounding is the only change to it. Rows are scaled a chunk at a time
-    into one fp8 copy of x, so the extra memory is about a byte per element of x (the cast path's
-    extra is the weight in x's dtype; the planner counts that one).
+    its own dtype and the fp8 rounding is the only change to it (`quantise_activations`). The extra
+    memory is the fp8 copy of x, a byte per element (the planner counts it). Zero rows (an empty
+    negative prompt's text stream) give an empty result without computing a scale.
 
     Args:
-        x: [..., K] bf16 or fp16 activations.
+        x: [..., K] bf16 or fp16 activations (any number of rows, zero included).
         weight: [N, K] float8_e4m3fn (row-major; its transpose is the column-major operand
             `_scaled_mm` wants).
         scale_weight: fp32 scalar.
         bias: [N] or None.
+        fast_accumulation: `_scaled_mm`'s use_fast_accum (Hopper: faster, fewer accumulator bits
+            between rescales); off by default until a GPU run shows it keeps the tolerance
+            (bench/gpu_acceptance.py reports both).
 
     Returns:
         [..., N] in x's dtype: the product of the dequantised fp8 operands accumulated in fp32 and
@@ -90,18 +112,15 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
         (at most 2^-4 relative per element).
     """
     *lead, K = x.shape
+    N = weight.shape[0]
     rows = x.reshape(-1, K)  # [M, K]
-    absmax = torch.linalg.vector_norm(rows, ord=float("inf")).float().clamp(min=1e-30)  # no |x| temporary
-    scale_x = torch.exp2(torch.ceil(torch.log2(absmax / FP8_MAX)))  # fp32 scalar, a power of two
-    inverse = (1.0 / scale_x).to(x.dtype)
-    quantised = torch.empty(rows.shape, dtype=FP8, device=x.device)  # [M, K]
-    step = max(1, FP8_QUANTISE_CHUNK // K)
-    for start in range(0, rows.shape[0], step):
-        quantised[start : start + step] = (rows[start : start + step] * inverse).clamp_(-FP8_MAX, FP8_MAX)
+    if rows.shape[0] == 0:  # the inf-norm of an empty tensor raises; nothing to multiply
+        return x.new_empty(*lead, N)
+    quantised, scale_x = quantise_activations(rows)  # [M, K] fp8, fp32 scalar
     bias = None if bias is None else bias.to(x.dtype)
     out = torch._scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
-                           bias=bias, out_dtype=x.dtype)  # [M, N]
-    return out.reshape(*lead, weight.shape[0])
+                           bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accumulation)  # [M, N]
+    return out.reshape(*lead, N)
 
 
 @dataclass(frozen=True)

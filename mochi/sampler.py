@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .constants import LATENT_CHANNELS, PATCH_SIZE, SIZE_MULTIPLE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from .constants import DEFAULT_CFG, DEFAULT_STEPS, LATENT_CHANNELS, PATCH_SIZE, SIZE_MULTIPLE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from .guidance import GuidedDiT, default_compute_dtype, guided_combine  # noqa: F401 (default_compute_dtype: re-exported)
 from .latent import comfy_noise, is_empty_latent, to_model_space, to_vae_space
 from .schedule import SCHEDULES, cfg_schedule, sigma_schedule
@@ -21,18 +21,28 @@ from .step_cache import CacheStats, Evaluation, StepCache, StepCacheSpec
 from .text import TextCondition
 
 
+class VideoSizeError(ValueError):
+    """A video size Mochi cannot make; `dimension` is "width", "height" or "frames" (a front door names
+    its own input)."""
+
+    def __init__(self, dimension: str, message: str):
+        self.dimension = dimension
+        super().__init__(message)
+
+
 def latent_shape_for_video(width: int, height: int, frames: int, batch: int = 1) -> tuple[int, int, int, int, int]:
-    """[B, 12, T, H/8, W/8] for a video of `frames` = 6T - 5 frames, checking Mochi's size rules."""
+    """[B, 12, T, H/8, W/8] for a video of `frames` = 6T - 5 frames, checking Mochi's size rules
+    (VideoSizeError says which dimension and the nearest sizes that work)."""
     if frames < 1 or (frames - 1) % TEMPORAL_COMPRESSION:
         lower = max(1, (frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1)
-        raise ValueError(
-            f"frames={frames}: Mochi makes 6k+1 frames; use {lower} or {lower + TEMPORAL_COMPRESSION}"
+        raise VideoSizeError(
+            "frames", f"frames={frames}: Mochi makes 6k+1 frames; use {lower} or {lower + TEMPORAL_COMPRESSION}"
         )
     for name, value in (("width", width), ("height", height)):
         if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
             lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-            raise ValueError(
-                f"{name}={value} must be a multiple of {SIZE_MULTIPLE}; use {lower} or {lower + SIZE_MULTIPLE}"
+            raise VideoSizeError(
+                name, f"{name}={value} must be a multiple of {SIZE_MULTIPLE}; use {lower} or {lower + SIZE_MULTIPLE}"
             )
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
@@ -82,8 +92,8 @@ class SampleRequest:
     latent_shape: tuple[int, ...] | None = None
     init_latent: torch.Tensor | None = None
     seed: int = 0
-    steps: int = 64
-    cfg: float | tuple[float, ...] = 4.5
+    steps: int = DEFAULT_STEPS
+    cfg: float | tuple[float, ...] = DEFAULT_CFG
     schedule: str = "linear_quadratic"
     denoise: float = 1.0
     cache: StepCacheSpec | None = None
@@ -105,7 +115,7 @@ class SampleRequest:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**64)")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps={self.steps!r} must be a positive integer (Mochi's default is 64)")
+            raise ValueError(f"steps={self.steps!r} must be a positive integer (Mochi's default is {DEFAULT_STEPS})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if not (isinstance(self.denoise, (int, float)) and 0.0 < self.denoise <= 1.0):
@@ -115,7 +125,7 @@ class SampleRequest:
         cfg_schedule(self.cfg, self.steps)  # raises on a wrong length or a negative scale
         if self.cache is not None and not isinstance(self.cache, StepCacheSpec):
             raise TypeError(
-                f"cache must be a StepCacheSpec (e.g. StepCacheSpec(StepCacheKind.TEACACHE, 0.06)) or None "
+                f"cache must be a StepCacheSpec (e.g. StepCacheSpec.default(StepCacheKind.TEACACHE)) or None "
                 f"for no step caching, got {type(self.cache).__name__}"
             )
 

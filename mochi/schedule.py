@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .constants import SCHEDULE_NAMES
+from .constants import DEFAULT_CFG, SCHEDULE_NAMES
 
 COMFY_FLOW_SHIFT = 6.0  # ComfyUI supported_models.GenmoMochi.sampling_settings
 COMFY_FLOW_TIMESTEPS = 1000
@@ -100,7 +100,7 @@ def cfg_schedule(cfg: float | Sequence[float], steps: int) -> list[float]:
             raise ValueError(f"the cfg list has {len(scales)} entries but there are {steps} steps; give one per step")
     for value in scales:
         if not value >= 0.0:  # also rejects NaN
-            raise ValueError(f"cfg={value} must be >= 0 (1 disables guidance, Mochi's default is 4.5)")
+            raise ValueError(f"cfg={value} must be >= 0 (1 disables guidance, Mochi's default is {DEFAULT_CFG})")
     return scales
 
 

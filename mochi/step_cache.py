@@ -39,6 +39,9 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from .constants import DEFAULT_CACHE_THRESHOLD
+from .parallel.collective import collective
+
 # TeaCache4Mochi's rescaling polynomial of the relative L1 change, highest power first.
 TEACACHE_MOCHI_COEFFICIENTS = (-3.51241319e03, 8.11675948e02, -6.09400215e01, 2.42429681e00, 3.05291719e-03)
 # The polynomial rises from 0 to its first maximum (0.0975) at a relative change of 0.10760, falls
@@ -55,9 +58,8 @@ class StepCacheKind(Enum):
 
     @property
     def default_threshold(self) -> float:
-        """TeaCache: 0.06, published for Mochi as ~1.5x (0.09: ~2.1x; 848x480x163, 64 steps, one A800).
-        First block: 0.06, ParaAttention's default for Mochi."""
-        return 0.06
+        """The published Mochi setting of both kinds (constants.DEFAULT_CACHE_THRESHOLD)."""
+        return DEFAULT_CACHE_THRESHOLD
 
 
 MAX_THRESHOLD = 1.0  # TeaCache adds at most ~0.1 per step, so 1 already allows runs of ~10 skips
@@ -71,7 +73,7 @@ class StepCacheSpec:
         kind: StepCacheKind.TEACACHE or StepCacheKind.FIRST_BLOCK.
         threshold: skip while the (accumulated, for TeaCache) relative change stays under this.
             0 never skips; higher skips more steps and drifts further from the uncached result.
-            TeaCache's published Mochi settings: 0.06 (~1.5x), 0.09 (~2.1x).
+            TeaCache's published Mochi settings: constants.DEFAULT_CACHE_THRESHOLD (~1.5x), 0.09 (~2.1x).
     """
 
     kind: StepCacheKind
@@ -263,7 +265,8 @@ class StepCache:
         sums = torch.tensor([difference, reference], dtype=torch.float64, device=self.ctx.device)  # [2]
         for group, degree in ((self.ctx.sp_group, self.ctx.sp_degree), (self.ctx.cfg_group, self.ctx.cfg_degree)):
             if group is not None:  # sequence shards first, then the CFG halves
-                dist.all_reduce(sums, group=group)
+                with collective("step-cache all_reduce"):  # a peer that died or stopped: CollectiveError
+                    dist.all_reduce(sums, group=group)
                 self.ctx.sent_bytes["step_cache"] += 2 * (degree - 1) * sums.numel() * sums.element_size() // degree
         difference, reference = sums.tolist()
         return difference, reference

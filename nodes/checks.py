@@ -11,15 +11,11 @@ files, degrees, dtypes and capacity are the resolver's (`workers/options.py`), s
 import os
 import re
 
-from ..mochi.constants import LATENT_CHANNELS, NUM_HEADS
+from ..mochi.constants import LATENT_CHANNELS
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 DIT_FOLDER = "diffusion_models"
 VAE_FOLDER = "vae"
-MAX_WORLD_SIZE = 1024
-AUTO_DEGREE = 0  # a degree input of 0 means "choose automatically"
-
-
 
 class QueueTimeError(ValueError):
     """A bad input found by VALIDATE_INPUTS. Raised rather than returned: ComfyUI repeats a returned
@@ -79,50 +75,6 @@ def resolve_model_file(name, folder: str) -> tuple[str | None, str | None]:
     return path, None
 
 
-def int_problem(name: str, value, minimum: int, maximum: int) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return f"{name} must be an integer, got {value!r}"
-    if not minimum <= value <= maximum:
-        return f"{name}={value} is outside [{minimum}, {maximum}]"
-    return None
-
-
-def float_problem(name: str, value, minimum: float, maximum: float) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{name} must be a number, got {value!r}"
-    if not minimum <= value <= maximum:  # also refuses NaN
-        return f"{name}={value} is outside [{minimum}, {maximum}]"
-    return None
-
-
-def choice_problem(name: str, value, choices) -> str | None:
-    if value not in choices:
-        return f"{name}={value!r} is not one of {', '.join(map(str, choices))}"
-    return None
-
-
-def degrees_problem(world_size, ulysses_degree, ring_degree, cfg_degree, num_heads: int = NUM_HEADS) -> str | None:
-    """Check the degree inputs (0 = automatic), through the resolver's one rule."""
-    from ..workers.options import OptionsError, resolve_degrees
-
-    for name, value, low in (("world_size", world_size, 1), ("ulysses_degree", ulysses_degree, 0),
-                             ("ring_degree", ring_degree, 0), ("cfg_degree", cfg_degree, 0)):
-        problem = int_problem(name, value, low, MAX_WORLD_SIZE)
-        if problem:
-            return problem
-    try:
-        resolve_degrees(world_size, degree_choice(cfg_degree), degree_choice(ulysses_degree),
-                        degree_choice(ring_degree), num_heads)
-    except OptionsError as error:
-        return str(error)
-    return None
-
-
-def degree_choice(value: int) -> int | None:
-    """A degree widget's value for the resolver: 0 means automatic."""
-    return None if value == AUTO_DEGREE else value
-
-
 def latent_problem(latent) -> str | None:
     """A LATENT dict holding a Mochi video latent [B, 12, T, H, W] with even H and W."""
     import torch
@@ -135,6 +87,9 @@ def latent_problem(latent) -> str | None:
             f"the latent has shape {tuple(samples.shape)}, not a Mochi video latent [B, {LATENT_CHANNELS}, T, H, W]; "
             "use EmptyMochiLatentVideo (or a latent made by a Mochi VAE)"
         )
+    if min(samples.shape[0], samples.shape[2], samples.shape[3], samples.shape[4]) < 1:
+        return (f"the latent has shape {tuple(samples.shape)}: no frames or no pixels; set EmptyMochiLatentVideo's "
+                "length to 1 or more (1 + 6k frames) and width, height and batch_size to at least 16, 16, 1")
     if samples.shape[3] % 2 or samples.shape[4] % 2:
         return (
             f"latent height/width {samples.shape[3]}x{samples.shape[4]} must be even (video size a "

@@ -1,29 +1,21 @@
 """MochiTiledVAEDecode: decodes a Mochi LATENT to video frames on the rank pool."""
 
-from . import checks
 from ..mochi.constants import SPATIAL_COMPRESSION
+from ..workers.option_table import Door, node_inputs, widget_problem
+from . import checks
 from .comfy_types import frames_to_image, latent_samples
 from .handle import POOL_TYPE
 from .runs import run_decode
 
-TILING_MODES = ("auto", "manual", "off")
 PIXELS_PER_LATENT = SPATIAL_COMPRESSION  # tile sizes are given in output pixels, multiples of this
-MIN_TILE, MAX_TILE = 32, 4096
-MAX_OVERLAP = 1024
-MAX_FRAME_CHUNK = 1024
 
 
 def decode_problem(tiling, tile_size, tile_overlap, frame_chunk) -> str | None:
     """Checks of the tiling widgets; None values (linked inputs) are checked at run time."""
-    for value, check in (
-        (tiling, lambda: checks.choice_problem("tiling", tiling, TILING_MODES)),
-        (tile_size, lambda: checks.int_problem("tile_size", tile_size, MIN_TILE, MAX_TILE)),
-        (tile_overlap, lambda: checks.int_problem("tile_overlap", tile_overlap, 0, MAX_OVERLAP)),
-        (frame_chunk, lambda: checks.int_problem("frame_chunk", frame_chunk, 1, MAX_FRAME_CHUNK)),
-    ):
-        problem = None if value is None else check()
-        if problem:
-            return problem
+    problem = widget_problem(Door.DECODE, dict(tiling=tiling, tile_size=tile_size, tile_overlap=tile_overlap,
+                                               frame_chunk=frame_chunk))
+    if problem:
+        return problem
     if tiling == "manual" and None not in (tile_size, tile_overlap):
         if tile_size % PIXELS_PER_LATENT or tile_overlap % PIXELS_PER_LATENT:
             return (f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of "
@@ -65,28 +57,13 @@ class MochiTiledVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
+        widgets = node_inputs(Door.DECODE)
         return {
             "required": {
                 "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader (its VAE decodes)."}),
                 "samples": ("LATENT", {
                     "tooltip": "A Mochi video latent in VAE space: MochiXDiTSampler's output or any Mochi LATENT."}),
-                "tiling": (list(TILING_MODES), {
-                    "default": "auto",
-                    "tooltip": "auto: tile sizes chosen to bound memory. manual: use the three values below. "
-                               "off: decode everything at once (most memory)."}),
-                "tile_size": ("INT", {
-                    "default": 256, "min": MIN_TILE, "max": MAX_TILE, "step": PIXELS_PER_LATENT,
-                    "tooltip": "manual: tile width and height in output pixels (multiple of 8). Smaller tiles "
-                               "use less memory and take a little longer."}),
-                "tile_overlap": ("INT", {
-                    "default": 64, "min": 0, "max": MAX_OVERLAP, "step": PIXELS_PER_LATENT,
-                    "tooltip": "manual: output pixels shared by neighbouring tiles and blended (multiple of 8, "
-                               "at most half of tile_size); more overlap hides seams better and costs time."}),
-                "frame_chunk": ("INT", {
-                    "default": 2, "min": 1, "max": MAX_FRAME_CHUNK, "step": 1,
-                    "tooltip": "manual: latent frames decoded per chunk (each makes 6 video frames); the causal "
-                               "decoder carries state across chunks, so the result is exact. Lower uses less "
-                               "memory."}),
+                **widgets["required"],
             }
         }
 

@@ -5,7 +5,8 @@ import torch
 from . import checks
 from ..mochi.constants import SIZE_MULTIPLE, TEMPORAL_COMPRESSION
 from ..mochi.vae_encoder import nearest_frame_counts, nearest_multiples
-from .decode import MAX_OVERLAP, MAX_TILE, MIN_TILE, PIXELS_PER_LATENT, TILING_MODES
+from ..workers.option_table import Door, node_inputs, widget_problem
+from .decode import PIXELS_PER_LATENT, decode_problem
 from .inputs import POOL_INPUT
 from .runs import run_encode
 
@@ -13,22 +14,12 @@ RGB = 3
 
 
 def encode_tiling_problem(tiling, tile_size, tile_overlap) -> str | None:
-    """Checks of the tiling widgets; None values (linked inputs) are checked at run time."""
-    for value, check in (
-        (tiling, lambda: checks.choice_problem("tiling", tiling, TILING_MODES)),
-        (tile_size, lambda: checks.int_problem("tile_size", tile_size, MIN_TILE, MAX_TILE)),
-        (tile_overlap, lambda: checks.int_problem("tile_overlap", tile_overlap, 0, MAX_OVERLAP)),
-    ):
-        problem = None if value is None else check()
-        if problem:
-            return problem
-    if tiling == "manual" and None not in (tile_size, tile_overlap):
-        if tile_size % PIXELS_PER_LATENT or tile_overlap % PIXELS_PER_LATENT:
-            return (f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of "
-                    f"{PIXELS_PER_LATENT} pixels (one latent cell)")
-        if 2 * tile_overlap > tile_size:
-            return f"tile_overlap={tile_overlap} must be at most half of tile_size={tile_size}; lower the overlap"
-    return None
+    """Checks of the tiling widgets (the table's limits, then the decode node's tile rules); None
+    values (linked inputs) are checked at run time."""
+    problem = widget_problem(Door.ENCODE, dict(tiling=tiling, tile_size=tile_size, tile_overlap=tile_overlap))
+    if problem:
+        return problem
+    return decode_problem(tiling, tile_size, tile_overlap, None)
 
 
 def image_problem(pixels) -> str | None:
@@ -89,19 +80,7 @@ class MochiTiledVAEEncode:
                 "pixels": ("IMAGE", {
                     "tooltip": "Video frames [F, H, W, 3] (GetVideoComponents' images): F = 6k + 1 frames, width "
                                "and height multiples of 16."}),
-                "tiling": (list(TILING_MODES), {
-                    "default": "auto",
-                    "tooltip": "auto: tile sizes chosen to bound memory. manual: the two values below. off: "
-                               "encode whole frames at once (most memory, no seams)."}),
-                "tile_size": ("INT", {
-                    "default": 256, "min": MIN_TILE, "max": MAX_TILE, "step": PIXELS_PER_LATENT,
-                    "tooltip": "manual: tile width and height in pixels (multiple of 8). Every tile holds all "
-                               "frames; smaller tiles use less memory and differ a little more from an untiled "
-                               "encode."}),
-                "tile_overlap": ("INT", {
-                    "default": 64, "min": 0, "max": MAX_OVERLAP, "step": PIXELS_PER_LATENT,
-                    "tooltip": "manual: pixels shared by neighbouring tiles and blended (multiple of 8, at most "
-                               "half of tile_size); more overlap hides seams better and costs time."}),
+                **node_inputs(Door.ENCODE)["required"],
             }
         }
 

@@ -1,9 +1,10 @@
 """MochiXDiTGuider: the rank pool as a GUIDER, for SamplerCustomAdvanced and ComfyUI's custom
 sampling nodes (KSamplerSelect, BasicScheduler, SplitSigmas, RandomNoise, ...)."""
 
+from ..workers.option_table import Door, node_inputs, widget_problem
 from . import checks
 from .comfy_types import conditioning_to_text
-from .inputs import CFG_INPUT, MAX_CFG, NEGATIVE_INPUT, POOL_INPUT, POSITIVE_INPUT
+from .inputs import NEGATIVE_INPUT, POOL_INPUT, POSITIVE_INPUT
 
 
 class MochiXDiTGuider:
@@ -24,18 +25,18 @@ class MochiXDiTGuider:
                 "pool": POOL_INPUT,
                 "positive": POSITIVE_INPUT,
                 "negative": NEGATIVE_INPUT,
-                "cfg": CFG_INPUT,
+                **node_inputs(Door.GUIDER)["required"],
             }
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, cfg):
-        return checks.refuse(checks.float_problem("cfg", cfg, 0.0, MAX_CFG) if cfg is not None else None)
+        return checks.refuse(widget_problem(Door.GUIDER, {"cfg": cfg}))
 
     def get_guider(self, pool, positive, negative, cfg):
         from .comfy_sampling import PoolGuider  # imports ComfyUI
 
-        problem = checks.float_problem("cfg", cfg, 0.0, MAX_CFG)
+        problem = widget_problem(Door.GUIDER, {"cfg": cfg}) or (None if cfg is not None else "cfg is missing")
         if problem:
             raise ValueError(problem)
         guider = PoolGuider(pool, conditioning_to_text(positive, "positive"), conditioning_to_text(negative, "negative"))

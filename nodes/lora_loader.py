@@ -5,28 +5,30 @@ exactly the LoRAs on its link for that run (a low-rank addition at call time, sw
 milliseconds), so a prompt without this node runs the base model.
 """
 
+from ..workers.option_table import Door, node_inputs, widget_problem
 from . import checks
 from .handle import POOL_TYPE
 
 LORA_FOLDER = "loras"
-MAX_STRENGTH = 10.0
 
 
-def lora_problem(lora_name, strength) -> str | None:
-    """Queue-time checks: the file (a safetensors LoRA for Mochi, header only) and the strength."""
-    from ..mochi.lora import LoraError, inspect_lora
+def lora_problem(lora_name, strength, read_header: bool = True) -> str | None:
+    """The checks that need no pool: the strength, the file's name and place, and (read_header) what
+    the file holds (a safetensors LoRA naming Mochi's layers; header only). Its fit to the pool's
+    DiT (widths, depth) is checked when the node runs, where the pool is known."""
+    from ..mochi.lora_files import LoraError, inspect_lora
 
-    if strength is not None:
-        problem = checks.float_problem("strength", strength, -MAX_STRENGTH, MAX_STRENGTH)
-        if problem:
-            return problem
+    problem = widget_problem(Door.LORA, {"strength": strength})
+    if problem:
+        return problem
     path, problem = checks.resolve_model_file(lora_name, LORA_FOLDER)
     if problem:
         return f"lora_name: {problem}"
-    try:
-        inspect_lora(path)
-    except LoraError as error:
-        return f"lora_name {lora_name!r}: {error}"
+    if read_header:
+        try:
+            inspect_lora(path)
+        except LoraError as error:
+            return f"lora_name {lora_name!r}: {error}"
     return None
 
 
@@ -44,14 +46,11 @@ class MochiXDiTLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        widgets = node_inputs(Door.LORA, {"lora_name": checks.safetensors_names(LORA_FOLDER)})
         return {
             "required": {
                 "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader (or another LoRA loader)."}),
-                "lora_name": (checks.safetensors_names(LORA_FOLDER), {
-                    "tooltip": "A Mochi-1 LoRA (.safetensors) from models/loras/."}),
-                "strength": ("FLOAT", {
-                    "default": 1.0, "min": -MAX_STRENGTH, "max": MAX_STRENGTH, "step": 0.01,
-                    "tooltip": "How much of the LoRA to add: 1 as trained, 0 none, negative subtracts it."}),
+                **widgets["required"],
             }
         }
 
@@ -62,11 +61,11 @@ class MochiXDiTLoraLoader:
     def add_lora(self, pool, lora_name, strength):
         from ..workers.options import OptionsError, resolve_lora
 
-        problem = lora_problem(lora_name, strength)
+        problem = lora_problem(lora_name, strength, read_header=False)
         if problem:
             raise ValueError(problem)
         path, _ = checks.resolve_model_file(lora_name, LORA_FOLDER)
-        try:  # the shapes against this pool's DiT (header only)
+        try:  # the file read once: what it holds, and its shapes against this pool's DiT (header only)
             lora = resolve_lora(pool.spec, path, strength)
         except OptionsError as error:
             raise ValueError(f"lora_name {lora_name!r}: {error}") from None

@@ -24,37 +24,37 @@ def open_pool(spec) -> PoolHandle:
     return PoolHandle(spec)
 
 
-def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, *,
-               seed: int, steps: int, cfg: float | tuple[float, ...], schedule: str, denoise: float, progress, cache: str = "off",
-               cache_threshold: float | None = None) -> torch.Tensor:
+def run_sample(handle: PoolHandle, positive: TextCondition, negative: TextCondition, samples: torch.Tensor, plan,
+               progress) -> torch.Tensor:
     """Sample on the pool with the handle's LoRAs; returns VAE-space samples [B, 12, T, H, W] float32 on CPU.
 
     Args:
+        samples: the input LATENT's samples [B, 12, T, H, W] (all zero: start from noise).
+        plan: the resolved run (`workers.run_plan.RunPlan`, on-rank path).
         progress: a `progress.ProgressReporter` (the pool's per-step callback).
-        cfg: one scale, or one per step (a parsed cfg_schedule).
-        cache, cache_threshold: the step cache ("off", "teacache", "first_block").
     """
-    from ..mochi.sampler import SampleRequest
-    from ..workers.options import OptionsError, layout_note, resolve_cache, sequence_problem
+    from ..workers.options import sequence_problem
+    from ..workers.run_plan import layout_note
 
     problem = sequence_problem(handle.spec.parallel, tuple(samples.shape))
     if problem:
         raise ValueError(problem)
-    try:
-        step_cache = resolve_cache(cache, cache_threshold)
-    except OptionsError as error:
-        raise ValueError(str(error)) from None
-    request = SampleRequest(positive=positive, negative=negative, init_latent=samples, seed=seed, steps=steps,
-                            cfg=cfg, schedule=schedule, denoise=denoise, cache=step_cache)
-    note = layout_note(handle.spec.parallel, request.uses_cfg)
-    if note:
-        logger.info(f"Mochi xDiT: {note}")
+    log_notes((layout_note(handle.spec.parallel, plan.uses_cfg),))
+    request = plan.sample_request(positive, negative, init_latent=samples)
     with user_errors():
         pool = pool_for(handle)
         result = pool.run(request, progress, preview=progress.wants_preview, loras=handle.loras)
     if result.cache_stats is not None:
-        logger.info(f"Mochi xDiT: step cache ({cache}, threshold {cache_threshold:g}): {result.cache_stats}")
+        logger.info(f"Mochi xDiT: step cache ({plan.cache.kind.value}, threshold {plan.cache.threshold:g}): "
+                    f"{result.cache_stats}")
     return result.latent.to("cpu", torch.float32)
+
+
+def log_notes(notes) -> None:
+    """The resolvers' notes (the run goes ahead) in ComfyUI's log."""
+    for note in notes:
+        if note:
+            logger.info(f"Mochi xDiT: {note}")
 
 
 def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor:

@@ -25,6 +25,7 @@ from mochi_xdit.mochi.parallel.kernel import (
     attention_with_lse,
     backend_problem,
     choose_backend,
+    kernel_for_keys,
 )
 from mochi_xdit.mochi.planner.counting import Counter
 from mochi_xdit.mochi.planner.simulate import count_step
@@ -199,6 +200,32 @@ def test_torch_cuda_kernels_dispatch_their_op_and_return_lse_per_query(kernel):
         assert attention(q, k, v, kernel=kernel).shape == (B, H, Sq, Dh)
     assert dict(counter.counts.attention_ops) == {TORCH_CUDA_OPS[kernel]: 2}
     assert counter.counts.flops["attention"] == 2 * 4 * B * H * Sq * Sk * Dh
+
+
+@pytest.mark.parametrize("kernel, keys, expected", [
+    (K.TORCH_CUDNN, 1, K.TORCH_FLASH),  # cuDNN refuses s_k == 1 (PyTorch's dispatcher would not pick it)
+    (K.TORCH_CUDNN, 2, K.TORCH_CUDNN),
+    (K.TORCH_CUDNN, 4096, K.TORCH_CUDNN),
+    (K.TORCH_FLASH, 1, K.TORCH_FLASH),
+    (K.FLASH_ATTN_3, 1, K.FLASH_ATTN_3),
+    (K.CPU_FLASH, 1, K.CPU_FLASH),
+])
+def test_a_block_with_one_key_never_reaches_cudnn(kernel, keys, expected):
+    assert kernel_for_keys(kernel, keys) is expected
+
+
+def test_a_ring_block_with_one_valid_key_runs_flash_not_cudnn():
+    """A ring block holding one valid token (and no text) calls attention with Sk = 1."""
+    fake_mode = FakeTensorMode()
+    counter = Counter(fake_mode)
+    with fake_mode, counter:
+        q = torch.empty(1, 9, 3, 64, dtype=BF16, device="cuda").transpose(1, 2)  # [B, H, Sq, Dh]
+        k = v = torch.empty(1, 1, 3, 64, dtype=BF16, device="cuda").transpose(1, 2)
+        out, lse = attention_with_lse(q, k, v, kernel=K.TORCH_CUDNN)
+        assert out.shape == (1, 3, 9, 64) and lse.shape == (1, 3, 9)
+        wide = torch.empty(1, 2, 3, 64, dtype=BF16, device="cuda").transpose(1, 2)
+        attention_with_lse(q, wide, wide, kernel=K.TORCH_CUDNN)
+    assert dict(counter.counts.attention_ops) == {TORCH_CUDA_OPS[K.TORCH_FLASH]: 1, TORCH_CUDA_OPS[K.TORCH_CUDNN]: 1}
 
 
 def _stand_in_flash_module(monkeypatch, name: str, returns_probs: bool):

@@ -56,10 +56,10 @@ def test_cli_video_to_video_on_the_demo_writes_the_input_size_frames_and_fps(tmp
     (lambda p: write_video(p, 7, 64, 48), ["--frames", "6"], r"--frames=6: Mochi encodes 6k \+ 1 frames; use 1 or 7"),
     (lambda p: write_video(p, 7, 64, 48), ["--frames", "13"], r"--frames=13 but .* has 7 frames; use at most 7"),
     (lambda p: write_video(p, 7, 64, 48), ["--width", "128"], r"--width=128 but .* is 64x48; leave --width out"),
-    (lambda p: write_video(p, 7, 64, 48), ["--denoise", "0"], r"--denoise=0.0: use a value in \(0, 1\]"),
+    (lambda p: write_video(p, 7, 64, 48), ["--denoise", "0"], r"--denoise: denoise=0.0 is outside \[0.01, 1.0\]"),
     (lambda p: p.write_bytes(b"not a video") and str(p), [], r"cannot read .* as a video"),
     (None, ["--denoise", "0.5"], r"--denoise=0.5 needs --input-video"),
-    (None, ["--cfg-schedule", "4.5*3"], r"--cfg-schedule: the cfg schedule '4.5\*3' covers 3 steps but steps=8"),
+    (None, ["--cfg-schedule", "4.5*3"], r"--cfg-schedule: cfg_schedule: the cfg schedule '4.5\*3' covers 3 steps but steps=8"),
 ])
 def test_bad_input_videos_and_flags_are_refused_before_any_actor_starts(make, arguments, message, tmp_path, capsys,
                                                                         monkeypatch):
@@ -76,8 +76,8 @@ def test_cfg_schedule_all_ones_plans_like_cfg_1(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCHI_XDIT_DEMO_DIR", str(tmp_path / "demo"))
     args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--world-size", "2", "--steps", "4",
                                           "--cfg-schedule", "1*4", "--output", str(tmp_path / "out.mp4")])
-    plan = cli.plan_run(args)
-    assert plan.cfg == (1.0,) * 4 and plan.parallel.cfg_degree == 1  # no negative pass: no CFG split
+    plan = cli.check_inputs(args)
+    assert plan.run.cfg == (1.0,) * 4 and plan.parallel.cfg_degree == 1  # no negative pass: no CFG split
 
 
 def test_frames_flag_takes_the_first_frames_and_the_video_sets_size_and_fps(tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_frames_flag_takes_the_first_frames_and_the_video_sets_size_and_fps(tmp_
     source = write_video(tmp_path / "in.mp4", frames=13, width=64, height=32, fps=12)
     args = cli.build_parser().parse_args(["generate", "--prompt", "a fox", "--input-video", source, "--frames", "7",
                                           "--output", str(tmp_path / "out.mp4")])
-    plan = cli.plan_run(args)
+    plan = cli.check_inputs(args)
     assert tuple(plan.input_video.frames.shape) == (7, 32, 64, 3) and plan.latent_shape == (1, 12, 2, 4, 8)
-    assert (plan.fps, plan.denoise) == (12, 0.6)
+    assert (plan.fps, plan.run.denoise) == (12, 0.6)
     assert 0.0 <= plan.input_video.frames.min() and plan.input_video.frames.max() <= 1.0

@@ -68,14 +68,66 @@ def test_scaled_mm_differs_from_the_cast_path_by_at_most_fp8_input_rounding():
     assert (y - expected).abs().max() > 0  # the activations really went through fp8
 
 
-def test_scaling_rows_chunk_by_chunk_changes_nothing(monkeypatch):
-    from mochi_xdit.mochi import layers
-
+@pytest.mark.parametrize("rows", [0, 1, 15, 17, 33])  # empty (an empty negative prompt), one, not multiples of 16
+@pytest.mark.parametrize("fast_accumulation", [False, True])
+def test_scaled_mm_takes_any_row_count_within_fp8_input_rounding(rows, fast_accumulation):
     linear = fp8_linear()
-    x = (torch.randn(3, 50, 256, generator=torch.Generator().manual_seed(3)) * 3).to(BF16)
-    whole = scaled_mm_linear(x, linear.weight, linear.scale_weight, linear.bias)
-    monkeypatch.setattr(layers, "FP8_QUANTISE_CHUNK", 7 * 256)  # 7 rows a chunk: 22 chunks, the last short
-    assert torch.equal(scaled_mm_linear(x, linear.weight, linear.scale_weight, linear.bias), whole)
+    x = (torch.randn(1, rows, 256, generator=torch.Generator().manual_seed(rows)) * 3).to(BF16)
+    y = scaled_mm_linear(x, linear.weight, linear.scale_weight, linear.bias, fast_accumulation).float()
+    expected = cast_path(linear, x)
+    assert y.shape == (1, rows, 128)
+    bound = 2.0**-4 * (x.float().abs() @ linear.weight_as(torch.float32).abs().T) + BF16_ROUNDING * expected.abs()
+    assert ((y - expected).abs() <= bound + 1e-6).all()
+
+
+def test_activations_are_quantised_in_two_reads_and_one_fp8_write():
+    """Only the absmax and one fused scale-and-cast touch the [M, K] activations (no |x|, scaled,
+    clamped or chunked copies), and the result equals scale, multiply and cast done separately."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mochi_xdit.mochi.layers import quantise_activations
+
+    rows = (torch.randn(50, 256, generator=torch.Generator().manual_seed(4)) * 3).to(BF16)
+    touched = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            if any(t.numel() == rows.numel() for t in tensors):
+                touched.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        quantised, scale = quantise_activations(rows)
+    assert touched == ["linalg_vector_norm.default", "mul.out"]
+    absmax = rows.float().abs().max()
+    assert scale.item() == 2.0 ** torch.ceil(torch.log2(absmax / 448)).item()
+    assert torch.equal(quantised, (rows * (1 / scale).to(BF16)).to(FP8))
+    assert quantised.float().abs().max() <= 448
+
+
+def test_an_fp8_dit_on_the_scaled_mm_path_runs_an_empty_negative_prompt(monkeypatch):
+    """The fp8 GPU path (forced here: CPU torch has `_scaled_mm` too) with a negative prompt of no
+    valid token: zero text rows reach t5_yproj, qkv_y, proj_y and mlp_y."""
+    from mochi_xdit.mochi import layers
+    from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit
+    from mochi_xdit.mochi.sampler import DenoiseLoop, SampleRequest
+    from mochi_xdit.mochi.text import TextCondition
+
+    multiplied = []
+    real = layers.scaled_mm_linear
+    monkeypatch.setattr(layers, "fp8_compute", lambda *args: Fp8Compute.SCALED_MM)
+    monkeypatch.setattr(layers, "scaled_mm_linear", lambda x, *rest: multiplied.append(x.shape[-2]) or real(x, *rest))
+    model = random_dit(DEMO_DIT_CONFIG, "fp8", "cpu", seed=0)
+    positive = TextCondition(torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(5)),
+                             torch.ones(1, 8, dtype=torch.int64))
+    request = SampleRequest(positive, TextCondition.empty(8), latent_shape=(1, 12, 2, 4, 6), seed=0, steps=1, cfg=4.5)
+    with torch.no_grad():
+        loop = DenoiseLoop(model, request, compute_dtype=BF16, device="cpu")
+        loop.begin()
+        loop.step(0)
+    assert 0 in multiplied and 8 in multiplied  # the empty negative stream went through _scaled_mm
+    assert torch.isfinite(loop.latent).all()
 
 
 def test_linear_on_cpu_keeps_the_cast_path():

@@ -35,8 +35,10 @@ def test_attention_and_fp8_checks_name_the_cpu_paths_and_pass(figures):
     assert attention["kernel"] == attention["ring_kernel"] == "cpu_flash"
     assert attention["ok"] and attention["max_abs_error"] < 1e-4  # fp32 on the CPU
     fp8 = figures["fp8"]
-    assert fp8["compute"] == "cast" and fp8["within_fp8_rounding"]
-    assert 0 < fp8["relative_error"] < 2.0**-4
+    assert fp8["compute"] == "cast" and fp8["within_fp8_rounding"] and fp8["fast_accumulation_within_fp8_rounding"]
+    assert 0 < fp8["relative_error"] < 2.0**-4 and 0 < fp8["fast_accumulation_relative_error"] < 2.0**-4
+    assert fp8["tflops"] > 0 and fp8["fast_accumulation_tflops"] > 0
+    assert "cudnn" in figures  # None on this CPU-only torch
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
@@ -65,11 +67,20 @@ def test_vae_pool_and_nccl_sections_ran_or_say_why_not(figures):
     pool = figures["pool"]
     assert pool["world_size"] == 1 and pool["ranks"] == 1 and pool["device"] == "cpu"
     assert pool["step_seconds"] > 0 and pool["latent_finite"]
-    assert figures["nccl"] == {"skipped": "NCCL runs on GPUs; this run is on the CPU"}
+    conv = figures["vae_conv"]
+    assert conv["rank_keeps"] == "channels_last=False,cudnn_benchmark=False"  # the CPU keeps the default
+    assert len(conv["seconds"]) == 4 and all(seconds > 0 for seconds in conv["seconds"].values())
+    collectives = figures["collectives"]  # the NCCL section's code, rehearsed on gloo
+    assert collectives["backend"] == "gloo" and collectives["ranks"] == 2 and collectives["video"] == "64x48x13"
+    assert collectives["all_to_all_ms_per_block"] > 0 and collectives["bytes_per_rank_per_block"] > 0
+    assert collectives["nccl_p2p_or_nvlink"] is None
+    assert figures["multi_gpu"] == {"skipped": "NCCL runs on GPUs; this run is on the CPU", "estimate_s": 150}
     goals = figures["goals"]
     assert goals["attention_matches_math"] and goals["fp8_within_rounding"]
     assert goals["bf16_fraction_of_peak_ge_0.5"] is None and goals["peaks_within_10_percent"] is None
     assert figures["total_seconds"] > 0 and figures["failed_sections"] == []
+    for key in ("attention", "fp8", "vae", "vae_conv", "pool", "collectives"):  # every section timed
+        assert figures[key]["section_seconds"] > 0 and figures[key]["estimate_s"] > 0
 
 
 def load_script():
@@ -97,3 +108,39 @@ def test_without_a_gpu_the_full_run_says_how_to_rehearse():
     done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no CUDA GPU here; run with --tiny --device cpu" in done.stderr
+
+
+def test_a_kernel_check_raising_type_error_falls_back_and_the_json_line_still_prints(monkeypatch, capsys):
+    """An older FlashAttention-3 build raises TypeError, not RuntimeError: the check records it, the
+    runs fall back, and the JSON line prints (exit status 1)."""
+    script = load_script()
+
+    def old_fa3(*args, **kwargs):
+        raise TypeError("flash_attn_func() got an unexpected keyword argument 'return_attn_probs'")
+
+    monkeypatch.setattr(script, "attention", old_fa3)
+    status = script.main(["--tiny", "--device", "cpu", "--sections", "attention,fp8"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 1
+    attention = figures["attention"]
+    assert attention["ok"] is False and attention["error"].startswith("TypeError: flash_attn_func()")
+    assert "fallback" in attention and figures["fp8"]["within_fp8_rounding"]
+    assert figures["failed_sections"] == ["attention", "attention.fallback"]
+
+
+def test_any_section_or_header_failure_is_recorded_and_the_json_line_prints(monkeypatch, capsys):
+    script = load_script()
+
+    def broken(run):
+        raise TypeError("a section's own bug")
+
+    run = script.Run(script.TINY, torch.device("cpu"), script.InstalledKernels(), "/nonexistent")
+    figures = script.run_sections((script.Section(("new", "part"), 1, broken),
+                                   script.Section(("later",), 1, lambda run: {"ran": True})), run)
+    assert figures["new"]["part"]["error"] == "TypeError: a section's own bug" and figures["later"]["ran"]
+    assert "new.part: FAILED (TypeError)" in capsys.readouterr().err
+
+    monkeypatch.setattr(script.InstalledKernels, "detect", classmethod(lambda cls: broken(None)))
+    status = script.main(["--tiny", "--device", "cpu", "--sections", "fp8"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 1 and figures["error"] == "TypeError: a section's own bug" and figures["failed_sections"] == ["run"]

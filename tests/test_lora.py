@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import save_file
 
 from mochi_xdit.mochi import lora as lora_module
+from mochi_xdit.mochi import lora_files
 from mochi_xdit.mochi.checkpoint import load_dit
 from mochi_xdit.mochi.demo import random_dit_state_dict
 from mochi_xdit.mochi.dit import DiTConfig, MochiDiT
 from mochi_xdit.mochi.layers import Linear
-from mochi_xdit.mochi.lora import (
-    BLOCK_LINEARS, GLOBAL_LINEARS, LoraError, LoraFormat, LoraModulesIgnored, LoraProblem, LoraSpec, LoraSwitch,
-    apply_loras, clear_loras, inspect_lora, linear_shapes, load_lora,
+from mochi_xdit.mochi.lora import LoraSwitch, apply_loras, clear_loras, load_lora
+from mochi_xdit.mochi.lora_files import (
+    BLOCK_LINEARS, GLOBAL_LINEARS, LoraError, LoraFormat, LoraModulesIgnored, LoraProblem, LoraSpec, inspect_lora,
+    linear_shapes,
 )
 from mochi_xdit.mochi.parallel.testing import run_ranks
 
@@ -122,32 +124,13 @@ def test_every_diffusers_linear_maps_onto_one_of_ours(state):
     ours = linear_shapes(build(state))
     for name, module in theirs.named_modules():
         if isinstance(module, torch.nn.Linear):
-            resolved = lora_module._resolve(f"transformer.{name}")
+            resolved = lora_files._resolve(f"transformer.{name}")
             assert not isinstance(resolved, str), f"{name}: {resolved}"
             naming, target, _ = resolved
-            assert naming is lora_module._Naming.DIFFUSERS and target.module in ours, name
+            assert naming is lora_files._Naming.DIFFUSERS and target.module in ours, name
             out_features, in_features = ours[target.module]
             rows = out_features if target.part is None else out_features // 3
             assert (module.out_features, module.in_features) == (rows, in_features), name
-
-
-@pytest.mark.parametrize("text, path, strength", [
-    ("my.safetensors:0.8", "my.safetensors", 0.8),
-    ("my.safetensors:-1.5", "my.safetensors", -1.5),
-    ("my.safetensors", "my.safetensors", 1.0),
-    ("/loras/a:b.safetensors", "/loras/a:b.safetensors", 1.0),
-    ("C:\\loras\\x.safetensors", "C:\\loras\\x.safetensors", 1.0),
-    ("x.safetensors:0", "x.safetensors", 0.0),
-])
-def test_lora_spec_parse(text, path, strength):
-    spec = LoraSpec.parse(text)
-    assert spec.path == os.path.abspath(path) and spec.strength == strength
-
-
-@pytest.mark.parametrize("text", [":0.5", "x.safetensors:nan", "x.safetensors:inf", ""])
-def test_lora_spec_parse_refuses_bad_text(text):
-    with pytest.raises(ValueError):
-        LoraSpec.parse(text)
 
 
 # -- the diffusers oracle --------------------------------------------------------------------
@@ -480,6 +463,23 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path, monkeypatch):
     disguised = tmp_path / "disguised.safetensors"
     disguised.write_bytes(pt.read_bytes())
     expect_error(LoraProblem.PICKLE, disguised, "pickle")
+
+
+def test_every_header_length_reads_as_the_lora_it_is_not_as_a_pickle(tmp_path):
+    """A safetensors file starts with its header's length: lengths 0x0280..0x05ff start 0x80 0x02..0x05,
+    a pickle's protocol mark (a rank-8 file written by bench/lora_swap.py has a 1408-byte header).
+    Every one reads as the genmo LoRA it is; a truncated copy is called truncated, not a pickle."""
+    save_file({"blocks.0.attn.qkv_x.lora_A": torch.zeros(8, 64), "blocks.0.attn.qkv_x.lora_B": torch.zeros(192, 8)},
+              str(tmp_path / "genmo.safetensors"))
+    data = (tmp_path / "genmo.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header, body = data[8:8 + length].rstrip(b" "), data[8 + length:]
+    path = tmp_path / "padded.safetensors"
+    for target in range(0x0280, 0x0600):  # safetensors pads headers with spaces
+        path.write_bytes(struct.pack("<Q", target) + header + b" " * (target - len(header)) + body)
+        assert inspect_lora(path).format is LoraFormat.GENMO, hex(target)
+    path.write_bytes((struct.pack("<Q", 0x0580) + header + b" " * (0x0580 - len(header)) + body)[:200])
+    expect_error(LoraProblem.BAD_FILE, path, "truncated")
 
 
 def test_missing_file_and_unpaired_and_dora_are_refused(tmp_path):

@@ -7,7 +7,10 @@ interrupt flag. The real server is exercised by `tools/run_comfy_e2e.sh`.
 """
 
 import inspect
+import json
 import os
+import shutil
+import subprocess
 import sys
 import types
 
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 
 from mochi_xdit import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, random_dit_state_dict
-from mochi_xdit.nodes.checks import QueueTimeError, degrees_problem, model_name_problem
+from mochi_xdit.nodes.checks import QueueTimeError, model_name_problem
 from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, preview_image
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -167,7 +170,8 @@ def test_node_class_follows_comfyui_v1_schema_rules(fake_comfy, node_id):
     parameters = inspect.signature(function).parameters
     assert set(spec["required"]) <= set(parameters), "FUNCTION must accept every required input"
     validate = inspect.getfullargspec(cls.VALIDATE_INPUTS).args if hasattr(cls, "VALIDATE_INPUTS") else []
-    assert set(validate) - {"cls"} <= set(inputs), "VALIDATE_INPUTS may only name inputs"
+    hidden = set(spec.get("hidden", {}))  # a renamed input kept for saved API prompts (no widget)
+    assert set(validate) - {"cls"} <= set(inputs) | hidden, "VALIDATE_INPUTS may only name inputs"
     # ComfyUI skips its min/max/combo checks for inputs VALIDATE_INPUTS names: ours must be widgets
     linked = {name for name, (kind, _) in inputs.items() if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN")}
     assert not (set(validate) & linked), "VALIDATE_INPUTS must not take linked inputs (they arrive as None)"
@@ -256,7 +260,7 @@ def test_loader_accepts_auto_explicit_and_partly_automatic_degrees(fake_comfy, b
     (dict(weight_dtype="int4"), "weight_dtype='int4' is not one of"),
     (dict(ray_address="http://x y"), "is not a Ray address"),
     (dict(attention_backend="flash_attn"), "attention_backend=flash_attn runs on CUDA GPUs only"),
-    (dict(attention_backend="sdpa"), "attention_backend='sdpa'; use one of auto, torch"),
+    (dict(attention_backend="sdpa"), "attention_backend='sdpa' is not one of auto, torch"),
 ])
 def test_invalid_loader_combination_is_refused_at_queue_time(fake_comfy, big_machine, changes, fragment):
     message = validate_loader(**changes)
@@ -283,10 +287,13 @@ def test_queue_time_problems_are_raised_once_not_returned_per_argument(fake_comf
     assert str(raised.value) == "world_size=0 is outside [1, 1024]"
 
 
-def test_degree_check_uses_mochi_heads_by_default():
-    assert "does not divide 24 heads" in degrees_problem(5, 5, 1, 1)
-    assert degrees_problem(6, 3, 1, 2) is None
-    assert degrees_problem(8, 0, 0, 0) is None
+def test_degree_rule_uses_the_dits_heads():
+    from mochi_xdit.workers.options import OptionsError, resolve_degrees
+
+    with pytest.raises(OptionsError, match="does not divide 24 heads"):
+        resolve_degrees(5, 1, 5, 1, num_heads=24)
+    assert resolve_degrees(6, 2, 3, 1, num_heads=24).world_size == 6
+    assert resolve_degrees(8, None, None, None, num_heads=24).world_size == 8
 
 
 def test_model_name_rules():
@@ -299,7 +306,7 @@ def test_model_name_rules():
 # ---------------------------------------------------------------- sampler validation and types
 
 def validate_sampler(**changes):
-    inputs = dict(seed=0, steps=4, cfg=4.5, schedule="linear_quadratic", denoise=1.0)
+    inputs = dict(seed=0, steps=4, cfg=4.5, sampler_name="euler", scheduler="linear_quadratic", denoise=1.0)
     inputs.update(changes)
     return queue_time_verdict(NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS, **inputs)
 
@@ -315,7 +322,7 @@ def test_invalid_sampler_values_are_refused_not_clamped(fake_comfy, changes, fra
 
 
 def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path(fake_comfy):
-    from mochi_xdit.nodes.sampler import runs_on_ranks
+    from mochi_xdit.workers.run_plan import runs_on_ranks
 
     assert validate_sampler(sampler_name="dpmpp_2m_sde", scheduler="karras") is True
     assert "sampler_name='ddim' is not one of euler" in validate_sampler(sampler_name="ddim")
@@ -323,14 +330,105 @@ def test_sampler_takes_comfyui_samplers_and_refuses_caching_off_the_on_rank_path
     assert "runs on the on-rank path only" in validate_sampler(sampler_name="euler_ancestral", scheduler="simple",
                                                                cache="teacache")
     assert validate_sampler(sampler_name="euler", scheduler="linear_quadratic", cache="teacache") is True
-    assert runs_on_ranks("euler", "simple", {"samples": None})
-    assert not runs_on_ranks("euler", "simple", {"samples": None, "noise_mask": torch.ones(1)})
-    assert not runs_on_ranks("euler", "simple", {"samples": None, "batch_index": [3]})
+    from mochi_xdit.nodes.sampler import masked
+
+    assert runs_on_ranks("euler", "simple", masked({"samples": None}))
+    assert not runs_on_ranks("euler", "simple", masked({"samples": None, "noise_mask": torch.ones(1)}))
+    assert not runs_on_ranks("euler", "simple", masked({"samples": None, "batch_index": [3]}))
     assert not runs_on_ranks("euler", "karras") and not runs_on_ranks("dpmpp_2m_sde", "simple")
 
 
 def test_sampler_inputs_fed_by_links_are_left_for_run_time(fake_comfy):
     assert validate_sampler(seed=None, steps=None) is True
+
+
+# ---------------------------------------------------------------- saved workflows of earlier layouts
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+WEB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "web")
+
+
+def sampler_widget_names() -> list[str]:
+    """The sampler's widgets in the order the frontend makes them (and saves their values)."""
+    from mochi_xdit.workers.option_table import Door, widget_order
+
+    names = []
+    for entry in widget_order(Door.SAMPLER):
+        names += [entry.name, "control_after_generate"] if entry.seed_widget else [entry.name]
+    return names
+
+
+def frontend_remap(values: list, names: list[str], defaults: dict) -> list:
+    """web/widget_layouts.js's remapSamplerWidgets, run by Node (what the browser runs on load)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed (it runs the frontend extension's remapping)")
+    script = (f"import {{ remapSamplerWidgets }} from {json.dumps('file://' + os.path.join(WEB, 'widget_layouts.js'))};"
+              f"console.log(JSON.stringify(remapSamplerWidgets({json.dumps(values)}, {json.dumps(names)}, "
+              f"{json.dumps(defaults)})));")
+    done = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def sampler_values(path: str) -> list:
+    with open(os.path.join(FIXTURES, path)) as f:
+        return next(n["widgets_values"] for n in json.load(f)["nodes"] if n["type"] == "MochiXDiTSampler")
+
+
+def opened(values: list) -> dict:
+    """A saved sampler's values as the node's widgets hold them after loading, by name."""
+    names = sampler_widget_names()
+    defaults = {"cache": "off", "cache_threshold": 0.06, "control_after_generate": "randomize", "cfg_schedule": ""}
+    return dict(zip(names, frontend_remap(values, names, defaults)))
+
+
+def test_the_previous_bundled_workflow_opens_with_its_values_where_they_meant(fake_comfy):
+    """The previous release's UI workflow (schedule + scheduler widgets) against its own API twin,
+    which names every value: after loading, each widget holds the value its name had."""
+    with open(os.path.join(FIXTURES, "before_ksampler_layout_text_to_video_api.json")) as f:
+        meant = {k: v for k, v in json.load(f)["6"]["inputs"].items() if not isinstance(v, list)}
+    widgets = opened(sampler_values("before_ksampler_layout_text_to_video.json"))
+    assert meant.pop("schedule") == "linear_quadratic"  # superseded by scheduler, as the old node did
+    assert {name: widgets[name] for name in meant} == meant
+    assert widgets["control_after_generate"] == "fixed"
+    assert NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**{k: v for k, v in widgets.items()
+                                                                      if k != "control_after_generate"}) is True
+
+
+def test_a_workflow_saved_before_scheduler_existed_keeps_its_schedule(fake_comfy):
+    """The first release saved [seed, control, steps, cfg, schedule, denoise]; its schedule decides
+    the scheduler (the layout before this one opened it at the scheduler's default instead)."""
+    first = sampler_values("first_release_text_to_video.json")
+    assert opened(first) == {"seed": 42, "control_after_generate": "fixed", "steps": 64, "cfg": 4.5,
+                             "sampler_name": "euler", "scheduler": "linear_quadratic", "denoise": 1.0, "cache": "off",
+                             "cache_threshold": 0.06, "cfg_schedule": ""}
+    assert opened([7, "increment", 12, 3.0, "simple", 0.8])["scheduler"] == "simple"
+    cached = opened([7, "fixed", 12, 3.0, "simple", 0.8, "teacache", 0.09])  # the layout with caching only
+    assert (cached["scheduler"], cached["cache"], cached["cache_threshold"], cached["denoise"]) == (
+        "simple", "teacache", 0.09, 0.8)
+
+
+def test_the_bundled_workflow_has_the_current_layout_and_matches_its_api_twin(fake_comfy):
+    root = os.path.dirname(os.path.dirname(__file__))
+    with open(os.path.join(root, "workflows", "mochi_xdit_text_to_video.json")) as f:
+        values = next(n["widgets_values"] for n in json.load(f)["nodes"] if n["type"] == "MochiXDiTSampler")
+    with open(os.path.join(root, "workflows", "api", "mochi_xdit_text_to_video_api.json")) as f:
+        api = {k: v for k, v in json.load(f)["6"]["inputs"].items() if not isinstance(v, list)}
+    assert frontend_remap(values, sampler_widget_names(), {}) == values  # left alone
+    widgets = dict(zip(sampler_widget_names(), values))
+    assert {name: widgets[name] for name in api} == api and "schedule" not in api
+
+
+def test_an_old_api_prompt_with_schedule_runs_with_it_or_is_refused_naming_it(fake_comfy):
+    from mochi_xdit.nodes.sampler import run_choices
+
+    old = dict(seed=1, steps=4, cfg=4.5, schedule="simple", denoise=1.0)  # the first release's API inputs
+    assert NODE_CLASS_MAPPINGS["MochiXDiTSampler"].VALIDATE_INPUTS(**old) is True
+    assert run_choices(old).scheduler == "simple"
+    assert run_choices({**old, "scheduler": "linear_quadratic"}).scheduler == "linear_quadratic"  # scheduler wins
+    assert "schedule='karras' is not one of linear_quadratic, simple" in validate_sampler(schedule="karras")
+    assert "schedule" in NODE_CLASS_MAPPINGS["MochiXDiTSampler"].INPUT_TYPES()["hidden"]  # no widget
 
 
 def clip_text_encode_output(valid_tokens: int, length: int = 256, seed: int = 0):
@@ -388,6 +486,13 @@ def test_dit_file_selected_as_vae_is_refused_with_the_fix(fake_comfy, models_dir
     finally:
         os.remove(target)
     assert "not a Mochi VAE" in message and "Select it in dit_name" in message
+
+
+def test_a_type_error_on_a_rank_is_a_fault_not_a_refused_request():
+    from mochi_xdit.workers.failures import FailureKind, classify
+
+    assert classify(ValueError("steps=0")) is FailureKind.BAD_REQUEST
+    assert classify(TypeError("unsupported operand type(s)")) is FailureKind.RANK_ERROR
 
 
 def test_dead_rank_and_out_of_memory_become_actionable_errors():
@@ -454,7 +559,8 @@ def test_decode_tiling_inputs_are_checked_and_converted_to_latent_cells(fake_com
 
 def test_requests_the_pool_layout_cannot_run_are_refused_and_cfg_1_runs_on_any_pool():
     from mochi_xdit.mochi.parallel.config import ParallelConfig
-    from mochi_xdit.workers.options import layout_note, sequence_problem
+    from mochi_xdit.workers.options import sequence_problem
+    from mochi_xdit.workers.run_plan import layout_note
 
     cfg_split = ParallelConfig(2, cfg_degree=2)
     assert "cfg_degree 1" in layout_note(cfg_split, uses_cfg=False)  # runs, with one line saying what is faster
@@ -462,6 +568,13 @@ def test_requests_the_pool_layout_cannot_run_are_refused_and_cfg_1_runs_on_any_p
     assert sequence_problem(cfg_split, (1, 12, 2, 4, 6)) is None
     ring8 = ParallelConfig(8, ring_degree=8)
     assert "4 tokens" in sequence_problem(ring8, (1, 12, 1, 4, 4))
+    assert "0 frames" in sequence_problem(ParallelConfig(1), (1, 12, 0, 4, 4))  # not "0 tokens over 1 rank"
+
+
+def test_a_latent_without_frames_is_refused_saying_so():
+    from mochi_xdit.nodes.checks import latent_problem
+
+    assert "no frames or no pixels" in latent_problem({"samples": torch.zeros(1, 12, 0, 60, 106)})
 
 
 def test_pack_loads_from_a_custom_nodes_folder_with_another_name(tmp_path, fake_comfy):

@@ -86,3 +86,46 @@ def test_xfuser_backend_without_xfuser_installed_names_the_install_line():
 def test_unknown_attention_backend_lists_the_choices():
     with pytest.raises(ValueError, match="use one of auto, torch, flash_attn, flash_attn_3, xfuser"):
         AttentionConfig("flash")
+
+
+
+def _xfuser_groups_on_rank(layouts: list[tuple[int, int, int]]) -> list[dict]:
+    """Build layouts (cfg, ulysses, ring) with the xfuser backend against a stand-in xfuser /
+    yunchang (the real ones need a GPU to import); report the groups handed to yunchang."""
+    import sys
+    import types
+
+    handed = {}
+    globals_module = types.ModuleType("yunchang.globals")
+    globals_module.PROCESS_GROUP = types.SimpleNamespace(ULYSSES_PG="unset", RING_PG="unset")
+
+    class LongContextAttention:
+        def __init__(self, ring_impl_type):
+            pg = globals_module.PROCESS_GROUP
+            handed.update(ulysses=pg.ULYSSES_PG, ring=pg.RING_PG)
+
+    attention_module = types.ModuleType("xfuser.core.long_ctx_attention")
+    attention_module.xFuserLongContextAttention = LongContextAttention
+    sys.modules.update({"yunchang": types.ModuleType("yunchang"), "yunchang.globals": globals_module,
+                        "xfuser": types.ModuleType("xfuser"), "xfuser.core": types.ModuleType("xfuser.core"),
+                        "xfuser.core.long_ctx_attention": attention_module})
+    config = AttentionConfig(AttentionBackend.XFUSER, installed=InstalledKernels(xfuser=True, cuda_capability=(9, 0)),
+                             device_type="cuda")
+    reports = []
+    for cfg, ulysses, ring in layouts:
+        ctx = ParallelContext(ParallelConfig(world_size=cfg * ulysses * ring, cfg_degree=cfg, ulysses_degree=ulysses,
+                                             ring_degree=ring), device="cpu", attention=config)
+        reports.append({name: None if group is None else dist.get_process_group_ranks(group)
+                        for name, group in handed.items()})
+        ctx.close()
+    return reports
+
+
+def test_xfuser_gets_real_groups_never_none_the_whole_world():
+    """yunchang reads a None group as the whole world: with cfg 2 its all-to-all would mix the branches."""
+    from mochi_xdit.mochi.parallel.testing import run_ranks
+
+    layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (cfg, ulysses, ring)
+    rank0, rank1 = run_ranks(_xfuser_groups_on_rank, 2, layouts, timeout_s=120)
+    assert rank0 == [{"ulysses": [0], "ring": [0]}, {"ulysses": [0, 1], "ring": [0]}, {"ulysses": [0], "ring": [0, 1]}]
+    assert rank1 == [{"ulysses": [1], "ring": [1]}, {"ulysses": [0, 1], "ring": [1]}, {"ulysses": [1], "ring": [0, 1]}]

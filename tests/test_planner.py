@@ -157,7 +157,20 @@ def test_full_scale_single_rank_memory_goals_and_fp8_weights():
     assert fp8.weight_bytes < 0.51 * bf16.weight_bytes
     assert bf16.peak_bytes <= 26e9
     assert fp8.peak_bytes <= 16e9
-    assert fp8.activation_peak_bytes >= bf16.activation_peak_bytes  # + a transient bf16 copy per layer
+    assert fp8.activation_peak_bytes >= bf16.activation_peak_bytes  # + the fp8 copy of each Linear's input
+
+
+def test_fp8_counts_the_scaled_mm_path_on_fp8_gpus_and_the_cast_path_before_them():
+    """On Hopper the planner runs what the rank runs: an fp8 copy of each Linear's input (one byte
+    per element) and `_scaled_mm` (its FLOPs counted like any matmul); on Ampere the weight cast."""
+    from mochi_xdit.mochi.parallel.kernel import InstalledKernels
+
+    hopper, ampere = (count_step(ParallelConfig(1), 848, 480, 49, "fp8", installed=InstalledKernels(cuda_capability=c))
+                      for c in ((9, 0), (8, 0)))
+    bf16 = count_step(ParallelConfig(1), 848, 480, 49, "bf16", installed=InstalledKernels(cuda_capability=(8, 0)))
+    assert hopper.flops == ampere.flops == bf16.flops
+    # mlp_x.w2's input [S, 8192] in fp8 outweighs its [3072, 8192] weight in bf16 at this size
+    assert hopper.activation_peak_bytes > ampere.activation_peak_bytes
 
 
 def test_ulysses_divides_activation_memory_about_one_over_n():

@@ -5,6 +5,7 @@ a ComfyUI custom_nodes copy, and nothing left behind after shutdown.
 Ray starts once for the module (it costs seconds); pools are shared where the test allows.
 """
 
+import gc
 import ipaddress
 import json
 import os
@@ -36,7 +37,8 @@ from mochi_xdit.mochi.vae_encoder_tiling import EncodeTileSpec, encode_tiled
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
 from mochi_xdit.workers.actor import RankWorker
 from mochi_xdit.workers.capacity import CapacityError
-from mochi_xdit.workers.failures import FailureKind, PoolError, RunInterrupted
+from mochi_xdit.workers.failures import FailureKind, PoolError, RunInterrupted, rank_behind
+from mochi_xdit.workers.model_files import ModelFileError
 from mochi_xdit.workers.protocol import PoolSpec, Timeouts
 from mochi_xdit.workers.ray_runtime import RayAddressError
 from mochi_xdit.workers.service import MochiService
@@ -202,6 +204,68 @@ def test_cfg_schedule_with_cfg_1_steps_on_a_cfg_split_pool_equals_one_process(ca
     assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
 
 
+def test_two_threads_asking_for_two_specs_wait_for_each_other_instead_of_killing(cache, model_files,
+                                                                                  request_6_steps, oracle):
+    """Thread A samples on spec_a; thread B asks for spec_b meanwhile. B used to kill A's pool mid-run
+    ("the rank's process died"); now B waits for A's run to end (and says so), then rebuilds."""
+    spec_a, spec_b = spec_for(model_files, ulysses=2), spec_for(model_files, cfg=2, ulysses=1)
+    pool_a = cache.acquire(spec_a)
+    a_is_sampling, results, errors = threading.Event(), {}, []
+
+    def thread_a():
+        try:
+            results["a"] = cache.acquire(spec_a).sample(request_6_steps, on_step=lambda r: a_is_sampling.set())
+        except BaseException as error:
+            errors.append(error)
+            a_is_sampling.set()
+
+    def thread_b():
+        a_is_sampling.wait(60)
+        try:
+            results["b"] = cache.acquire(spec_b).sample(request_6_steps)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert errors == [], errors
+    assert (results["a"] - oracle).abs().max().item() <= TOLERANCE
+    assert (results["b"] - oracle).abs().max().item() <= TOLERANCE
+    assert any("waiting for the run on the live pool" in line for line in cache.service.lines)
+    # a caller still holding the replaced pool is told the real cause, not "the rank's process died"
+    with pytest.raises(PoolError, match="the service stopped this pool \\(replaced by a pool for another request") as raised:
+        pool_a.sample(request_6_steps)
+    assert raised.value.kind is FailureKind.STOPPED
+
+
+def test_a_file_replaced_under_a_live_pool_rebuilds_it_and_a_deleted_one_is_one_typed_line(cache, model_files,
+                                                                                           request_6_steps, tmp_path):
+    """A new file renamed over the pool's DiT with the same mtime used to reuse the stale pool (old
+    weights, bit for bit); a deleted file surfaced as a bare FileNotFoundError."""
+    dit = str(tmp_path / "dit.safetensors")
+    shutil.copyfile(model_files[0], dit)
+    spec = spec_for((dit, model_files[1]), ulysses=1)
+    first = cache.acquire(spec)
+    newer = str(tmp_path / "newer.safetensors")
+    save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=5), newer)
+    mtime = os.stat(dit).st_mtime_ns
+    os.utime(newer, ns=(mtime, mtime))
+    os.replace(newer, dit)  # same path, same size, same mtime: only the inode (and content) differ
+    rebuilt = cache.acquire(spec)
+    assert rebuilt is not first and first.dead
+    assert "dit.safetensors was replaced by another file (new inode)" in cache.service.lines[-2]
+    expected = generate(load_dit(dit, "fp32", "cpu"), request_6_steps)
+    assert (rebuilt.sample(request_6_steps) - expected).abs().max().item() <= TOLERANCE
+    os.remove(dit)
+    with pytest.raises(ModelFileError) as raised:
+        cache.acquire(spec)
+    assert str(raised.value) == f"dit file {dit}: no such file now; give the path of the .safetensors file"
+    assert cache.service.current is rebuilt  # refused before anything was touched
+
+
 def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
 
@@ -261,7 +325,8 @@ def test_the_driver_says_once_what_happens_to_the_pool(cache, model_files):
     assert cache.service.lines[-1].startswith("Mochi xDiT: reusing the live pool (2 rank(s) on cpu (cfg 2 x")
 
 
-def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache, model_files, request_6_steps, oracle):
+def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache, model_files, request_6_steps, oracle,
+                                                                          monkeypatch):
     spec = spec_for(model_files, cfg=2, ulysses=1)
     pool = cache.acquire(spec)
     victim = pool.ranks[1].pid
@@ -275,6 +340,8 @@ def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache,
                 os.kill(victim, signal.SIGKILL)
             threading.Thread(target=kill).start()
 
+    unhandled = []  # what Ray would print as "Unhandled error ..." (e.g. the survivor's "step(5) out of order")
+    monkeypatch.setattr(ray._private.worker, "_unhandled_error_handler", unhandled.append)
     with pytest.raises(PoolError) as raised:
         pool.sample(request_6_steps, on_step=kill_during_step_3)
     elapsed = time.monotonic() - killed_at[0]
@@ -289,6 +356,9 @@ def test_sigkilled_rank_gives_pool_error_within_15s_and_next_run_rebuilds(cache,
     assert rebuilt is not pool
     latent = rebuilt.sample(request_6_steps)
     assert (latent - oracle).abs().max().item() <= TOLERANCE
+    gc.collect()  # frees the failed run's references: Ray reports errors nobody retrieved then
+    time.sleep(0.5)
+    assert unhandled == [], unhandled
 
 
 def test_rank_that_stops_answering_gives_pool_error_after_the_step_deadline(cache, model_files, request_6_steps):
@@ -311,9 +381,12 @@ def test_rank_that_stops_answering_gives_pool_error_after_the_step_deadline(cach
     assert cache.acquire(hang_spec) is not pool
 
 
-def test_a_stopped_rank_is_blamed_not_the_peer_whose_collective_timed_out(cache, model_files, request_6_steps):
+def test_a_stopped_rank_is_blamed_not_the_peer_whose_collective_timed_out(cache, model_files, request_6_steps,
+                                                                          monkeypatch):
     """SIGSTOP rank 1 with a step deadline far beyond the collective timeout: rank 0's all-to-all times
-    out first, and the error must still name rank 1, the one that stopped answering."""
+    out first, and the error must still name rank 1, the one that stopped answering. Rank 0's queued
+    next step then fails too ("step(i) out of order"); Ray used to print that as an "Unhandled error"
+    that looked like a second bug."""
     timeouts = Timeouts(start_s=120, load_s=120, step_s=120, call_s=10, collective_s=5)
     spec = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(2, 1, 2, 1, num_heads=HEADS),
                     timeouts=timeouts)
@@ -326,12 +399,92 @@ def test_a_stopped_rank_is_blamed_not_the_peer_whose_collective_timed_out(cache,
             os.kill(victim, signal.SIGSTOP)
             stopped_at.append(time.monotonic())
 
+    unhandled = []  # what Ray would print as "Unhandled error ..."
+    monkeypatch.setattr(ray._private.worker, "_unhandled_error_handler", unhandled.append)
     with pytest.raises(PoolError) as raised:
         pool.sample(request_6_steps, on_step=freeze_rank_1)
+    gc.collect()
+    time.sleep(0.5)
+    assert unhandled == [], unhandled
     assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
     assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
     assert time.monotonic() - stopped_at[0] <= timeouts.collective_s + 15.0
     assert pool.dead and not (psutil.pid_exists(victim) and psutil.Process(victim).status() != "zombie")
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
+
+
+def test_a_peer_stopped_in_a_cached_step_is_blamed_not_the_rank_waiting_in_the_cache_reduction(
+        cache, model_files, request_6_steps):
+    """TeaCache's indicator is summed over the ranks before any block runs, so with rank 1 stopped,
+    rank 0's first collective of the step is the step cache's all_reduce: its timeout must be a
+    collective failure that blames rank 1, as an all-to-all's is."""
+    from mochi_xdit.mochi.step_cache import StepCacheKind, StepCacheSpec
+
+    timeouts = Timeouts(start_s=120, load_s=120, step_s=120, call_s=10, collective_s=5)
+    spec = PoolSpec(model_files[0], model_files[1], "fp32", ParallelConfig(2, 1, 2, 1, num_heads=HEADS),
+                    timeouts=timeouts)  # the previous test's spec: its rebuilt pool is reused
+    pool = cache.acquire(spec)
+    victim = pool.ranks[1].pid
+
+    def freeze_rank_1(report):
+        if report.index == 1:
+            os.kill(victim, signal.SIGSTOP)
+
+    with pytest.raises(PoolError) as raised:
+        pool.sample(replace(request_6_steps, cache=StepCacheSpec(StepCacheKind.TEACACHE, 0.06)),
+                    on_step=freeze_rank_1)
+    assert raised.value.rank == 1 and raised.value.kind is FailureKind.RANK_SILENT, raised.value
+    assert "rank 1 gave no answer, while rank(s) 0 failed waiting for it" in str(raised.value)
+    assert pool.dead
+    assert cache.acquire(spec) is not pool  # rebuilt for the next request
+
+
+@pytest.mark.parametrize("entered, expected", [
+    ({0: 12, 1: 11}, 1),
+    ({0: 11, 1: 12, 2: 12, 3: 13}, 0),
+    ({0: 12, 1: 12}, None),  # in step: nobody behind
+    ({0: 11, 1: 11, 2: 12}, None),  # a tie at the lowest count singles out nobody
+    ({0: 5}, None),
+])
+def test_the_rank_with_fewest_collectives_entered_is_the_one_behind(entered, expected):
+    assert rank_behind(entered) == expected
+
+
+def test_ranks_dying_together_blame_the_one_that_fell_behind(cache, model_files, request_6_steps):
+    """NCCL's watchdog kills every rank waiting in a timed-out collective, so several ranks die at
+    once. Simulated on gloo: rank 1 is stopped, rank 0 runs on into a collective and waits there,
+    then both are SIGKILLed together. The collective counts (files in the rendezvous folder) name
+    rank 1; the blame order alone would name rank 0."""
+    from mochi_xdit.mochi.parallel.collective import ledger_path, read_ledger
+
+    spec = spec_for(model_files, cfg=1, ulysses=2)
+    pool = cache.acquire(spec)
+    pool.sample(replace(request_6_steps, steps=1))
+    folder = pool._rendezvous_dir
+    first = [read_ledger(ledger_path(folder, rank)) for rank in range(2)]
+    assert first[0] == first[1] and first[0][0] == first[0][1] > 0  # in step, nothing in flight
+    victims = [info.pid for info in pool.ranks]
+
+    def kill_both_once_rank_0_waits():
+        deadline = time.monotonic() + 30
+        while read_ledger(ledger_path(folder, 0))[0] == first[0][0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+
+    latent = torch.randn(request_6_steps.latent_shape, generator=torch.Generator().manual_seed(3))
+    killer = threading.Thread(target=kill_both_once_rank_0_waits)
+    with pytest.raises(PoolError) as raised:
+        with pool.evaluations(request_6_steps.positive, request_6_steps.negative) as evaluate:
+            os.kill(victims[1], signal.SIGSTOP)  # idle between calls: stopped outside any collective
+            killer.start()
+            evaluate(latent, 0.5, 4.5)  # one call on both ranks: both die in it
+    killer.join()
+    error = raised.value
+    assert error.rank == 1 and error.kind is FailureKind.RANK_SILENT, error
+    assert error.cause.startswith("rank 1 fell behind: it had entered"), error.cause
+    assert "rank(s) 0, 1 died" in error.cause
+    assert pool.dead
     assert cache.acquire(spec) is not pool  # rebuilt for the next request
 
 
@@ -452,3 +605,42 @@ def test_process_exit_without_shutdown_leaves_no_actor_or_ray_process(comfyui_co
         alive = [pid for pid in left_at_exit if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
         time.sleep(0.2)
     assert alive == [], [psutil.Process(pid).cmdline() for pid in alive]
+
+
+THREAD_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    import torch
+    from mochi_xdit.mochi.parallel.config import ParallelConfig
+    from mochi_xdit.mochi.sampler import SampleRequest
+    from mochi_xdit.mochi.text import TextCondition
+    from mochi_xdit.workers.protocol import PoolSpec
+    from mochi_xdit.workers.service import MochiService
+
+    service = MochiService()
+    spec = PoolSpec(sys.argv[1], None, "fp32", ParallelConfig(1, num_heads=4))
+    first = threading.Thread(target=service.pool, args=(spec,))  # a short-lived caller thread starts Ray
+    first.start()
+    first.join()
+    time.sleep(2)  # Ray's processes used to get their parent-death signal when that thread ended
+    request = SampleRequest(TextCondition(torch.ones(1, 4, 4096), torch.ones(1, 4, dtype=torch.long)),
+                            TextCondition.empty(4), latent_shape=(1, 12, 2, 4, 4), seed=1, steps=2, cfg=4.5)
+    latent = service.pool(spec).sample(request)
+    print("SAMPLED", tuple(latent.shape), os.environ.get("RAY_AUTH_MODE"), flush=True)
+    service.shutdown()
+    print("AUTH_MODE_AFTER", os.environ.get("RAY_AUTH_MODE"), flush=True)
+    """
+)
+
+
+def test_a_pool_started_from_a_thread_that_ended_keeps_working(model_files):
+    """Ray's processes died with the (short-lived) thread that started them, and the next request
+    ended the whole Python process with code 1. Runs with token auth switched off in the caller's
+    environment: the private Ray still turns it on for itself, and puts the setting back."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    result = subprocess.run([sys.executable, "-c", THREAD_SCRIPT, model_files[0]], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    assert "SAMPLED (1, 12, 2, 4, 4) token" in result.stdout
+    assert "AUTH_MODE_AFTER disabled" in result.stdout

@@ -167,3 +167,88 @@ def test_pool_stays_usable_after_an_exception_inside_evaluations(cfg_pool, dit):
             raise KeyError("cancelled by the test")  # e.g. ComfyUI's interrupt between evaluations
     assert not cfg_pool.dead
     assert (cfg_pool.sample(request) - generate(dit, request)).abs().max().item() <= TOLERANCE
+
+
+def test_private_pool_evaluations_share_files_not_the_object_store(cfg_pool, dit, monkeypatch):
+    """A private pool's ranks read the latent from the driver's shared file (written once for both
+    ranks) and rank 0 writes x0 back there: no object store put per evaluation. Results stay the
+    caller's own when later evaluations reuse the buffers or change their shape; the files go at the end."""
+    import glob
+
+    import ray
+
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.workers.shared_latent import SHARED_MEMORY_DIR
+
+    positive, negative = prompts()
+    local = GuidedDiT(dit, positive, negative)
+    x = torch.randn(2, 12, 2, 8, 12, generator=torch.Generator().manual_seed(6))
+    before = set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*"))
+    with cfg_pool.evaluations(positive, negative) as evaluate:
+        monkeypatch.setattr(ray, "put", lambda *args, **kwargs: pytest.fail("a latent went through the object store"))
+        first = evaluate(x, [0.7, 0.4], 4.5)
+        kept = first.clone()
+        second = evaluate(x * 0.5, [0.7, 0.4], 4.5)  # same buffers
+        single = evaluate(x[:1], 0.3, None)  # new shapes, new files
+        assert set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*")) - before  # the block's folder
+    assert torch.equal(first, kept)  # not overwritten by the later evaluations
+    assert (first - local.denoised(x, [0.7, 0.4], 4.5)).abs().max().item() <= TOLERANCE
+    assert (second - local.denoised(x * 0.5, [0.7, 0.4], 4.5)).abs().max().item() <= TOLERANCE
+    assert (single - local.denoised_branches(x[:1], [0.3])).abs().max().item() <= TOLERANCE
+    assert set(glob.glob(f"{SHARED_MEMORY_DIR}/mochi_xdit_latents_*")) == before
+
+
+def _cluster_ranks_evaluate(dit_file: str, latent: np.ndarray, sigmas: list[float]):
+    """A rank of a CFG-split cluster pool (run under `run_ranks`): rank 0 gets the latent, rank 1
+    only its shape, and receives it by broadcast; returns (rank 0's x0 or None, the buffer's pointer
+    before and after a second call, the collectives counted)."""
+    import torch.distributed as dist
+
+    from mochi_xdit.mochi.parallel.layout import ParallelContext
+    from mochi_xdit.workers.shared_latent import BroadcastLatent
+
+    rank = dist.get_rank()
+    spec = PoolSpec(dit_file, None, "fp32", ParallelConfig(2, 2, 1, 1, num_heads=HEADS), device="cpu", cpu_threads=1)
+    worker = RankWorker(rank, spec)
+    worker.ctx = ParallelContext(spec.parallel, "cpu")
+    worker.load()
+    worker.begin_evaluations(EvaluationRequest(*prompts()))
+    given = latent if rank == 0 else BroadcastLatent(latent.shape)
+    out, _ = worker.evaluate(given, sigmas, 4.5)
+    first = worker._latent_buffer.data_ptr()
+    worker.evaluate(given, sigmas, 4.5)
+    reused = worker._latent_buffer.data_ptr() == first
+    return out, reused, worker.ctx.collectives.completed
+
+
+def test_cluster_pool_latent_goes_to_rank_0_only_and_is_broadcast(dit_file, dit):
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.mochi.parallel.testing import run_ranks
+
+    x = torch.randn(2, 12, 2, 8, 12, generator=torch.Generator().manual_seed(9))
+    (out, reused0, count0), (none, reused1, count1) = run_ranks(_cluster_ranks_evaluate, 2, dit_file, x.numpy(),
+                                                                [0.7, 0.4], timeout_s=180)
+    expected = GuidedDiT(dit, *prompts()).denoised(x, [0.7, 0.4], 4.5)
+    assert none is None and reused0 and reused1 and count0 == count1 > 0
+    assert np.abs(out - expected.numpy()).max() <= TOLERANCE
+
+
+def test_a_full_shared_memory_falls_back_to_the_object_store(cfg_pool, dit, monkeypatch):
+    """A container's /dev/shm is often 64 MB: when the buffers do not fit, the space reservation
+    fails (not a SIGBUS at the first write) and the latents go through Ray instead."""
+    import errno
+    import os
+
+    from mochi_xdit.mochi.guidance import GuidedDiT
+    from mochi_xdit.workers import shared_latent
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shared_latent.os, "posix_fallocate", full)
+    positive, negative = prompts()
+    x = torch.randn(1, 12, 2, 8, 12, generator=torch.Generator().manual_seed(10))
+    with cfg_pool.evaluations(positive, negative) as evaluate:
+        first, second = evaluate(x, 0.6, 4.5), evaluate(x, 0.6, 4.5)
+    expected = GuidedDiT(dit, positive, negative).denoised(x, [0.6], 4.5)
+    assert (first - expected).abs().max().item() <= TOLERANCE and torch.equal(first, second)

@@ -21,8 +21,10 @@ from mochi_xdit.workers.ray_runtime import actor_runtime_env
 @pytest.mark.parametrize("private, importable", [(True, True), (False, True), (False, False)])
 def test_actors_get_expandable_segments_not_the_drivers_allocator(private, importable, monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")  # what ComfyUI may run with
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:cudaMallocAsync")  # torch 2.13 reads this name first
     env = actor_runtime_env(private, importable)["env_vars"]
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert env["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
 
 
 def test_release_cached_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
@@ -71,3 +73,11 @@ def test_a_rank_refuses_an_attention_backend_it_cannot_run(demo_spec):
     spec = types.SimpleNamespace(device="cpu", cpu_threads=1, world_size=2, attention_backend="xfuser")
     with pytest.raises(ValueError, match="rank 1: attention_backend=xfuser runs on CUDA GPUs only"):
         RankWorker(1, spec)
+
+
+def test_nccl_ranks_initialise_eagerly_with_their_device():
+    """device_id makes NCCL build its communicator in init_process_group: a bad GPU fails at start."""
+    from mochi_xdit.workers.actor import process_group_backend
+
+    assert process_group_backend(torch.device("cuda", 0)) == ("nccl", torch.device("cuda", 0))
+    assert process_group_backend(torch.device("cpu")) == ("gloo", None)

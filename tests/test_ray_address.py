@@ -45,6 +45,7 @@ def test_an_address_with_nothing_behind_it_fails_in_seconds_naming_what_to_check
     assert time.monotonic() - started < 10
     message = str(raised.value)
     assert f"'127.0.0.1:{port}'" in message and "ray start --head" in message and "left as it was" in message
+    assert "refused the connection" in message and "within" not in message  # answered at once: no wait said
 
 
 def test_auto_without_a_running_cluster_says_so(monkeypatch, tmp_path):
@@ -61,3 +62,18 @@ def test_a_fixed_ray_is_required_and_installed():
             pins = re.findall(r"ray>=(\d+)\.(\d+)", file.read())
         assert pins and all((int(a), int(b)) >= FIXED_RAY for a, b in pins), (name, pins)
     assert tuple(int(part) for part in ray.__version__.split(".")[:2]) >= FIXED_RAY
+
+
+def test_a_ray_connection_the_users_code_made_is_left_up_on_close(monkeypatch):
+    """Ray already initialised by the caller's own code: the pack uses it, and closing the pack's
+    connection must not shut the caller's Ray down."""
+    import ray
+
+    shut = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
+    monkeypatch.setattr(ray_runtime, "package_importable_here", lambda: True)
+    connection = ray_runtime.RayConnection.connect(None)
+    assert not connection.owned and not connection.private
+    connection.close()
+    assert shut == []

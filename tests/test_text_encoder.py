@@ -113,3 +113,31 @@ def test_demo_encoder_is_written_once_and_deterministic(tmp_path):
     second = demo_text_encoder(str(tmp_path)).encode("a cat")
     assert torch.equal(first.features, second.features)
     assert first.num_valid_tokens >= 2
+
+
+def test_the_cli_frees_t5_and_its_gpu_cache_before_the_ranks_load(demo_folder, monkeypatch):
+    """The CLI's encode_prompts returns only after the encoder is gone and the CUDA cache emptied
+    (checked on the CPU as the order of events: on a GPU rank 0 then loads the DiT there)."""
+    import types
+    import weakref
+
+    from mochi_xdit import cli
+    from mochi_xdit.mochi import demo, text_encoder
+
+    events, models = [], []
+
+    def loaded(_cache_dir):
+        encoder = text_encoder.load_text_encoder(demo_folder)
+        models.append(weakref.ref(encoder.model))
+        events.append("loaded")
+        return encoder
+
+    monkeypatch.setattr(text_encoder, "demo_text_encoder", loaded)
+    monkeypatch.setattr(demo, "demo_dir", lambda: demo_folder)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append(
+        "cache emptied, encoder " + ("gone" if models[0]() is None else "alive")))
+    plan = types.SimpleNamespace(demo=True, device="cuda")
+    positive, negative = cli.encode_prompts(plan, "a cat", "")
+    assert events == ["loaded", "cache emptied, encoder gone"]
+    assert int(positive.mask.sum()) > 0 and int(negative.mask.sum()) == 0

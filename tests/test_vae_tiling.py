@@ -235,3 +235,31 @@ def test_tiled_decode_runs_on_meta_tensors():
     video = decode_tiled(demo, z, TileSpec(tile_height=8, tile_width=8, overlap=2, frame_chunk=2))
     assert video.shape == (1, 3, 13, 96, 160) and video.device.type == "meta"
     assert real.decode(z[:, :, :1, :4, :6]).shape == (1, 3, 1, 32, 48)
+
+
+# -- conv3d settings (memory format, cuDNN autotuner): measured on a GPU, default elsewhere --------
+
+
+def test_channels_last_decoder_decodes_the_same_video(decoder):
+    from mochi_xdit.mochi.vae_conv import ConvSettings, apply_memory_format
+
+    latent = torch.randn(1, 12, 3, 4, 6, generator=torch.Generator().manual_seed(8))
+    expected = decoder.decode(latent)
+    fast = apply_memory_format(MochiVAEDecoder(decoder.config).eval(), ConvSettings(channels_last=True))
+    fast.load_state_dict(decoder.state_dict())
+    assert fast.blocks[1].blocks[0].stack[2].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with ConvSettings(True, True).active(), torch.no_grad():
+        assert torch.backends.cudnn.benchmark
+        video = fast.decode(latent)
+    assert not torch.backends.cudnn.benchmark  # restored
+    assert (video - expected).abs().max().item() <= 1e-5
+
+
+def test_conv_settings_are_the_fastest_measured_and_the_default_off_cuda():
+    from mochi_xdit.mochi.vae_conv import ALL_CONV_SETTINGS, ConvSettings, fastest, measure_conv_settings, time_conv3d
+
+    timings = dict(zip(ALL_CONV_SETTINGS, (0.30, 0.25, 0.20, 0.22)))  # (layout, tuned): FF, FT, TF, TT
+    assert fastest(timings) == ConvSettings(channels_last=True, cudnn_benchmark=False)
+    assert fastest(dict.fromkeys(ALL_CONV_SETTINGS, 0.1)) == ConvSettings()  # a tie keeps the default
+    assert measure_conv_settings((1, 8, 4, 10, 10), torch.float32, torch.device("cpu")) == (ConvSettings(), {})
+    assert time_conv3d(ConvSettings(True, False), (1, 8, 4, 10, 10), torch.float32, torch.device("cpu"), 1) > 0

@@ -47,7 +47,7 @@ class InterruptProcessingException(Exception):
 
 def genmo_lora(rank: int, seed: int) -> dict:
     """A genmo-trainer LoRA for the demo DiT: every block's qkv_x / proj_x, bare .lora_A / .lora_B."""
-    from mochi_xdit.mochi.lora import linear_shapes_for
+    from mochi_xdit.mochi.lora_files import linear_shapes_for
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -183,7 +183,7 @@ def small_workflow() -> dict:
 
 def oracle_request(prompt: dict, **extra) -> SampleRequest:
     """The single-process SampleRequest the workflow's sampler (node 6) runs: same prompts, seed,
-    steps, cfg and schedule (its `scheduler` input, which supersedes `schedule`)."""
+    steps, cfg and schedule (its `scheduler` input)."""
     sampler = prompt["6"]["inputs"]
     positive = clip_text_encode(prompt["2"]["inputs"]["text"])[0]
     negative = clip_text_encode(prompt["3"]["inputs"]["text"])[0]
@@ -191,7 +191,7 @@ def oracle_request(prompt: dict, **extra) -> SampleRequest:
         positive=TextCondition(positive[0], positive[1]["attention_mask"]),
         negative=TextCondition(negative[0], negative[1]["attention_mask"]),
         init_latent=torch.zeros(1, 12, 2, 4, 6), seed=sampler["seed"], steps=sampler["steps"], cfg=sampler["cfg"],
-        schedule=sampler.get("scheduler", sampler["schedule"]), denoise=sampler["denoise"], **extra)
+        schedule=sampler["scheduler"], denoise=sampler["denoise"], **extra)
 
 
 @pytest.mark.parametrize("name", ["mochi_xdit_text_to_video", "mochi_xdit_video_to_video"])
@@ -319,7 +319,8 @@ def test_comfyui_freeing_memory_stops_the_pool_and_the_next_prompt_restores_it(c
 def test_lora_and_step_cache_through_the_chain_equal_one_process_and_leave_the_next_prompt_plain(comfy_env):
     """LoRA loader between loader and sampler, first-block cache on: the 2-rank latent equals the single-process
     loop with the same LoRA and cache; the next prompt without the LoRA node runs the base model."""
-    from mochi_xdit.mochi.lora import LoraSpec, LoraSwitch
+    from mochi_xdit.mochi.lora import LoraSwitch
+    from mochi_xdit.mochi.lora_files import LoraSpec
     from mochi_xdit.mochi.sampler import DenoiseLoop
     from mochi_xdit.mochi.step_cache import StepCacheKind, StepCacheSpec
 

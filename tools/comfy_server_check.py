@@ -60,7 +60,7 @@ def write_models(models: Path) -> None:
 
     import_pack()
     from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
-    from mochi_xdit.mochi.lora import linear_shapes_for
+    from mochi_xdit.mochi.lora_files import linear_shapes_for
 
     for folder in ("diffusion_models", "vae", "loras"):
         (models / folder).mkdir(parents=True, exist_ok=True)
@@ -455,7 +455,8 @@ class Checker:
         outcome = queue(self.base, p)
         message = outcome.error
         ok = (outcome.http == 200 and outcome.status == "error" and outcome.wall_s <= 30
-              and "127.0.0.1:1" in message and "ray start --head" in message)
+              and "127.0.0.1:1" in message and "ray start --head" in message
+              and "refused the connection" in message and "within" not in message)  # refused at once
         self.record("e ray_address 127.0.0.1:1", outcome, ok, message[:200])
         outcome = queue(self.base, self.prompt())
         lines = [line for line in self.log_since(offset).splitlines() if "Mochi xDiT:" in line]
@@ -485,6 +486,21 @@ class Checker:
         p = self.prompt()
         p[SAMPLER]["inputs"].update(sampler_name="dpmpp_2m_sde", scheduler="karras", cache="teacache")
         self.refused("h ... + teacache", p, SAMPLER, "cache")
+
+        # o. prompts saved before the sampler's widgets became KSampler's: `schedule` still runs,
+        # a bad one is refused naming it; the LoRA strength has the same limit as the CLI's
+        p = self.prompt()
+        for name in ("sampler_name", "scheduler"):
+            p[SAMPLER]["inputs"].pop(name, None)
+        p[SAMPLER]["inputs"]["schedule"] = "simple"
+        self.good("o old prompt with schedule", p)
+        p = self.prompt()
+        p[SAMPLER]["inputs"].pop("scheduler", None)
+        p[SAMPLER]["inputs"]["schedule"] = "karras"
+        self.refused("o' schedule karras", p, SAMPLER, "schedule='karras'")
+        p = with_lora(self.prompt(), MOCHI_LORA)
+        p[LORA_NODE]["inputs"]["strength"] = 100.0
+        self.refused("o'' LoRA strength 100", p, LORA_NODE, "strength=100.0 is outside")
 
         # i. first-block step cache on the on-rank path
         p = self.prompt()

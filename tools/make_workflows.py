@@ -8,14 +8,17 @@ Text to video is ComfyUI's own Mochi text-to-video template with three nodes swa
 UNETLoader + VAELoader -> MochiXDiTLoader, KSampler -> MochiXDiTSampler, VAEDecode ->
 MochiTiledVAEDecode. Video to video replaces its empty latent with LoadVideo ->
 GetVideoComponents -> ImageFromBatch (the first 37 = 6k + 1 frames) -> ImageScale (848x480,
-centre crop) -> MochiTiledVAEEncode, and samples with denoise 0.6. Widget values follow each
-node's input order (core nodes as in ComfyUI 0.3.64); an INT with `control_after_generate` (the
-seed) has one extra UI-only widget value.
+centre crop) -> MochiTiledVAEEncode, and samples with denoise 0.6. Widget values follow each node's input order (core nodes as in ComfyUI
+0.3.64; the pack's nodes from their declarations in `workers/option_table.py`, so the order and
+the defaults cannot drift); an INT with `control_after_generate` (the seed) has one extra UI-only
+widget value. Run with the package importable (installed, or PYTHONPATH holding `mochi_xdit`).
 """
 
 import json
 import os
 import uuid
+
+from mochi_xdit.workers.option_table import Door, widget_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKFLOWS = os.path.join(os.path.dirname(HERE), "workflows")
@@ -25,6 +28,20 @@ PROMPT = (
     "A red fox trots through fresh snow in a quiet birch forest at dawn, soft golden light, "
     "breath visible in the cold air, cinematic, shallow depth of field."
 )
+
+
+def pack_widgets(door: Door, **values) -> list[tuple]:
+    """(widget name, value) of one of the pack's nodes, in its widget order; `values` overrides a
+    declared default (None as the name: the seed's UI-only control widget)."""
+    widgets = []
+    for entry in widget_order(door):
+        widgets.append((entry.name, values.pop(entry.name, entry.default)))
+        if entry.seed_widget:
+            widgets.append((None, "fixed"))
+    if values:
+        raise ValueError(f"not widgets of {door}: {sorted(values)}")
+    return widgets
+
 
 # (id, class, title, [(widget name, value)], [(input name, type, (source id, slot))], [(output name, type)],
 #  position, size)
@@ -40,19 +57,16 @@ NODES = [
      [("width", 848), ("height", 480), ("length", 37), ("batch_size", 1)],
      [], [("LATENT", "LATENT")], (400, 440), (320, 130)),
     (5, "MochiXDiTLoader", "Mochi xDiT Loader (multi-GPU pool)",
-     [("dit_name", "mochi_preview_bf16.safetensors"), ("vae_name", "mochi_vae.safetensors"),
-      ("weight_dtype", "auto"), ("world_size", 2), ("ulysses_degree", 0), ("ring_degree", 0),
-      ("cfg_degree", 0), ("ray_address", ""), ("attention_backend", "auto")],
+     pack_widgets(Door.LOADER, dit_name="mochi_preview_bf16.safetensors", vae_name="mochi_vae.safetensors",
+                  world_size=2),
      [], [("pool", "MOCHI_XDIT_POOL")], (40, 300), (320, 274)),
     (6, "MochiXDiTSampler", "Mochi xDiT Sampler",
-     [("seed", 42), (None, "fixed"), ("steps", 64), ("cfg", 4.5), ("schedule", "linear_quadratic"),
-      ("denoise", 1.0), ("sampler_name", "euler"), ("scheduler", "linear_quadratic"), ("cache", "off"),
-      ("cache_threshold", 0.06), ("cfg_schedule", "")],
+     pack_widgets(Door.SAMPLER, seed=42),
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("positive", "CONDITIONING", (2, 0)),
       ("negative", "CONDITIONING", (3, 0)), ("latent_image", "LATENT", (4, 0))],
      [("samples", "LATENT")], (860, 120), (320, 358)),
     (7, "MochiTiledVAEDecode", "Mochi xDiT Tiled VAE Decode",
-     [("tiling", "auto"), ("tile_size", 256), ("tile_overlap", 64), ("frame_chunk", 2)],
+     pack_widgets(Door.DECODE),
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("samples", "LATENT", (6, 0))],
      [("images", "IMAGE")], (1220, 120), (320, 180)),
     (8, "CreateVideo", "Create Video", [("fps", 24.0)],
@@ -80,13 +94,11 @@ V2V_NODES = [
      [("upscale_method", "lanczos"), ("width", 848), ("height", 480), ("crop", "center")],
      [("image", "IMAGE", (12, 0))], [("IMAGE", "IMAGE")], (400, 930), (270, 150)),
     (14, "MochiTiledVAEEncode", "Mochi xDiT Tiled VAE Encode",
-     [("tiling", "auto"), ("tile_size", 256), ("tile_overlap", 64)],
+     pack_widgets(Door.ENCODE),
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("pixels", "IMAGE", (13, 0))],
      [("samples", "LATENT")], (860, 640), (320, 150)),
     (6, "MochiXDiTSampler", "Mochi xDiT Sampler (denoise 0.6)",
-     [("seed", 42), (None, "fixed"), ("steps", 64), ("cfg", 4.5), ("schedule", "linear_quadratic"),
-      ("denoise", 0.6), ("sampler_name", "euler"), ("scheduler", "linear_quadratic"), ("cache", "off"),
-      ("cache_threshold", 0.06), ("cfg_schedule", "")],
+     pack_widgets(Door.SAMPLER, seed=42, denoise=0.6),
      [("pool", "MOCHI_XDIT_POOL", (5, 0)), ("positive", "CONDITIONING", (2, 0)),
       ("negative", "CONDITIONING", (3, 0)), ("latent_image", "LATENT", (14, 0))],
      [("samples", "LATENT")], (860, 120), (320, 358)),

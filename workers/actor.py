@@ -12,7 +12,9 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from ..mochi.vae_conv import ConvSettings
 from .protocol import LOOPBACK, FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
+from .shared_latent import BroadcastLatent, SharedLatentFiles, map_float32
 
 
 def _node_id_and_ip() -> tuple[str, str]:
@@ -38,6 +40,15 @@ def free_device_bytes(device: torch.device) -> int:
     allocator holds unused (reserved but not allocated)."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def process_group_backend(device: torch.device) -> tuple[str, torch.device | None]:
+    """(backend, device_id) for `init_process_group` on a rank's device. On CUDA the device_id makes
+    NCCL build its communicator at init (eagerly), so a bad GPU or link fails while the pool starts,
+    not at the first step; gloo takes none."""
+    if device.type == "cuda":
+        return "nccl", device
+    return "gloo", None
 
 
 def _available_host_bytes() -> int:
@@ -80,9 +91,12 @@ class RankWorker:
         self.dit = None
         self.vae = None
         self.vae_encoder = None  # loaded when the VAE file carries an encoder
+        self.vae_conv = ConvSettings()  # the VAE's conv3d settings; measured at load on a GPU
         self._loop = None
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
         self._guided = None  # GuidedDiT between begin_evaluations and end_evaluations
+        self._shared = {}  # path -> the driver's shared latent buffers this rank mapped (evaluate)
+        self._latent_buffer = None  # where a cluster pool's latent arrives (evaluate), reused
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -122,6 +136,7 @@ class RankWorker:
         """Form the default process group at the rendezvous, then this layout's subgroups."""
         import torch.distributed as dist
 
+        from ..mochi.parallel.collective import CollectiveLedger
         from ..mochi.parallel.layout import ParallelContext
 
         world = self.spec.world_size
@@ -144,9 +159,14 @@ class RankWorker:
         if node_ip == LOOPBACK:  # a loopback-only Ray: keep gloo's and NCCL's sockets there too
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout)
-        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention)
+        backend, device_id = process_group_backend(self.device)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=world, timeout=timeout,
+                                device_id=device_id)
+        ledger = None
+        if isinstance(rendezvous, FileRendezvous):  # the driver can read a file there after ranks die
+            ledger = CollectiveLedger(rendezvous.collective_ledger(self.rank))
+        self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention,
+                                   collectives=ledger)
 
     def load(self) -> None:
         """Read the weights from the spec's files (memory-mapped, each rank for itself)."""
@@ -162,8 +182,14 @@ class RankWorker:
                 "choose a divisor and put the remaining factor on ring_degree"
             )
         if self.spec.vae_path is not None:
+            from ..mochi.vae_conv import apply_memory_format, decoder_conv_shape, measure_conv_settings
+
             vae_dtype = "fp32" if self.device.type == "cpu" else "bf16"
             self.vae = load_vae_decoder(self.spec.vae_path, vae_dtype, self.device)
+            # measured once on a GPU (a few seconds); the default elsewhere
+            self.vae_conv, _ = measure_conv_settings(decoder_conv_shape(self.vae.config),
+                                                     next(self.vae.parameters()).dtype, self.device)
+            apply_memory_format(self.vae, self.vae_conv)
             if vae_encoder_prefix(inspect_checkpoint(self.spec.vae_path)) is not None:  # its encoder half, if any
                 self.vae_encoder = load_vae_encoder(self.spec.vae_path, vae_dtype, self.device)
 
@@ -232,34 +258,75 @@ class RankWorker:
     def evaluate(self, latent, sigmas: list[float], cfg: float | None) -> tuple[np.ndarray | None, float]:
         """One lockstep model evaluation (every rank runs the same call at the same time).
 
-        Latents travel as numpy arrays: Ray moves those through its object store without pickling
-        (an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a torch tensor).
+        In a private pool the latent comes in, and rank 0's result goes back, through the driver's
+        shared files (`shared_latent.SharedLatents`: no object store, one copy for all ranks). In a
+        cluster pool it reaches rank 0 as a numpy array (Ray moves those through its object store
+        without pickling: an 8 MiB full-size latent's round trip took ~18 ms instead of ~50 ms as a
+        tensor), and rank 0 broadcasts it to the others over the pool's process group.
 
         Args:
-            latent: [B, 12, T, H, W] float32 model-space noisy latent (numpy array or tensor).
+            latent: [B, 12, T, H, W] float32 model-space noisy latent: `SharedLatentFiles`, a numpy
+                array or a tensor (rank 0 of a cluster pool, or a pool of one), or `BroadcastLatent`
+                (the other ranks of a cluster pool).
             sigmas: one sigma per sample (or one for all).
             cfg: the CFG scale: returns the guided denoised x0 [B, 12, T, H, W] (1 skips the
                 unconditional pass); None: returns both branches' denoised x0 [2, B, 12, T, H, W]
                 (conditional, unconditional) for a sampler that combines them itself.
 
         Returns:
-            (the fp32 result as a numpy array on rank 0, None elsewhere; this rank's compute seconds).
+            (the fp32 result as a numpy array on rank 0, None elsewhere and when it went into the
+            shared output file; this rank's compute seconds).
         """
         if self._guided is None:
             raise RuntimeError(f"rank {self.rank}: evaluate() before begin_evaluations(); send the prompts first")
         start = time.perf_counter()
-        if isinstance(latent, np.ndarray):  # Ray hands it over read-only, from shared memory
-            latent = torch.from_numpy(latent.copy())
+        files = latent if isinstance(latent, SharedLatentFiles) else None
+        if files is not None:  # a private pool: the driver's buffer, read in place (the DiT never writes it)
+            latent = self._shared_buffer(files.input_path, files.input_shape)
+        else:  # a cluster pool: the array reached rank 0 only; it broadcasts it to the others
+            latent = self._broadcast_latent(latent)
+        # rank 0 of a private pool writes x0 straight into the driver's shared output file
+        target = self._shared_buffer(files.output_path, files.output_shape) if files and self.rank == 0 else None
         if cfg is None:
-            out = self._guided.denoised_branches(latent, sigmas)  # [2, B, 12, T, H, W]
+            out = self._guided.denoised_branches(latent, sigmas, out=target)  # [2, B, 12, T, H, W]
         else:
-            out = self._guided.denoised(latent, sigmas, cfg)  # [B, 12, T, H, W]
-        out = out.cpu().numpy() if self.rank == 0 else None
+            out = self._guided.denoised(latent, sigmas, cfg, out=target)  # [B, 12, T, H, W]
+        out = out.cpu().numpy() if self.rank == 0 and files is None else None
         return out, time.perf_counter() - start
 
+    def _broadcast_latent(self, latent) -> torch.Tensor:
+        """Rank 0's latent (a numpy array from Ray, read-only, or a tensor) on every rank, in a buffer on
+        this rank's device reused while the shape stays; `BroadcastLatent` on the other ranks."""
+        import torch.distributed as dist
+
+        from ..mochi.parallel.collective import collective
+
+        shape = latent.shape if isinstance(latent, BroadcastLatent) else tuple(latent.shape)
+        if self._latent_buffer is None or tuple(self._latent_buffer.shape) != tuple(shape):
+            self._latent_buffer = torch.empty(shape, dtype=torch.float32, device=self.device)
+        if isinstance(latent, BroadcastLatent):
+            if self.ctx is None:
+                raise RuntimeError(f"rank {self.rank}: evaluate() got no latent and has no process group to "
+                                   "receive it by; send the latent to rank 0 of a pool of two or more ranks")
+        else:
+            self._latent_buffer.copy_(torch.as_tensor(latent) if not isinstance(latent, np.ndarray)
+                                      else torch.from_numpy(latent))
+        if self.ctx is not None:
+            with collective("latent broadcast", self.ctx.collectives):
+                dist.broadcast(self._latent_buffer, src=0)
+        return self._latent_buffer
+
+    def _shared_buffer(self, path: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The driver's shared file at `path`, mapped once per evaluations block."""
+        if path not in self._shared:
+            self._shared[path] = map_float32(path, shape)
+        return self._shared[path]
+
     def end_evaluations(self) -> None:
-        """Drop the prompts kept by `begin_evaluations`."""
+        """Drop the prompts kept by `begin_evaluations` and the shared buffers mapped since."""
         self._guided = None
+        self._shared = {}
+        self._latent_buffer = None
 
     # -- decoding ----------------------------------------------------------------------------
 
@@ -270,7 +337,8 @@ class RankWorker:
         if self.vae is None:
             raise RuntimeError(f"rank {self.rank}: decode_tiles() without a VAE; give vae_path when building the pool")
         latent = latent.to(self.device, next(self.vae.parameters()).dtype)  # [B, 12, T, H, W] in the VAE's dtype
-        return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]  # each [B, 3, 6T-5, 8h, 8w]
+        with self.vae_conv.active():
+            return [decode_tile(self.vae, latent, tile).cpu() for tile in tiles]  # each [B, 3, 6T-5, 8h, 8w]
 
     def auto_tiles(self, latent_shape: tuple[int, ...]):
         """A TileSpec sized to this rank's free memory (every rank of a pool has the same kind of device)."""

@@ -22,6 +22,7 @@ class FailureKind(Enum):
     RANK_ERROR = "the rank raised an error"
     RANK_SILENT = "the rank stopped answering"
     COLLECTIVE = "the rank's collective failed waiting for a peer"
+    STOPPED = "the service stopped the pool"  # not a rank's failure: replaced, released or shut down
 
     @property
     def blame(self) -> int:
@@ -31,7 +32,25 @@ class FailureKind(Enum):
 
 
 _BLAME = {FailureKind.RANK_DIED: 0, FailureKind.OUT_OF_MEMORY: 1, FailureKind.BAD_REQUEST: 1,
-          FailureKind.RANK_ERROR: 1, FailureKind.RANK_SILENT: 2, FailureKind.COLLECTIVE: 3}
+          FailureKind.RANK_ERROR: 1, FailureKind.RANK_SILENT: 2, FailureKind.COLLECTIVE: 3, FailureKind.STOPPED: 4}
+
+
+def rank_behind(entered: dict[int, int]) -> int | None:
+    """The one rank that entered fewer collectives than all the others, or None when the counts do not
+    single one out (all equal, a tie at the lowest count, or fewer than two ranks known).
+
+    Every rank of a layout runs the same collectives in the same order, so while the ranks are in step
+    their counts agree; the one that hung (or was stopped) outside a collective is the one whose
+    peers went on into the next collective and waited there for it.
+
+    Args:
+        entered: rank -> collectives it entered (`mochi.parallel.collective.CollectiveLedger`).
+    """
+    if len(entered) < 2:
+        return None
+    lowest = min(entered.values())
+    behind = [rank for rank, count in entered.items() if count == lowest]
+    return behind[0] if len(behind) == 1 else None
 
 
 def rank_exception(error: BaseException) -> BaseException:
@@ -55,9 +74,9 @@ def classify(error: BaseException) -> FailureKind:
         return FailureKind.OUT_OF_MEMORY
     if isinstance(original, CollectiveError):
         return FailureKind.COLLECTIVE
-    if isinstance(original, (ValueError, TypeError)):
+    if isinstance(original, ValueError):  # the request's values: what the user can change
         return FailureKind.BAD_REQUEST
-    return FailureKind.RANK_ERROR
+    return FailureKind.RANK_ERROR  # anything else, a TypeError included, is a fault in the code
 
 
 def describe(error: BaseException) -> str:

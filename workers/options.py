@@ -7,37 +7,21 @@ GPU), the Ray address, whether the ranks fit, and which files are a Mochi DiT an
 here starts Ray or a rank: resolving is cheap enough for ComfyUI's queue-time validation.
 """
 
-import os
 from dataclasses import dataclass, field
-from enum import Enum
 
 from ..mochi.checkpoint import CheckpointError, inspect_checkpoint
-from ..mochi.constants import PATCH_SIZE
+from ..mochi.constants import DEFAULT_STEPS, PATCH_SIZE
 from ..mochi.parallel.config import ParallelConfig, auto, largest_ulysses_degree
 from .capacity import CapacityError, check_local_capacity
 from .choices import AUTO, DEVICE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .model_files import model_file_problem
+from .option_table import Field
 from .protocol import PoolSpec, Timeouts
 from .ray_runtime import address_problem, resolve_address
 
 # The video `auto` degrees are planned for when the video is not known yet (the loader node): the
 # largest Mochi-1 video, so the chosen mix fits every smaller one too.
 PLAN_VIDEO = (848, 480, 163)  # width, height, frames
-
-
-class Field(Enum):
-    """The user choice an OptionsError is about (each front door names it its own way)."""
-
-    DIT = "dit"
-    VAE = "vae"
-    WEIGHT_DTYPE = "weight_dtype"
-    DEVICE = "device"
-    WORLD_SIZE = "world_size"
-    DEGREES = "degrees"
-    CPU_THREADS = "cpu_threads"
-    RAY_ADDRESS = "ray_address"
-    ATTENTION = "attention_backend"
-    LORA = "lora"
-    CACHE = "cache"
 
 
 class OptionsError(ValueError):
@@ -87,7 +71,7 @@ class LoadChoices:
     cpu_threads: int = 1
     ray_address: str | None = None
     video: tuple[int, int, int] = PLAN_VIDEO
-    steps: int = 64
+    steps: int = DEFAULT_STEPS
     use_cfg: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     attention: str = AUTO
@@ -98,9 +82,13 @@ def resolve_device(device: str) -> str:
         raise OptionsError(Field.DEVICE, f"device={device!r}; use one of {', '.join(DEVICE_CHOICES)}")
     if device != AUTO:
         return device
+    return "cuda" if cuda_here() else "cpu"
+
+
+def cuda_here() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
 
 
 def resolve_weight_dtype(weight_dtype: str, device: str) -> str:
@@ -177,16 +165,13 @@ def planned_degrees(parallel: ParallelConfig, choices: LoadChoices, dit_path: st
         return parallel
     if weight_dtype not in ("bf16", "fp8"):
         return parallel
-    from ..mochi.dit import DiTConfig
     from ..mochi.planner.plan import recommend
     from ..mochi.planner.hardware import gpu_from_device_name
 
-    info = inspect_checkpoint(dit_path)
-    shapes = {name[len(info.dit_prefix):]: t.shape for name, t in info.tensors.items() if name.startswith(info.dit_prefix)}
     gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
     width, height, frames = choices.video
     return recommend(parallel.world_size, width, height, frames, gpu=gpu, weight_dtype=weight_dtype,
-                     steps=choices.steps, use_cfg=choices.use_cfg, config=DiTConfig.from_shapes(shapes))
+                     steps=choices.steps, use_cfg=choices.use_cfg, config=dit_config(dit_path))
 
 
 def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
@@ -197,8 +182,9 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
             validation passes False and gets the same checks without it.
     """
     for name, path in (("dit", choices.dit_path), ("vae", choices.vae_path)):
-        if path is not None and not os.path.isfile(path):
-            raise OptionsError(Field(name), f"{path}: no such file; give the path of the .safetensors file")
+        problem = None if path is None else model_file_problem(path)
+        if problem:
+            raise OptionsError(Field(name), problem)
     num_heads = dit_heads(choices.dit_path)
     if choices.vae_path is not None:
         check_vae_file(choices.vae_path)
@@ -213,6 +199,10 @@ def resolve_load(choices: LoadChoices, plan: bool = True) -> PoolSpec:
     parallel = resolve_degrees(choices.world_size, choices.cfg, choices.ulysses, choices.ring, num_heads,
                                video_tokens(*choices.video), choices.use_cfg)
     if resolve_address(address) is None:
+        if device == "cuda" and not cuda_here():
+            raise OptionsError(Field.DEVICE, "device=cuda, but this machine has no CUDA GPU that torch can use "
+                               "(torch.cuda.is_available() is False); use device auto or cpu here, or give the "
+                               "ray_address of a GPU cluster")
         try:
             check_local_capacity(choices.world_size, device, choices.cpu_threads)
         except CapacityError as error:
@@ -243,18 +233,11 @@ def sequence_problem(parallel: ParallelConfig, latent_shape: tuple[int, ...]) ->
     """A video too small for the pool's sequence split (checked before the pool is used)."""
     T, H, W = latent_shape[-3:]
     tokens = T * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+    if T < 1:
+        return f"the latent has {T} frames; Mochi needs at least 1 latent frame (a video of 1 + 6k frames)"
     if tokens < parallel.sp_degree:
         return (f"the video has {tokens} tokens but the pool splits them over {parallel.sp_degree} sequence ranks "
                 "(ulysses x ring); make the video larger or use fewer ulysses/ring ranks")
-    return None
-
-
-def layout_note(parallel: ParallelConfig, uses_cfg: bool) -> str | None:
-    """One line when the run does not suit the pool's layout (it still runs): cfg 1 on a CFG split."""
-    if parallel.cfg_degree == 2 and not uses_cfg:
-        return ("cfg is 1 on a pool that splits CFG (cfg_degree 2): there is no negative pass, so half the ranks idle. "
-                f"A pool with cfg_degree 1 (ulysses x ring = {parallel.world_size}) would be about 2x faster "
-                "for cfg-1 runs")
     return None
 
 
@@ -263,33 +246,22 @@ def dit_config(dit_path: str):
     from ..mochi.dit import DiTConfig
 
     info = inspect_checkpoint(dit_path)
-    prefix = info.dit_prefix or ""
-    return DiTConfig.from_shapes({name[len(prefix):]: t.shape for name, t in info.tensors.items()
-                                  if name.startswith(prefix)})
+    return DiTConfig.from_shapes({name: info.tensors[key].shape for name, key in info.dit_names().items()})
 
 
 def resolve_lora(spec: PoolSpec, path: str, strength: float):
-    """A `mochi.lora.LoraSpec` checked against the pool's DiT (format, modules, shapes; header only),
-    so a file that cannot work is refused before any rank reads it."""
-    from ..mochi.lora import LoraError, LoraSpec, inspect_lora
+    """A `mochi.lora_files.LoraSpec` checked against the pool's DiT (format, modules, shapes; header
+    only) and the strength against the option table (the LoRA node's limits), so a file that cannot
+    work is refused before any rank reads it."""
+    from ..mochi.lora_files import LoraError, LoraSpec, inspect_lora
+    from .option_table import option, value_problem
 
+    problem = value_problem(option("strength"), strength)
+    if problem:
+        raise OptionsError(Field.LORA, f"LoRA {problem}")
     try:
         lora = LoraSpec(path, strength)
         inspect_lora(lora.path, dit_config(spec.dit_path))
     except (LoraError, ValueError) as error:
         raise OptionsError(Field.LORA, str(error)) from None
     return lora
-
-
-def resolve_cache(kind: str | None, threshold: float | None):
-    """The step cache a run asks for: None for "off" (or no kind), else a `mochi.step_cache.StepCacheSpec`
-    (threshold None: the kind's default)."""
-    from ..mochi.step_cache import StepCacheKind, StepCacheSpec
-
-    if kind in (None, "", "off"):
-        return None
-    try:
-        cache_kind = StepCacheKind(kind)
-        return StepCacheSpec.default(cache_kind) if threshold is None else StepCacheSpec(cache_kind, threshold)
-    except (ValueError, TypeError) as error:
-        raise OptionsError(Field.CACHE, f"cache={kind!r}, threshold={threshold!r}: {error}") from None

@@ -23,10 +23,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .actor import RankWorker
 from .capacity import RankResources
-from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_exception
+from .failures import FailureKind, PoolError, RunInterrupted, classify, describe, rank_behind, rank_exception
 from .placement import RankPlacement, check_capacity
 from .protocol import FileRendezvous, PoolSpec, RankInfo, RunResult, StepReport, TcpRendezvous
 from .ray_runtime import RayConnection
+from .shared_latent import BroadcastLatent, SharedLatents
 
 ROOT_CAUSE_GRACE_S = 2.0  # after a first failure, how long to wait for a clearer one (a death) elsewhere
 KILL_WAIT_S = 10.0  # how long shutdown waits for local actor processes to exit
@@ -63,6 +64,7 @@ class Pool:
         self._placement = None
         self._rendezvous_dir: str | None = None
         self.dead = False
+        self.stopped_because: str | None = None  # set when the service stopped it (not a rank's failure)
         self.ranks: tuple[RankInfo, ...] = ()
         self.runtime = ray_connection
         self.startup_seconds: dict[str, float] = {}
@@ -134,12 +136,22 @@ class Pool:
         except BaseException:  # KeyboardInterrupt while ranks run: their state is unknown
             self._kill()
             raise
+        if (failures or pending) and self.stopped_because is not None:  # our own kill, from another thread
+            self._kill()
+            _settle(list(pending))
+            raise PoolError(FailureKind.STOPPED, None, verb, f"the service stopped this pool while the call ran "
+                            f"({self.stopped_because})")
         if failures:
             for rank in pending.values():  # still silent after the grace, while a peer failed
                 failures[rank] = (FailureKind.RANK_SILENT, None)
+            behind = self._rank_that_fell_behind(failures)
+            if behind is not None:
+                self._kill()
+                raise PoolError(FailureKind.RANK_SILENT, behind[0], verb, behind[1])
             rank = min(failures, key=lambda r: (failures[r][0].blame, r))
             kind, error = failures[rank]
             self._kill()
+            _settle(list(pending))
             if error is None:
                 failed = sorted(r for r in failures if failures[r][1] is not None)
                 cause = (f"rank {rank} gave no answer, while rank(s) {', '.join(map(str, failed))} failed waiting "
@@ -149,15 +161,56 @@ class Pool:
         if pending:
             silent = sorted(pending.values())
             self._kill()
+            _settle(list(pending))
             who = f"rank {silent[0]} gave" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))} gave"
             raise PoolError(FailureKind.RANK_SILENT, silent[0], verb,
                             f"{who} no answer within {timeout_s:g} s (a rank hangs, or waits in a collective for "
                             "one that does; raise the Timeouts if the work is just slow)")
         return results
 
+    def _rank_that_fell_behind(self, failures: dict) -> tuple[int, str] | None:
+        """(rank, cause) when ranks died with no error of their own, every other rank that died died
+        waiting inside a collective, and the collective counts single out one rank that fell behind;
+        None otherwise (then the blame order decides).
+
+        Why: on NCCL a collective that times out does not raise; the watchdog kills the waiting ranks,
+        so they die together with (or before) the rank they waited for. The counts outlive them in
+        the private pool's rendezvous folder (cluster pools keep the blame order)."""
+        if self._rendezvous_dir is None:
+            return None
+        kinds = {kind for kind, _ in failures.values()}
+        if FailureKind.RANK_DIED not in kinds or not kinds <= {FailureKind.RANK_DIED, FailureKind.RANK_SILENT,
+                                                                FailureKind.COLLECTIVE}:
+            return None
+        from ..mochi.parallel.collective import ledger_path, read_ledger
+
+        counts = {rank: read_ledger(ledger_path(self._rendezvous_dir, rank)) for rank in range(len(self.ranks))}
+        if any(count is None for count in counts.values()):
+            return None
+        entered = {rank: count[0] for rank, count in counts.items()}
+        rank = rank_behind(entered)
+        if rank is None:
+            return None
+        died = sorted(r for r, (kind, _) in failures.items() if kind is FailureKind.RANK_DIED)
+        if any(counts[r][0] == counts[r][1] for r in died if r != rank):  # a rank died outside a collective:
+            return None  # its own death (e.g. killed for memory) is the likelier root cause
+        others = sorted({count for r, count in entered.items() if r != rank})
+        cause = (f"rank {rank} fell behind: it had entered {entered[rank]} collectives while the other ranks had "
+                 f"entered {'/'.join(map(str, others))} and waited for it; then rank(s) {', '.join(map(str, died))} "
+                 "died (NCCL's watchdog ends ranks stuck in a timed-out collective). It hung or was stopped")
+        return rank, cause
+
     # -- requests ------------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether a call (a run, a decode, evaluations) holds the pool right now."""
+        return self._lock.locked()
+
     def _check_usable(self) -> None:
+        if self.stopped_because is not None:
+            raise PoolError(FailureKind.STOPPED, None, "use", f"the service stopped this pool ({self.stopped_because}); "
+                            "ask the service for the pool again (MochiService.pool)")
         if self.dead:
             raise PoolError(FailureKind.BAD_REQUEST, None, "use", "this pool was stopped after an earlier failure "
                             "or shutdown; build a new one (MochiService.pool does that)")
@@ -191,11 +244,19 @@ class Pool:
             loras = tuple(loras)
             begun = [a.begin.remote(request_ref, loras) for a in self._actors]
             queued = [a.step.remote(0, preview) for a in self._actors]
-            self._gather("begin", begun, timeouts.call_s)
+            try:
+                self._gather("begin", begun, timeouts.call_s)
+            except PoolError:
+                _settle(queued)
+                raise
             for i in range(total):
                 current = queued
                 queued = [a.step.remote(i + 1, preview) for a in self._actors] if i + 1 < total else None
-                reports = self._gather("step", current, timeouts.step_s)
+                try:
+                    reports = self._gather("step", current, timeouts.step_s)
+                except PoolError:
+                    _settle(queued or [])
+                    raise
                 report = StepReport(i, total, max(r.seconds for r in reports), reports[0].preview)
                 if on_step is None:
                     continue
@@ -244,22 +305,47 @@ class Pool:
             self._gather("begin_evaluations", [a.begin_evaluations.remote(request_ref, tuple(loras))
                                                for a in self._actors], timeouts.call_s)
 
+            # A private pool's ranks share this machine: the latents travel through shared files
+            # (written once for every rank, no object store); a cluster pool's through Ray to rank 0.
+            shared = SharedLatents() if self.runtime.private else None
+
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
+                nonlocal shared
                 self._check_usable()
                 sigmas = [float(s) for s in torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)]
-                # numpy: Ray's object store moves it without pickling (see RankWorker.evaluate)
-                latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
-                answers = self._gather("evaluate", [a.evaluate.remote(latent_ref, sigmas, cfg) for a in self._actors],
-                                       timeouts.step_s)
+                files = None
+                if shared is not None:
+                    output_shape = tuple(latent.shape) if cfg is not None else (2, *latent.shape)
+                    try:
+                        files = shared.send(latent, output_shape)
+                    except OSError:  # no room in shared memory: the object store for the rest of the block
+                        shared.close()
+                        shared = None
+                if files is not None:
+                    answers = self._gather("evaluate", [a.evaluate.remote(files, sigmas, cfg) for a in self._actors],
+                                           timeouts.step_s)
+                else:  # to rank 0 only (numpy: no pickling); the others receive it from rank 0 by broadcast
+                    latent_ref = ray.put(latent.detach().to("cpu", torch.float32).contiguous().numpy())
+                    elsewhere = BroadcastLatent(tuple(latent.shape))
+                    answers = self._gather("evaluate", [a.evaluate.remote(latent_ref if rank == 0 else elsewhere,
+                                                                          sigmas, cfg)
+                                                        for rank, a in enumerate(self._actors)], timeouts.step_s)
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
+                if files is not None:
+                    return shared.receive()
                 return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 
             try:
                 yield evaluate
             finally:
-                if not self.dead:
-                    self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors], timeouts.call_s)
+                try:
+                    if not self.dead:
+                        self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors],
+                                     timeouts.call_s)
+                finally:
+                    if shared is not None:
+                        shared.close()
 
     def _cancel(self, queued: list | None) -> None:
         """Let the already queued step finish, then drop the run on every rank."""
@@ -359,13 +445,30 @@ class Pool:
                 while _pid_alive(info.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
 
-    def shutdown(self) -> None:
-        """Leave the process group politely (bounded wait), then kill every actor."""
+    def shutdown(self, reason: str = "shut down") -> None:
+        """Leave the process group politely (bounded wait), then kill every actor. `reason` is what a
+        caller still holding this pool is told."""
         if self.dead:
             return
+        self.stopped_because = reason
         refs = [a.shutdown.remote() for a in self._actors]
         ray.wait(refs, num_returns=len(refs), timeout=5.0)
         self._kill()
+
+
+def _settle(refs: list) -> None:
+    """Retrieve, and deliberately drop, the outcomes of calls a failed pool had queued (the surviving
+    ranks' next step, which fails as "step(i) out of order" once a peer is gone). The root cause is
+    already being raised; without this, Ray prints each never-retrieved error as "Unhandled error"
+    when the reference is freed, which reads like a second bug. Bounded: the actors are killed."""
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=KILL_WAIT_S)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - a follow-on of the failure already raised (see the docstring)
+            pass
 
 
 def _pid_alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ import torch
 from ..mochi.constants import WEIGHT_DTYPE_NAMES as WEIGHT_DTYPES
 from ..mochi.parallel.config import ParallelConfig
 from ..mochi.parallel.kernel import AttentionBackend
+from .model_files import identify, model_file_problem
 
 LOOPBACK = "127.0.0.1"
 DEVICES = ("cpu", "cuda")
@@ -71,8 +72,11 @@ class PoolSpec:
             path = getattr(self, name)
             if path is None and name == "vae_path":
                 continue
-            if not isinstance(path, str) or not os.path.isfile(path):
+            if not isinstance(path, str):
                 raise ValueError(f"{name}={path!r} is not a file; give the path of a .safetensors file")
+            problem = model_file_problem(path, name.removesuffix("_path"))
+            if problem:
+                raise ValueError(problem)
             object.__setattr__(self, name, os.path.abspath(path))
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype={self.weight_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}")
@@ -88,9 +92,15 @@ class PoolSpec:
         return self.parallel.world_size
 
     def reuse_key(self) -> tuple:
-        """Pools are reused while this is unchanged: same files (and their mtimes), dtype, degrees,
-        device, threads, cluster, timeouts and attention backend."""
-        files = tuple((p, os.stat(p).st_mtime_ns) for p in (self.dit_path, self.vae_path) if p is not None)
+        """Pools are reused while this is unchanged: the same files with the same content
+        (`model_files.FileIdentity`: inode, size, times, header hash), dtype, degrees, device,
+        threads, cluster, timeouts and attention backend.
+
+        Raises:
+            ModelFileError: a file was deleted or cannot be read now (one line, with the fix).
+        """
+        files = tuple(identify(path, role, "now") for role, path in (("dit", self.dit_path), ("vae", self.vae_path))
+                      if path is not None)
         return (files, self.weight_dtype, self.parallel, self.device, self.cpu_threads, self.ray_address,
                 self.timeouts, self.attention_backend)
 
@@ -98,9 +108,17 @@ class PoolSpec:
 @dataclass(frozen=True)
 class FileRendezvous:
     """How the ranks of a private pool (all on this machine) meet: a torch FileStore in a folder
-    only this user can open. No port is opened, so nothing listens beyond loopback."""
+    only this user can open. No port is opened, so nothing listens beyond loopback. The ranks also
+    mirror their collective counts there (`collective_ledger`), which the driver reads when ranks
+    die together."""
 
     path: str
+
+    def collective_ledger(self, rank: int) -> str:
+        """The file where `rank` mirrors its `CollectiveLedger`, beside the store."""
+        from ..mochi.parallel.collective import ledger_path
+
+        return ledger_path(os.path.dirname(self.path), rank)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ PYTHONPATH entry holding a `mochi_xdit` symlink to this folder (local Ray), or a
 shipped with `py_modules` (a cluster, whose nodes do not share our disk).
 """
 
+import glob
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import ray
 
@@ -35,8 +38,11 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set before a private Ray starts (DESIGN.md section 5): token auth on, node addresses on loopback.
 PRIVATE_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # The ranks' CUDA allocator: expandable segments suit long videos (large, varying activations), and
-# the ranks must not inherit ComfyUI's own setting (it may run with cudaMallocAsync).
+# the ranks must not inherit ComfyUI's own setting (it may run with cudaMallocAsync). torch 2.13 reads
+# PYTORCH_ALLOC_CONF before PYTORCH_CUDA_ALLOC_CONF, so an inherited PYTORCH_ALLOC_CONF would win over
+# ours: the ranks get both names.
 RANK_CUDA_ALLOC_CONF = "expandable_segments:True"
+ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 PROBE_TIMEOUT_S = 5.0
 RAY_CLIENT_PREFIX = "ray://"
 RAY_CLIENT_PORT = 10001
@@ -102,12 +108,68 @@ def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as error:
+        # refused: the host answered at once, nothing listens on the port; else no answer in time
+        answer = "refused the connection" if isinstance(error, ConnectionRefusedError) else \
+            f"gave no answer within {timeout_s:g} s"
         raise RayAddressError(
-            f"nothing answers at ray_address {address!r} ({host}:{port}: {error.strerror or error}) within "
-            f"{timeout_s:g} s. Check that `ray start --head` runs there and listens on that port (GCS "
+            f"nothing answers at ray_address {address!r}: {host}:{port} {answer} ({error.strerror or error}). "
+            "Check that `ray start --head` runs there and listens on that port (GCS "
             f"{RAY_GCS_PORT}, Ray Client {RAY_CLIENT_PORT}), that no firewall blocks it, and that this machine "
             "has the cluster's token (RAY_AUTH_TOKEN) if token auth is on. The current pool was left as it was."
         ) from None
+
+
+AUTH_MODE_VAR, AUTH_TOKEN_VAR, AUTH_TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = os.path.join("~", ".ray", "auth_token")
+LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def token_source() -> str:
+    """Where Ray's token loader (2.60, C++ `AuthenticationTokenLoader`) finds this process's token,
+    in its order: RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    if os.environ.get(AUTH_TOKEN_VAR, "").strip():
+        return f"{AUTH_TOKEN_VAR} (environment)"
+    path = os.environ.get(AUTH_TOKEN_PATH_VAR, "").strip()
+    if path:
+        return (f"the file {AUTH_TOKEN_PATH_VAR}={path}" if os.path.isfile(path)
+                else f"{AUTH_TOKEN_PATH_VAR}={path}, which is not a readable file")
+    default = os.path.expanduser(DEFAULT_TOKEN_FILE)
+    return f"the file {default}" if os.path.isfile(default) else "nowhere (no token set)"
+
+
+def _is_loopback_host(address: str) -> bool:
+    try:
+        host, _ = _host_port(address)
+    except RayAddressError:
+        return False
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def connect_failure(address: str | None, error: BaseException | None, timeout_s: float) -> str:
+    """What to tell the user when `ray.init` failed (`error`) or ran past `timeout_s` (error None):
+    what happened, and each thing to check, with this process's own settings."""
+    what = (f"did not finish within {timeout_s:g} s" if error is None
+            else f"failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''})")
+    if address is None:
+        return (f"starting a private Ray on this machine {what}. The machine may be overloaded, or /tmp full; "
+                "Ray's logs are under /tmp/ray/session_latest/logs. The current pool was stopped.")
+    mode = os.environ.get(AUTH_MODE_VAR)
+    checks = [
+        f"the token: a cluster started with {AUTH_MODE_VAR}=token (Ray's default for every cluster from 2.61) accepts "
+        f"only drivers with {AUTH_MODE_VAR}=token and the same token; this process has {AUTH_MODE_VAR}="
+        f"{mode if mode is not None else '(unset)'} and its token comes from {token_source()} (Ray reads "
+        f"{AUTH_TOKEN_VAR}, else the file named by {AUTH_TOKEN_PATH_VAR}, else {DEFAULT_TOKEN_FILE}; a wrong one "
+        "shows as InvalidAuthToken in Ray's log)",
+    ]
+    if _is_loopback_host(address) and os.environ.get(LOOPBACK_VAR) != "0":
+        checks.append(
+            f"the address: Ray replaces 127.0.0.1 by this machine's external address unless {LOOPBACK_VAR}=0 is set "
+            "before Ray is imported; for a cluster started on 127.0.0.1 (`ray start --head --node-ip-address "
+            f"127.0.0.1`) set {LOOPBACK_VAR}=0 here too, else give the address `ray start` printed")
+    checks.append(f"that the cluster runs the same Ray version as this process ({ray.__version__}) and that "
+                  "`ray status` works on the head node")
+    return (f"joining the Ray cluster at {address!r} {what}. Check " + "; ".join(
+        f"({i}) {check}" for i, check in enumerate(checks, 1)) + ". The current pool was stopped.")
 
 
 def package_importable_here() -> bool:
@@ -144,9 +206,25 @@ def _symlink_stage() -> str:
     return stage
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _copy_stage() -> str:
-    """A fresh copy of this folder named `mochi_xdit` (sources only), for `py_modules` uploads."""
-    stage = _stage_dir("copy")
+    """A fresh copy of this folder named `mochi_xdit` (sources only), for `py_modules` uploads. One
+    folder per process: several processes joining clusters at once must not copy over each other.
+    Folders left by processes that ended inside `ray.init` (a join past its deadline) are removed."""
+    stage = f"{_stage_dir('copy')}_{os.getpid()}"
+    for old in glob.glob(f"{_stage_dir('copy')}_*"):
+        pid = old.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     target = os.path.join(stage, PACKAGE_NAME)
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(PACK_ROOT, target, ignore=_STAGE_IGNORE)
@@ -155,9 +233,11 @@ def _copy_stage() -> str:
 
 def actor_runtime_env(private: bool, importable: bool) -> dict:
     """Per-actor runtime_env: normal CPU priority (Ray runs workers at nice 15 by default, which
-    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`), and
+    starves the ranks on a busy machine), the ranks' own CUDA allocator (`RANK_CUDA_ALLOC_CONF`, under
+    both names torch reads), and
     on a private Ray a PYTHONPATH entry that provides `mochi_xdit` when workers cannot import it already."""
-    env_vars = {"RAY_worker_niceness": "0", "PYTORCH_CUDA_ALLOC_CONF": RANK_CUDA_ALLOC_CONF}
+    env_vars = {"RAY_worker_niceness": "0"}
+    env_vars.update({name: RANK_CUDA_ALLOC_CONF for name in ALLOC_CONF_NAMES})
     if private and not importable:
         python_path = [_symlink_stage()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env_vars["PYTHONPATH"] = os.pathsep.join(python_path)
@@ -196,6 +276,18 @@ def apply_to_imported_ray(loopback_only: bool) -> bool | None:
     return previous
 
 
+@contextmanager
+def _quieter(logger_name: str, level: int):
+    """Raise one logger's level for the duration of a block."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 class RayConnection:
     """This process's connection to Ray; made by `connect`, ended by `close`.
 
@@ -203,11 +295,13 @@ class RayConnection:
         address: the cluster address joined, or None for our private local Ray.
         private: True when we started Ray (and stop it on close).
         actor_env: runtime_env for every actor (priority, allocator, imports).
+        owned: we called ray.init (close disconnects); False for a connection the user's own code
+            made before us, which close leaves alone.
     """
 
     def __init__(self, address: str | None, private: bool, actor_env: dict,
-                 saved_env: dict[str, str | None], saved_cluster_flag: bool | None):
-        self.address, self.private, self.actor_env = address, private, actor_env
+                 saved_env: dict[str, str | None], saved_cluster_flag: bool | None, owned: bool = True):
+        self.address, self.private, self.actor_env, self.owned = address, private, actor_env, owned
         self._saved_env, self._saved_cluster_flag = saved_env, saved_cluster_flag
 
     @classmethod
@@ -221,12 +315,17 @@ class RayConnection:
                     f"{PACKAGE_NAME!r} from {PACK_ROOT}; install the pack on every node (pip install -e <pack>) "
                     "or let the pack connect to Ray itself (do not call ray.init first)"
                 )
-            return cls(address or "existing", False, actor_runtime_env(False, True), {}, None)
+            return cls(address or "existing", False, actor_runtime_env(False, True), {}, None, owned=False)
         if address is not None:
             probe_address(address)
             importable = package_importable_here()
-            ray.init(address=address, runtime_env=job_runtime_env(importable), logging_level="WARNING",
-                     log_to_driver=False)
+            job_env = job_runtime_env(importable)
+            staged = list((job_env or {}).get("py_modules", []))  # ray.init replaces them by upload URIs
+            try:
+                ray.init(address=address, runtime_env=job_env, logging_level="WARNING", log_to_driver=False)
+            finally:  # ray.init has uploaded the staged copy (or failed): the local one is not needed again
+                for folder in staged:
+                    shutil.rmtree(os.path.dirname(folder), ignore_errors=True)
             return cls(address, False, actor_runtime_env(False, importable), {}, None)
         importable = package_importable_here()
         saved_env = {key: os.environ.get(key) for key in PRIVATE_RAY_ENV}
@@ -237,16 +336,22 @@ class RayConnection:
             # _node_ip_address: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported, which
             # may have happened before us; naming the loopback address keeps every Ray address on it.
             # log_to_driver off: the ranks' prints stay in Ray's logs; the driver says what happens.
-            ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
-                     _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=False)
+            # Ray's driver module is held at ERROR while it starts: `ray.init` runs on the service's
+            # own thread (service.py), and Ray warns on every start that it sets no SIGTERM handler
+            # off the main thread. Nothing is lost: its processes still end with ours (their
+            # parent-death signal), and a private Ray's settings are all ours.
+            with _quieter("ray._private.worker", logging.ERROR):
+                ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1,
+                         _node_ip_address=LOOPBACK, logging_level="WARNING", log_to_driver=False)
         except BaseException:
             connection.close()
             raise
         return connection
 
     def close(self) -> None:
-        """Disconnect (stopping Ray if we started it) and restore what `connect` changed."""
-        if ray.is_initialized():
+        """Disconnect (stopping Ray if we started it) and restore what `connect` changed; a connection
+        the user's own code made stays up."""
+        if self.owned and ray.is_initialized():
             ray.shutdown()
         if self._saved_env:
             for key, value in self._saved_env.items():

@@ -317,12 +317,24 @@ def attention(
     return _run(q, k, v, scale, kernel if kernel is not None else _default_kernel(q, False), need_lse=False)[0]
 
 
+def kernel_for_keys(kernel: AttentionKernel, keys: int) -> AttentionKernel:
+    """The kernel that runs a call with `keys` keys: cuDNN's attention refuses a single key
+    (PyTorch's own dispatcher checks s_k != 1 before it picks cuDNN; calling the op directly skips
+    that check), which a ring block holding one valid token reaches. Such a call runs PyTorch's flash
+    kernel instead (cuDNN is chosen only on Hopper / Blackwell, where flash runs too; same output
+    and log-sum-exp)."""
+    if kernel is AttentionKernel.TORCH_CUDNN and keys == 1:
+        return AttentionKernel.TORCH_FLASH
+    return kernel
+
+
 def _run(q, k, v, scale, kernel: AttentionKernel, need_lse: bool):
     B, H, Sq, Dh = q.shape
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(Dh) if scale is None else scale
     if Sk == 0:
         return q.new_zeros(B, H, Sq, Dh), q.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)
+    kernel = kernel_for_keys(kernel, Sk)
     if kernel is AttentionKernel.CPU_FLASH:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
         return out, lse.float()

@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .collective import collective
+from .collective import CollectiveLedger, collective
 from .config import ParallelConfig
 from .kernel import AttentionBackend, AttentionConfig, backend_problem
 from .xfuser_backend import XFuserAttention
@@ -28,10 +28,14 @@ class ParallelContext:
         attention: how attention picks its kernel (`kernel.AttentionConfig`; default auto). Its
             backend `xfuser` swaps our USP layer for xDiT's (CUDA, the gpu extra); a backend that
             cannot run on `device` is refused here, before any group forms.
+        collectives: counts this rank's collectives (a pool rank passes one mirrored to a file the
+            driver reads when ranks die together); None keeps an in-process one.
 
     Every rank of the default group must construct the same layouts in the same order (group
-    creation is collective). Groups of size one are not created: their degree is 1 and no
-    collective runs on them.
+    creation is collective). Groups of size one are not created (group None): their degree is 1
+    and no collective of ours runs on them. With the xfuser backend they are: yunchang reads a None
+    group as the whole world (`dist.get_world_size(None)`), which would mix the CFG branches and
+    span every rank in its all-to-all.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class ParallelContext:
         device: torch.device | str = "cpu",
         timeout: timedelta | None = None,
         attention: AttentionConfig = AttentionConfig(),
+        collectives: CollectiveLedger | None = None,
     ):
         if not isinstance(attention, AttentionConfig):
             raise TypeError(f"attention must be a kernel.AttentionConfig, got {type(attention)}")
@@ -72,6 +77,7 @@ class ParallelContext:
         self.ring_rank, self.ulysses_rank = divmod(self.sp_rank, U)
         # Bytes this rank sent, by kind; the comm helpers add to it (bench/comm_bytes.py reads it).
         self.sent_bytes: Counter = Counter()
+        self.collectives = CollectiveLedger() if collectives is None else collectives
 
         def rank_of(c: int, r: int, u: int) -> int:
             return c * SP + r * U + u
@@ -81,20 +87,21 @@ class ParallelContext:
         sp = [[rank_of(c, r, u) for r in range(R) for u in range(U)] for c in range(self.cfg_degree)]
         cfg = [[rank_of(c, r, u) for c in range(self.cfg_degree)] for r in range(R) for u in range(U)]
         self._groups = []
-        self.ulysses_group, self.ulysses_ranks = self._new_groups(ulysses, timeout)
-        self.ring_group, self.ring_ranks = self._new_groups(ring, timeout)
+        xfuser = attention.backend is AttentionBackend.XFUSER
+        self.ulysses_group, self.ulysses_ranks = self._new_groups(ulysses, timeout, keep_single=xfuser)
+        self.ring_group, self.ring_ranks = self._new_groups(ring, timeout, keep_single=xfuser)
         self.sp_group, self.sp_ranks = self._new_groups(sp, timeout)
         self.cfg_group, self.cfg_ranks = self._new_groups(cfg, timeout)
         self.attention = attention.resolved()  # installed kernels detected once, not per forward
         self.xfuser_attention = XFuserAttention(self) if attention.backend is AttentionBackend.XFUSER else None
 
-    def _new_groups(self, rank_lists: list[list[int]], timeout):
+    def _new_groups(self, rank_lists: list[list[int]], timeout, keep_single: bool = False):
         """Create every group of one kind (collective on all ranks); return this rank's group and its
-        global ranks in group order. Size-one groups are skipped (group None)."""
+        global ranks in group order. Size-one groups are skipped (group None) unless `keep_single`."""
         mine, my_ranks = None, None
         for ranks in rank_lists:
             group = None
-            if len(ranks) > 1:
+            if len(ranks) > 1 or keep_single:
                 group = dist.new_group(ranks, timeout=timeout, backend=self.backend)
                 self._groups.append(group)
             if self.rank in ranks:
@@ -139,7 +146,7 @@ class ParallelContext:
         if self.sp_degree > 1:
             t = t.contiguous()
             parts = [torch.empty_like(t) for _ in range(self.sp_degree)]
-            with collective("sequence all_gather"):
+            with collective("sequence all_gather", self.collectives):
                 dist.all_gather(parts, t, group=self.sp_group)
             self.sent_bytes["sequence_gather"] += (self.sp_degree - 1) * t.numel() * t.element_size()
             t = torch.cat(parts, dim=dim)  # [.., SP * S_local, ..]
@@ -159,7 +166,7 @@ class ParallelContext:
                                "run both branches locally when cfg_degree is 1")
         pred = pred.contiguous()
         parts = [torch.empty_like(pred) for _ in range(2)]
-        with collective("CFG all_gather"):
+        with collective("CFG all_gather", self.collectives):
             dist.all_gather(parts, pred, group=self.cfg_group)
         self.sent_bytes["cfg_gather"] += pred.numel() * pred.element_size()
         return parts[0], parts[1]
@@ -169,3 +176,4 @@ class ParallelContext:
         for group in self._groups:
             dist.destroy_process_group(group)
         self._groups = []
+        self.collectives.close()

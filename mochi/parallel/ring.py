@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .collective import collective
+from .collective import CollectiveLedger, collective
 from .kernel import AttentionConfig, attention, attention_with_lse, merge_attention_partials
 
 
@@ -23,10 +23,13 @@ class RingComm:
         ranks: the ring's global ranks in ring order.
         index: this rank's position in `ranks`.
         sent: optional byte counter (key "ring").
+        ledger: optional count of this rank's collectives (`collective.CollectiveLedger`).
     """
 
-    def __init__(self, group, ranks: list[int], index: int, sent: Counter | None = None):
+    def __init__(self, group, ranks: list[int], index: int, sent: Counter | None = None,
+                 ledger: CollectiveLedger | None = None):
         self.group = group
+        self.ledger = ledger
         self.send_to = ranks[(index + 1) % len(ranks)]
         self.recv_from = ranks[(index - 1) % len(ranks)]
         self.sent = sent
@@ -54,7 +57,7 @@ class RingComm:
         """Start the queued exchange."""
         if not self._ops:
             raise RuntimeError("RingComm.commit() with nothing queued; call send_recv(tensor) first")
-        with collective("ring exchange"):
+        with collective("ring exchange", self.ledger):
             self._requests = dist.batch_isend_irecv(self._ops)
         self._ops = []
 
@@ -62,7 +65,7 @@ class RingComm:
         """Block until the committed exchange has finished."""
         if self._requests is None:
             raise RuntimeError("RingComm.wait() without a committed exchange; call send_recv() and commit() first")
-        with collective("ring exchange"):
+        with collective("ring exchange", self.ledger):
             for request in self._requests:
                 request.wait()
         self._requests = None

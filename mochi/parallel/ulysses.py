@@ -15,30 +15,30 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .collective import collective
+from .collective import CollectiveLedger, collective
 
 
 class Pending:
     """An all-to-all in flight; `wait()` blocks until it is done and returns the finished tensor."""
 
-    def __init__(self, work, finish: Callable[[], torch.Tensor]):
-        self._work, self._finish = work, finish
+    def __init__(self, work, finish: Callable[[], torch.Tensor], ledger: CollectiveLedger | None = None):
+        self._work, self._finish, self._ledger = work, finish, ledger
 
     def wait(self) -> torch.Tensor:
         if self._work is None:
             raise RuntimeError("Pending.wait() called twice; keep the tensor the first call returned")
-        with collective("all_to_all"):
+        with collective("all_to_all", self._ledger):
             self._work.wait()
         self._work = None
         return self._finish()
 
 
-def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str):
+def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str, ledger: CollectiveLedger | None = None):
     """Start all_to_all_single along dim 0 (chunk j goes to group rank j; chunk j of the result
     comes from j). Returns (result buffer, work handle)."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    with collective("all_to_all"):
+    with collective("all_to_all", ledger):
         work = dist.all_to_all_single(out, x, group=group, async_op=True)
     if sent is not None:
         world = x.shape[0]
@@ -47,7 +47,8 @@ def _all_to_all(x: torch.Tensor, group, sent: Counter | None, kind: str):
 
 
 def sequence_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, degree: int,
-                      chunk: int = 0, chunks: int = 1, sent: Counter | None = None) -> Pending:
+                      chunk: int = 0, chunks: int = 1, sent: Counter | None = None,
+                      ledger: CollectiveLedger | None = None) -> Pending:
     """Start scattering heads and gathering the sequence, for q, k and v in one all-to-all. The
     result comes out in the attention kernel's layout (heads before sequence): no further copy.
 
@@ -57,6 +58,7 @@ def sequence_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
         degree: U.
         chunk, chunks: exchange only chunk `chunk` of `chunks` equal parts of each rank's H/U heads.
         sent: optional byte counter (key "ulysses").
+        ledger: optional count of this rank's collectives.
 
     Returns:
         Pending of [3, B, hc, U*S_l, Dh], hc = H/U/chunks: q, k, v of all U shards in rank order, for
@@ -69,18 +71,19 @@ def sequence_to_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, 
     for i, x in enumerate((q, k, v)):
         heads = x.view(B, S_l, U, chunks, hc, Dh)[:, :, :, chunk]  # [B, S_l, U, hc, Dh]
         send[:, i] = heads.permute(2, 0, 1, 3, 4)  # [U(dest), B, S_l, hc, Dh]
-    received, work = _all_to_all(send, group, sent, "ulysses")  # [U(src), 3, B, S_l, hc, Dh]
-    return Pending(work, lambda: received.permute(1, 2, 4, 0, 3, 5).reshape(3, B, hc, U * S_l, Dh))
+    received, work = _all_to_all(send, group, sent, "ulysses", ledger)  # [U(src), 3, B, S_l, hc, Dh]
+    return Pending(work, lambda: received.permute(1, 2, 4, 0, 3, 5).reshape(3, B, hc, U * S_l, Dh), ledger)
 
 
-def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: Counter | None = None) -> Pending:
+def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: Counter | None = None,
+                      ledger: CollectiveLedger | None = None) -> Pending:
     """Start the inverse, from the kernel's layout: scatter the sequence, gather heads.
 
     Args:
         out: [B, hc, n, Dh] attention output for the first n <= U*S_l tokens of the ring block
             (the rest is padding and comes back as zeros), for one chunk of this rank's heads.
         length: U*S_l, the ring block's padded length.
-        group, degree, sent: as in `sequence_to_heads`.
+        group, degree, sent, ledger: as in `sequence_to_heads`.
 
     Returns:
         Pending of [U, B, S_l, hc, Dh]: this rank's sequence shard; entry u holds Ulysses rank u's
@@ -94,8 +97,8 @@ def heads_to_sequence(out: torch.Tensor, length: int, group, degree: int, sent: 
         valid = max(0, min(n - u * S_l, S_l))
         send[u, :, :valid] = out[:, :, u * S_l : u * S_l + valid].transpose(1, 2)  # [B, valid, hc, Dh]
         send[u, :, valid:] = 0
-    received, work = _all_to_all(send, group, sent, "ulysses")  # [U(src), B, S_l, hc, Dh]
-    return Pending(work, lambda: received)
+    received, work = _all_to_all(send, group, sent, "ulysses", ledger)  # [U(src), B, S_l, hc, Dh]
+    return Pending(work, lambda: received, ledger)
 
 
 def join_head_chunks(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -108,7 +111,8 @@ def join_head_chunks(parts: list[torch.Tensor]) -> torch.Tensor:
     return joined.view(B, S_l, U * len(parts) * hc, Dh)  # [B, S_l, H, Dh]
 
 
-def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = None) -> torch.Tensor:
+def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = None,
+                 ledger: CollectiveLedger | None = None) -> torch.Tensor:
     """All-gather a head slice over the Ulysses group (the small text output, L x D/U per rank).
 
     Args:
@@ -119,7 +123,7 @@ def gather_heads(x: torch.Tensor, group, degree: int, sent: Counter | None = Non
     """
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(degree)]
-    with collective("all_gather"):
+    with collective("all_gather", ledger):
         dist.all_gather(parts, x, group=group)
     if sent is not None:
         sent["text_gather"] += (degree - 1) * x.numel() * x.element_size()

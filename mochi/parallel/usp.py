@@ -67,7 +67,8 @@ def usp_joint_attention(
     hc = h // chunks
     if U > 1:
         incoming = [
-            sequence_to_heads(video_q, video_k, video_v, ctx.ulysses_group, U, c, chunks, ctx.sent_bytes)
+            sequence_to_heads(video_q, video_k, video_v, ctx.ulysses_group, U, c, chunks, ctx.sent_bytes,
+                              ctx.collectives)
             for c in range(chunks)
         ]  # all posted now; they complete in order
         S_blk = U * S_l  # ring block j covers tokens [j * S_blk, (j + 1) * S_blk)
@@ -78,7 +79,7 @@ def usp_joint_attention(
         return max(0, min(video_len - ring_rank * S_blk, S_blk))
 
     n_q = valid_keys(ctx.ring_rank)
-    comm = RingComm(ctx.ring_group, ctx.ring_ranks, ctx.ring_rank, ctx.sent_bytes) if R > 1 else None
+    comm = RingComm(ctx.ring_group, ctx.ring_ranks, ctx.ring_rank, ctx.sent_bytes, ctx.collectives) if R > 1 else None
     outgoing, text_parts = [], []
     for c in range(chunks):
         if U > 1:
@@ -98,7 +99,8 @@ def usp_joint_attention(
         if need_text:
             text_parts.append(out[:, :, n_q:])  # [B, hc, L, Dh]
         if U > 1:
-            outgoing.append(heads_to_sequence(out[:, :, :n_q], S_blk, ctx.ulysses_group, U, ctx.sent_bytes))
+            outgoing.append(heads_to_sequence(out[:, :, :n_q], S_blk, ctx.ulysses_group, U, ctx.sent_bytes,
+                                              ctx.collectives))
         else:
             video_out = out.new_zeros(B, S_blk, H, Dh)
             video_out[:, :n_q] = out[:, :, :n_q].transpose(1, 2)  # [B, S_l, H, Dh], zeros where padded
@@ -107,5 +109,5 @@ def usp_joint_attention(
     if U > 1:
         video_out = join_head_chunks([pending.wait() for pending in outgoing])  # [B, S_l, H, Dh]
         if need_text:
-            text_out = gather_heads(text_out, ctx.ulysses_group, U, ctx.sent_bytes)  # [B, L, H, Dh]
+            text_out = gather_heads(text_out, ctx.ulysses_group, U, ctx.sent_bytes, ctx.collectives)  # [B, L, H, Dh]
     return video_out, text_out

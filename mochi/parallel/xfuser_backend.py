@@ -17,7 +17,9 @@ class XFuserAttention:
         from xfuser.core.long_ctx_attention import xFuserLongContextAttention
         from yunchang.globals import PROCESS_GROUP
 
-        # yunchang reads its groups from a module singleton when the layer is built; hand it ours.
+        # yunchang reads its groups from a module singleton when the layer is built; hand it ours. They
+        # are real groups even of size one (ParallelContext makes them for this backend): to yunchang
+        # None means the whole world.
         PROCESS_GROUP.ULYSSES_PG = ctx.ulysses_group
         PROCESS_GROUP.RING_PG = ctx.ring_group
         self.layer = xFuserLongContextAttention(ring_impl_type="basic")

@@ -4,7 +4,7 @@
 runs passes through it with fake (shape-only) tensors, so a 10B-parameter forward at full video
 size takes seconds and no memory. It records
 
-- FLOPs of matmuls (mm, addmm, bmm, baddbmm: 2 x M x K x N), convolutions (2 x outputs x
+- FLOPs of matmuls (mm, addmm, bmm, baddbmm, fp8 _scaled_mm: 2 x M x K x N), convolutions (2 x outputs x
   C_in/groups x kernel volume) and attention kernels (4 x Sq x Sk x Dh x heads, the two matmuls
   inside a flash kernel). Elementwise ops are not counted (they are memory-bound, < 1 %).
 - Live bytes of every tensor storage an op creates, freed when the last tensor using it dies
@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
-_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default}
 _CONVS = {aten.convolution.default}
 # Fused attention kernels: q [B, H, Sq, Dh], k [B, H, Sk, Dh] (first three args).
 _ATTENTION = {
@@ -46,7 +46,7 @@ _ATTENTION = {
 
 
 def _matmul_flops(func, args) -> int:
-    if func is aten.mm.default:
+    if func in (aten.mm.default, aten._scaled_mm.default):
         a, b = args[0], args[1]
         return 2 * a.shape[0] * a.shape[1] * b.shape[1]
     if func is aten.addmm.default:
@@ -204,10 +204,6 @@ class Counter(TorchDispatchMode):
         self.counts.end_bytes = self._live
         return result
 
-    @property
-    def live_bytes(self) -> int:
-        return self._live
-
 
 def _group_size(group) -> int:
     """World size of the process group a c10d op received (a boxed TorchScript object)."""
@@ -244,9 +240,3 @@ def fake_module(module_fn, fake_mode: FakeTensorMode, dtype: torch.dtype) -> nn.
                 if buffer is not None:
                     sub._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
     return module
-
-
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of all parameters and buffers (as stored: fp8 weights count 1 byte each)."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)

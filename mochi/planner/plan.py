@@ -22,7 +22,7 @@ allocator fragmentation, is within the GPU's memory.
 import argparse
 from dataclasses import dataclass
 
-from ..constants import NUM_HEADS
+from ..constants import DEFAULT_STEPS, NUM_HEADS
 from ..dit import DiTConfig
 from ..parallel.config import ParallelConfig
 from ..step_cache import StepCacheSpec
@@ -88,7 +88,7 @@ def estimate(
     gpu: GPU,
     link_gbps: float,
     weight_dtype: str = "bf16",
-    steps: int = 64,
+    steps: int = DEFAULT_STEPS,
     use_cfg: bool = True,
     text_tokens: int = 256,
     tiles=None,
@@ -145,7 +145,7 @@ def plan(
     gpu: str | GPU = "H100",
     weight_dtype: str = "bf16",
     link: str | float | None = None,
-    steps: int = 64,
+    steps: int = DEFAULT_STEPS,
     use_cfg: bool = True,
     text_tokens: int = 256,
     tiles=None,
@@ -238,7 +238,7 @@ def recommend(
     gpu: str | GPU = "H100",
     weight_dtype: str = "bf16",
     link: str | float | None = None,
-    steps: int = 64,
+    steps: int = DEFAULT_STEPS,
     use_cfg: bool = True,
     config: DiTConfig = DiTConfig(),
     cache: StepCacheSpec | None = None,
@@ -292,7 +292,7 @@ def summary_table(
     frames_list: tuple[int, ...] = (49, 163),
     world_sizes: tuple[int, ...] = (1, 2, 4, 8),
     gpus: tuple[str, ...] = SUMMARY_GPUS,
-    steps: int = 64,
+    steps: int = DEFAULT_STEPS,
 ) -> str:
     """The README's "Will it fit?" table: per video and GPU count, the recommended mix on H100s
     over NVLink, its per-rank peak (bf16 / fp8 weights), its latency bound, and on which GPUs
@@ -330,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=848)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--frames", type=int, nargs="+", default=[163], help="video frames (6k+1); several allowed")
-    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4, 8], help="GPU counts to plan for")
     parser.add_argument("--gpu", default="H100", help="H100, H200, H20, A100-80, A100-40, L40, L40S, L20, RTX4090")
     parser.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="bf16")
@@ -377,6 +377,11 @@ def goals_report(width: int = 848, height: int = 480, frames: int = 163) -> str:
 def plan_main(argv: list[str] | None = None) -> int:
     """`mochi-xdit plan ...`: print the table for each world size and frame count."""
     args = _parser().parse_args(argv)
+    for flag, values, low in (("--world-size", args.world_size, 1), ("--steps", [args.steps], 1),
+                              ("--frames", args.frames, 1)):
+        for value in values:
+            if value < low:
+                raise ValueError(f"{flag} {value}: use {low} or more")
     gpu = get_gpu(args.gpu)
     link = args.link or ("nvlink" if gpu.nvlink_gbps else "pcie")
     if args.summary:

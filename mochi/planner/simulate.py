@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..constants import DEFAULT_CFG
 from ..dit import DiTConfig, MochiDiT
-from ..layers import Linear
+from ..layers import FP8_MIN_CAPABILITY, Fp8Compute, Linear, fp8_compute, scaled_mm_linear
 from ..parallel.config import ParallelConfig
 from ..parallel.kernel import AttentionBackend, AttentionConfig, AttentionKernel, InstalledKernels, choose_backend
 from ..parallel.layout import ParallelContext
@@ -51,7 +52,8 @@ class StepCount:
     Attributes:
         weight_bytes: the full-depth DiT's weights as stored on the rank.
         activation_peak_bytes: peak of everything else alive during the step (latent state,
-            activations, communication buffers, transient fp8 -> bf16 weight casts).
+            activations, communication buffers; fp8: the activations' fp8 copies on the `_scaled_mm`
+            path, transient fp8 -> bf16 weight casts on the cast path).
         flops: FLOPs by kind ("linear", "conv", "attention") for the rank, full depth.
         sent_bytes: bytes the rank sends, by collective ("all_to_all", "all_gather", "send").
         seconds: wall time of the fake run (for keeping the planner fast).
@@ -106,10 +108,10 @@ def _check_weight_dtype(weight_dtype: str) -> None:
 class _SimulatedContext(ParallelContext):
     """A real ParallelContext whose groups live in the fake process group (`_fake_world`)."""
 
-    def _new_groups(self, rank_lists, timeout):
+    def _new_groups(self, rank_lists, timeout, keep_single: bool = False):
         mine, my_ranks = None, None
         for ranks in rank_lists:
-            group = dist.new_group(ranks) if len(ranks) > 1 else None  # the default ("fake") backend
+            group = dist.new_group(ranks) if len(ranks) > 1 or keep_single else None  # the default ("fake") backend
             if group is not None:
                 self._groups.append(group)
             if self.rank in ranks:
@@ -212,7 +214,9 @@ def count_step(
     Args:
         parallel: degrees (world_size = cfg x ulysses x ring).
         width, height, frames: video size (multiples of 16; frames = 6k + 1).
-        weight_dtype: "bf16" or "fp8" (Linear weights in float8 with a per-tensor scale).
+        weight_dtype: "bf16" or "fp8" (Linear weights in float8 with a per-tensor scale). fp8 counts
+            the `_scaled_mm` path (an fp8 copy of each Linear's input) on GPUs with fp8 tensor cores,
+            and when `installed` names no GPU; the cast path (a bf16 copy of each weight) on older ones.
         text_tokens: valid tokens of the positive prompt (the negative prompt is empty).
         use_cfg: False counts the cfg = 1 case (no unconditional pass).
         config: DiT size (the full 10B model by default).
@@ -243,16 +247,19 @@ def count_step(
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_module(lambda: MochiDiT(sim_config), fake_mode, COMPUTE_DTYPE)
     if weight_dtype == "fp8":
+        scaled_mm = fp8_compute("cuda", installed.cuda_capability or FP8_MIN_CAPABILITY, FP8) is Fp8Compute.SCALED_MM
         with fake_mode:
             for module in model.modules():
                 if isinstance(module, Linear):
                     module.weight = torch.nn.Parameter(torch.empty(module.weight.shape, dtype=FP8), requires_grad=False)
                     module.scale_weight = torch.ones((), dtype=torch.float32)
+                    if scaled_mm:
+                        module.forward = functools.partial(_scaled_mm_forward, module)
 
     # Real (tiny) text conditions: the request validates them; the forward only reads shapes.
     positive = TextCondition(torch.zeros(1, 256, 4096), torch.ones(1, 256, dtype=torch.int64))
     negative = TextCondition.empty(256)
-    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=4.5 if use_cfg else 1.0,
+    request = SampleRequest(positive, negative, latent_shape=latent_shape, steps=2, cfg=DEFAULT_CFG if use_cfg else 1.0,
                             cache=cache)
     counter = Counter(fake_mode)
     wrapped = _MaskAwareModel(model, counter, {id(positive.mask): min(text_tokens, 256), id(negative.mask): 0})
@@ -286,6 +293,15 @@ def count_step(
         attention_kernel=kernel,
         attention_ops=tuple(sorted(counts.attention_ops)),
     )
+
+
+def _scaled_mm_forward(module: Linear, x: torch.Tensor) -> torch.Tensor:
+    """What an fp8 Linear runs on a GPU with fp8 tensor cores (`layers.fp8_compute` picks it from the
+    device, which here is the fake tensors' CPU): the fp8 copy of x and `_scaled_mm`, counted as such."""
+    if fp8_compute("cuda", FP8_MIN_CAPABILITY, module.weight.dtype, x.dtype, module.in_features,
+                   module.out_features) is Fp8Compute.CAST:
+        return Linear.forward(module, x)
+    return scaled_mm_linear(x, module.weight, module.scale_weight, module.bias)
 
 
 @contextmanager
