@@ -1,10 +1,12 @@
-"""`mochi-xdit generate`: text to mp4 on a pool of ranks, outside ComfyUI.
+"""`mochi-xdit generate`: text (or a video and text) to mp4 on a pool of ranks, outside ComfyUI.
 
     mochi-xdit generate --prompt "a red fox running through snow" --world-size 2 --output fox.mp4
+    mochi-xdit generate --prompt "a red fox in autumn" --input-video fox.mp4 --denoise 0.6 --output autumn.mp4
 
 Steps: check every input (no Ray yet), encode the prompts with T5 in this process, start the
 pool (a private Ray on 127.0.0.1, or --ray-address), sample with a progress bar, decode the tiles
-across the ranks, write an H.264 mp4 with PyAV. Without --dit/--vae/--t5 it runs the built-in
+across the ranks, write an H.264 mp4 with PyAV. With --input-video the video is read with PyAV,
+encoded in tiles across the ranks and re-noised to --denoise before sampling (`input_video.py`). Without --dit/--vae/--t5 it runs the built-in
 demo model (tiny random weights: the video is noise) and says so.
 """
 
@@ -48,6 +50,8 @@ class RunInputs:
     latent_shape: tuple[int, ...]
     output: str
     loras: tuple = ()  # mochi.lora.LoraSpec, checked against the DiT
+    input_video: object = None  # input_video.InputVideo (--input-video) or None
+    fps: int = 30
 
     @property
     def parallel(self):
@@ -91,14 +95,17 @@ def check_inputs(args) -> RunInputs:
         problem = None if value is None or entry.repeat else value_problem(entry, value)
         if problem:
             raise InputError(f"{entry.cli_flag}: {problem}")
+    source, denoise = read_source(args)  # an input video sets width, height and frames
     width, height, frames = resolve_video(args.width, args.height, args.frames, demo)
+    fps = args.fps if args.fps is not None else (source.fps if source is not None else option("fps").default)
     try:
         latent_shape = latent_shape_for_video(width, height, frames)
     except VideoSizeError as error:
         raise InputError(f"{option(error.dimension).cli_flag}: {error}") from None
     try:
         run = resolve_run(RunChoices(seed=args.seed, steps=args.steps, cfg=args.cfg, scheduler=args.scheduler,
-                                     cache=args.cache, cache_threshold=args.cache_threshold, demo=demo))
+                                     cache=args.cache, cache_threshold=args.cache_threshold, denoise=denoise,
+                                     cfg_schedule=args.cfg_schedule, demo=demo))
     except OptionsError as error:
         raise flag_error(error, args) from None
     output = _check_output(args.output)
@@ -121,8 +128,42 @@ def check_inputs(args) -> RunInputs:
             raise InputError(f"--t5-tokenizer {args.t5_tokenizer}: not a directory; give the tokenizer's folder")
         dit_path, vae_path = os.path.abspath(args.dit_name), os.path.abspath(args.vae_name)
     spec = resolve_spec(args, dit_path, vae_path, (width, height, frames), run)
+    if source is not None:
+        from .mochi.checkpoint import CheckpointError, require_vae_encoder
+
+        try:
+            require_vae_encoder(vae_path)
+        except CheckpointError as error:
+            raise InputError(f"--input-video needs a VAE with an encoder: {error}") from None
     return RunInputs(demo, dit_path, vae_path, None if demo else args.t5, args.t5_tokenizer, spec, run, latent_shape,
-                     output, resolve_loras(args, spec))
+                     output, resolve_loras(args, spec), source, fps)
+
+
+def read_source(args):
+    """(InputVideo or None, denoise) from --input-video / --frames / --denoise; the video's size
+    and frame count become --width/--height/--frames (given values must agree)."""
+    if args.input_video is None:
+        if args.denoise is not None and args.denoise != 1.0:
+            raise InputError(f"--denoise={args.denoise} needs --input-video (without one, sampling starts from noise)")
+        return None, 1.0
+    from .input_video import read_input_video
+
+    denoise = 0.6 if args.denoise is None else args.denoise
+    if not os.path.isfile(args.input_video):
+        raise InputError(f"--input-video {args.input_video}: no such file; give the path of a video file")
+    try:
+        source = read_input_video(args.input_video, args.frames)
+    except ValueError as error:
+        raise InputError(f"--input-video: {error}") from None
+    width, height, frames = source.size
+    for flag, name, value in (("--width", "width", width), ("--height", "height", height)):
+        if getattr(args, name) not in (None, value):
+            raise InputError(f"{flag}={getattr(args, name)} but {args.input_video} is {width}x{height}; leave {flag} "
+                             "out (the input's size is used) or resize the video first")
+    if frames < source.available:
+        _say(f"--input-video: using the first {frames} of its {source.available} frames (Mochi takes 6k+1)")
+    args.width, args.height, args.frames = width, height, frames
+    return source, denoise
 
 
 def flag_error(error, args) -> InputError:
@@ -284,7 +325,13 @@ def _generate(args, plan: RunInputs, started: float) -> int:
         else:
             positive, negative = encode_prompts(plan, args.prompt, args.negative_prompt)
             pool = service.open(plan.spec)
-        request = plan.run.sample_request(positive, negative, latent_shape=plan.latent_shape)
+        start = {"latent_shape": plan.latent_shape}
+        if plan.input_video is not None:
+            from .mochi.vae_encoder import images_to_video
+
+            _say(f"encoding the input video (tiles spread over the ranks); denoise {plan.run.denoise:g}")
+            start = {"init_latent": pool.encode(images_to_video(plan.input_video.frames))}  # [1, 12, T, H/8, W/8]
+        request = plan.run.sample_request(positive, negative, **start)
         for note in (*plan.run.notes, layout_note(plan.parallel, plan.run.uses_cfg)):
             if note:
                 _say(f"note: {note}")
@@ -300,9 +347,9 @@ def _generate(args, plan: RunInputs, started: float) -> int:
         video = pool.decode(latent)  # [1, 3, F, H, W]
     finally:
         service.shutdown()
-    write_mp4(video[0], plan.output, args.fps)
+    write_mp4(video[0], plan.output, plan.fps)
     _, _, F, H, W = video.shape
-    _say(f"wrote {plan.output}: {F} frames, {W}x{H}, {args.fps} fps, in {time.perf_counter() - started:.1f} s"
+    _say(f"wrote {plan.output}: {F} frames, {W}x{H}, {plan.fps} fps, in {time.perf_counter() - started:.1f} s"
          + (" (DEMO model: noise)" if plan.demo else ""))
     return 0
 

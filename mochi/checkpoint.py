@@ -5,7 +5,7 @@ The module is built on the meta device and the file's tensors are assigned into 
 file and a converted one exists once: the weights are never held twice. Accepted layouts:
 genmo names (`dit.safetensors`, ComfyUI `mochi_preview_bf16.safetensors`), the
 `model.diffusion_model.` prefix of full checkpoints, VAE files with a bare or `decoder.`-prefixed
-decoder (a full VAE's `encoder.*` keys are ignored), and ComfyUI `fp8_scaled` files (a top-level
+decoder, VAE encoders (bare, or the `encoder.` half of a full VAE), and ComfyUI `fp8_scaled` files (a top-level
 `scaled_fp8` marker and a fp32 `<linear>.scale_weight` per Linear: weight = fp8 weight x scale).
 Quantised files (`.gguf`, and the GGUF-in-safetensors files made for ComfyUI-MochiWrapper) are
 read by `gguf_checkpoint.py`, which shows them here in the model's own names and shapes.
@@ -404,6 +404,75 @@ def load_vae_decoder(path: str | os.PathLike, weight_dtype: str = "fp32", device
     else:  # bare decoder: everything except a possible encoder
         names = {k: k for k in info.tensors if not MOCHI_ENCODER.search(k)}
     model = _build_on_meta(path, info, names, VAEDecoderConfig, MochiVAEDecoder, "the decoder", hint)
+    _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
+    return model
+
+
+VAE_ENCODER_PREFIXES = ("encoder.", "vae.encoder.", "")  # ComfyUI's full VAE, a full checkpoint, genmo's file
+# Which files carry Mochi's VAE encoder, said once for every message that refuses a file without it.
+ENCODER_FILES = (
+    "ComfyUI's mochi_vae.safetensors (Comfy-Org's repackage: encoder + decoder) and genmo's "
+    "encoder.safetensors carry the encoder; genmo's decoder.safetensors and other decoder-only files "
+    "(e.g. kijai's mochi_preview_vae_decoder_*) do not"
+)
+
+
+def vae_encoder_prefix(info: CheckpointInfo) -> str | None:
+    """Prefix in front of the VAE encoder's names in this file ("encoder.", "vae.encoder." or ""
+    for genmo's bare encoder.safetensors), None when the file has no encoder."""
+    if not info.has_vae_encoder:
+        return None
+    for prefix in VAE_ENCODER_PREFIXES:
+        if f"{prefix}layers.0.weight" in info.tensors:
+            return prefix
+    return None
+
+
+def require_vae_encoder(path: str | os.PathLike) -> tuple[CheckpointInfo, str]:
+    """What `path` is and the prefix of its VAE encoder (header only).
+
+    Raises CheckpointError for a file that is not a Mochi VAE, or a VAE without an encoder (the
+    message says which files carry one).
+    """
+    path = os.fspath(path)
+    info = inspect_checkpoint(path)
+    if info.kind != FileKind.VAE:
+        advice = info.wrong_slot_advice(Slot.VAE, dit_input="the DiT input", vae_input="the VAE input")
+        raise CheckpointError(f"{path} looks like {info.describe()}, but a Mochi VAE was expected. {advice}")
+    prefix = vae_encoder_prefix(info)
+    if prefix is None:
+        raise CheckpointError(
+            f"{path} looks like {info.describe()}: it has no encoder, so it cannot encode video; "
+            f"use a Mochi VAE file with an encoder: {ENCODER_FILES}."
+        )
+    return info, prefix
+
+
+def load_vae_encoder(path: str | os.PathLike, weight_dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """Load Mochi's VAE encoder from genmo's encoder.safetensors (bare names) or a full VAE
+    (`encoder.` prefix; the decoder's tensors are ignored).
+
+    Args:
+        path: the .safetensors file.
+        weight_dtype: "fp32" (CPU), "bf16" or "fp16".
+        device: where the weights live.
+
+    Returns:
+        MochiVAEEncoder in eval mode without gradients.
+
+    Raises CheckpointError as `require_vae_encoder` does, or for a broken encoder.
+    """
+    from .vae_encoder import MochiVAEEncoder, VAEEncoderConfig
+
+    _check_dtype(weight_dtype, ("bf16", "fp16", "fp32"))
+    path = os.fspath(path)
+    info, prefix = require_vae_encoder(path)
+    if prefix:
+        names = {k[len(prefix):]: k for k in info.tensors if k.startswith(prefix)}
+    else:  # genmo's bare encoder (a bare decoder's names would clash with its output_proj)
+        names = {k: k for k in info.tensors if k.startswith(("layers.", "output_norm.", "output_proj."))}
+    hint = f"use a Mochi VAE file with an encoder: {ENCODER_FILES}."
+    model = _build_on_meta(path, info, names, VAEEncoderConfig, MochiVAEEncoder, "the encoder", hint)
     _load_into(model, path, names, {}, weight_dtype, torch.device(device), info.metadata)
     return model
 

@@ -73,20 +73,50 @@ def random_vae_state_dict(config: VAEDecoderConfig, seed: int = 0) -> dict[str, 
     Convs and projections are drawn with 1/sqrt(fan_in) scale, norm weights around 1 and biases
     small, so every parameter matters and activations stay O(1) through the residual stacks.
     """
+    return _random_vae_state(MochiVAEDecoder, config, seed)
+
+
+def random_vae_encoder_state_dict(config: "VAEEncoderConfig", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random fp32 weights for a VAE encoder of this size, keyed by genmo names (no prefix); the
+    recipe of `random_vae_state_dict`."""
+    return _random_vae_state(MochiVAEEncoder, config, seed)
+
+
+def _is_norm_affine(name: str) -> bool:
+    return any(part in name for part in (".stack.0.", ".stack.3.", "attn_block.norm.", "output_norm."))
+
+
+def _random_vae_state(model_class, config, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        shapes = {name: tensor.shape for name, tensor in MochiVAEDecoder(config).state_dict().items()}
+        shapes = {name: tensor.shape for name, tensor in model_class(config).state_dict().items()}
     state = {}
     for name, shape in shapes.items():
         if len(shape) >= 2:
             fan_in = shape[1:].numel()
             value = torch.randn(shape, generator=generator) / fan_in**0.5
-        elif ".stack.0." in name or ".stack.3." in name:  # GroupNorm affine
+        elif _is_norm_affine(name):  # GroupNorm affine
             value = (1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=generator)
         else:
             value = 0.02 * torch.randn(shape, generator=generator)
         state[name] = value.contiguous()
     return state
+
+
+# --- VAE encoder ------------------------------------------------------------------------------
+
+from .vae_encoder import MochiVAEEncoder, VAEEncoderConfig  # noqa: E402
+
+# The real encoder's structure (3 downsampling blocks, attention after the first group) at 1/4 of
+# its widths (the narrowest whose attention widths are multiples of the 32-wide heads).
+_DEMO_ENCODER_CHANNELS = (16, 32, 64, 96)
+DEMO_VAE_ENCODER_CONFIG = VAEEncoderConfig(
+    channels=_DEMO_ENCODER_CHANNELS,
+    num_res_blocks=(1, 1, 2, 2, 1),
+    temporal_reductions=(1, 2, 3),
+    has_attention=(False, True, True, True, True),
+    norm_groups=default_norm_groups(_DEMO_ENCODER_CHANNELS),
+)
 
 
 # --- Demo checkpoint files ------------------------------------------------------------------------
@@ -97,7 +127,7 @@ from pathlib import Path  # noqa: E402
 
 DEMO_DIR_ENV = "MOCHI_XDIT_DEMO_DIR"  # overrides the cache folder; read at call time
 DEMO_SEED = 0
-_DEMO_FILE_VERSION = "1"  # bump when the demo configs or weight recipes change
+_DEMO_FILE_VERSION = "2"  # bump when the demo configs or weight recipes change (2: VAE gains an encoder)
 _DEMO_METADATA = {"mochi_xdit_demo": _DEMO_FILE_VERSION, "notice": DEMO_NOTICE}
 
 logger = logging.getLogger(__name__)
@@ -136,11 +166,12 @@ def demo_paths(directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
 
 
 def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write (first time only) and return the demo DiT and VAE decoder files.
+    """Write (first time only) and return the demo DiT and VAE files.
 
-    Deterministic: fixed configs (`DEMO_DIT_CONFIG`, `DEMO_VAE_CONFIG`) and seed, fp32, genmo key
-    names (the VAE with ComfyUI's `decoder.` prefix), so they load through the same
-    `checkpoint.load_dit` / `load_vae_decoder` code as real weights.
+    Deterministic: fixed configs (`DEMO_DIT_CONFIG`, `DEMO_VAE_CONFIG`, `DEMO_VAE_ENCODER_CONFIG`)
+    and seed, fp32, genmo key names (the VAE laid out like ComfyUI's mochi_vae.safetensors: a
+    `decoder.` and an `encoder.` half), so they load through the same `checkpoint.load_dit` /
+    `load_vae_decoder` / `load_vae_encoder` code as real weights.
 
     Args:
         directory: target folder; default `demo_dir()`.
@@ -150,7 +181,10 @@ def demo_checkpoints(directory: str | os.PathLike | None = None) -> tuple[Path, 
     """
     dit_path, vae_path = demo_paths(directory)
     _write_once(dit_path, lambda: random_dit_state_dict(DEMO_DIT_CONFIG, DEMO_SEED))
-    _write_once(vae_path, lambda: {f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, DEMO_SEED).items()})
+    _write_once(vae_path, lambda: {
+        **{f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, DEMO_SEED).items()},
+        **{f"encoder.{k}": v for k, v in random_vae_encoder_state_dict(DEMO_VAE_ENCODER_CONFIG, DEMO_SEED).items()},
+    })
     return dit_path, vae_path
 
 

@@ -102,3 +102,36 @@ def cfg_schedule(cfg: float | Sequence[float], steps: int) -> list[float]:
         if not value >= 0.0:  # also rejects NaN
             raise ValueError(f"cfg={value} must be >= 0 (1 disables guidance, Mochi's default is {DEFAULT_CFG})")
     return scales
+
+
+def parse_cfg_schedule(text: str, steps: int) -> tuple[float, ...]:
+    """genmo's / kijai's per-step CFG as text -> one scale per step (the only parser of this format).
+
+    Comma-separated entries, each a scale or `scale*count` (that scale for `count` steps), e.g.
+    "4.5*40,1*24" (64 steps: 4.5 for 40, then 1 for 24, the unconditional pass skipped) or
+    "6, 5.5, 5, 4.5"; whitespace is ignored. The entries must cover exactly `steps` steps.
+
+    Raises ValueError naming the bad entry, or the count against `steps` with the fix.
+    """
+    scales: list[float] = []
+    entries = [entry.strip() for entry in str(text).split(",")]
+    if not any(entries):
+        raise ValueError('the cfg schedule is empty; give e.g. "4.5*40,1*24" (scale*steps, comma-separated)')
+    for entry in entries:
+        scale_text, star, count_text = entry.partition("*")
+        try:
+            scale = float(scale_text)
+            count = int(count_text) if star else 1
+        except ValueError:
+            raise ValueError(
+                f'cfg schedule entry {entry!r} is not "scale" or "scale*steps" (e.g. "4.5*40,1*24")'
+            ) from None
+        if count < 1:
+            raise ValueError(f"cfg schedule entry {entry!r}: the step count must be >= 1")
+        scales += [scale] * count
+    if len(scales) != steps:
+        raise ValueError(
+            f"the cfg schedule {text!r} covers {len(scales)} steps but steps={steps}; make the counts add up to "
+            f"{steps} (with denoise < 1, steps is the number of steps that run)"
+        )
+    return tuple(cfg_schedule(scales, steps))

@@ -4,6 +4,7 @@ so the pool's ranks release theirs (`comfy_hooks`)."""
 
 from .comfy_hooks import install_free_memory_hook
 from .decode import MochiTiledVAEDecode
+from .encode import MochiTiledVAEEncode
 from .guider import MochiXDiTGuider
 from .loader import MochiXDiTLoader
 from .lora_loader import MochiXDiTLoraLoader
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "MochiXDiTLoraLoader": MochiXDiTLoraLoader,
     "MochiXDiTGuider": MochiXDiTGuider,
     "MochiXDiTModelSampling": MochiXDiTModelSampling,
+    "MochiTiledVAEEncode": MochiTiledVAEEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MochiXDiTLoader": "Mochi xDiT Loader (multi-GPU pool)",
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MochiXDiTLoraLoader": "Mochi xDiT LoRA Loader",
     "MochiXDiTGuider": "Mochi xDiT Guider (for SamplerCustomAdvanced)",
     "MochiXDiTModelSampling": "Mochi xDiT Model Sampling (for scheduler nodes)",
+    "MochiTiledVAEEncode": "Mochi xDiT Tiled VAE Encode",
 }
 
 install_free_memory_hook()

@@ -1,4 +1,4 @@
-"""The nodes' calls into the pool: open it (loader), sample (sampler), decode (decoder).
+"""The nodes' calls into the pool: open it (loader), sample (sampler), decode (decoder), encode (encoder).
 
 Each call looks the pool up through the handle, checks what the pool's layout cannot run before
 the pool is touched, and lets `errors.user_errors` give failures their advice.
@@ -62,3 +62,18 @@ def run_decode(handle: PoolHandle, samples: torch.Tensor, tiles) -> torch.Tensor
     tiles: a `mochi.vae_tiling.TileSpec`, or None for the automatic choice."""
     with user_errors():
         return pool_for(handle).decode(samples, tiles)
+
+
+def run_encode(handle: PoolHandle, video: torch.Tensor, tiles) -> torch.Tensor:
+    """Encode a video [B, 3, F, H, W] in [-1, 1] on the pool -> VAE-space latent mean [B, 12, T, H/8, W/8].
+    tiles: a `mochi.vae_encoder_tiling.EncodeTileSpec`, or None for the automatic choice.
+
+    A pool whose VAE file has no encoder is refused before the pool is touched (CheckpointError, a
+    ValueError whose message names the files that carry one)."""
+    from ..mochi.checkpoint import require_vae_encoder
+
+    if handle.spec.vae_path is None:
+        raise ValueError("Mochi xDiT: this pool has no VAE; pick mochi_vae.safetensors in the loader's vae_name")
+    require_vae_encoder(handle.spec.vae_path)
+    with user_errors():
+        return pool_for(handle).encode(video, tiles)

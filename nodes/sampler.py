@@ -28,7 +28,8 @@ def masked(latent: dict | None) -> bool:
 def run_choices(values: dict, latent_image=None):
     """The widgets as the run resolver's RunChoices. An optional input the prompt does not send takes
     its declared default; a prompt from before the rename that sends `schedule` and no `scheduler`
-    runs with its schedule."""
+    runs with its schedule. A cfg_schedule waits for run time while steps comes from a link (its count
+    is checked against steps)."""
     from ..workers.option_table import option
     from ..workers.run_plan import RunChoices
 
@@ -37,7 +38,10 @@ def run_choices(values: dict, latent_image=None):
         given["scheduler"] = given.get("schedule")
     given = {name: option(name).default if given.get(name) is None else given[name]
              for name in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "cache")}
-    return RunChoices(**given, cache_threshold=values.get("cache_threshold"), masked_latent=masked(latent_image))
+    cfg_schedule = values.get("cfg_schedule") if values.get("steps") is not None else None
+    return RunChoices(**given, cache_threshold=values.get("cache_threshold"),
+                      cfg_schedule=option("cfg_schedule").default if cfg_schedule is None else cfg_schedule,
+                      masked_latent=masked(latent_image))
 
 
 def sampler_problem(values: dict) -> str | None:
@@ -88,18 +92,19 @@ class MochiXDiTSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed, steps, cfg, sampler_name=None, scheduler=None, denoise=None, cache=None,
-                        cache_threshold=None, schedule=None):
+                        cache_threshold=None, schedule=None, cfg_schedule=None):
         return checks.refuse(sampler_problem(dict(
             seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
-            cache=cache, cache_threshold=cache_threshold, schedule=schedule)))
+            cache=cache, cache_threshold=cache_threshold, schedule=schedule, cfg_schedule=cfg_schedule)))
 
     def sample(self, pool, positive, negative, latent_image, seed, steps, cfg, sampler_name=None, scheduler=None,
-               denoise=None, cache=None, cache_threshold=None, schedule=None):
+               denoise=None, cache=None, cache_threshold=None, schedule=None, cfg_schedule=None):
         from ..workers.options import OptionsError
         from ..workers.run_plan import SamplerPath, resolve_run
 
         values = dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                      denoise=denoise, cache=cache, cache_threshold=cache_threshold, schedule=schedule)
+                      denoise=denoise, cache=cache, cache_threshold=cache_threshold, schedule=schedule,
+                      cfg_schedule=cfg_schedule)
         problem = widget_problem(Door.SAMPLER, values, comfy_choices()) or checks.latent_problem(latent_image)
         if problem:
             raise ValueError(problem)

@@ -25,7 +25,7 @@ from mochi_xdit.nodes.comfy_types import conditioning_to_text, frames_to_image, 
 
 COMFY_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 NODE_IDS = ("MochiXDiTLoader", "MochiXDiTSampler", "MochiTiledVAEDecode", "MochiXDiTLoraLoader", "MochiXDiTGuider",
-            "MochiXDiTModelSampling")
+            "MochiXDiTModelSampling", "MochiTiledVAEEncode")
 
 
 class InterruptProcessingException(Exception):
@@ -383,7 +383,7 @@ def sampler_values(path: str) -> list:
 def opened(values: list) -> dict:
     """A saved sampler's values as the node's widgets hold them after loading, by name."""
     names = sampler_widget_names()
-    defaults = {"cache": "off", "cache_threshold": 0.06, "control_after_generate": "randomize"}
+    defaults = {"cache": "off", "cache_threshold": 0.06, "control_after_generate": "randomize", "cfg_schedule": ""}
     return dict(zip(names, frontend_remap(values, names, defaults)))
 
 
@@ -406,7 +406,7 @@ def test_a_workflow_saved_before_scheduler_existed_keeps_its_schedule(fake_comfy
     first = sampler_values("first_release_text_to_video.json")
     assert opened(first) == {"seed": 42, "control_after_generate": "fixed", "steps": 64, "cfg": 4.5,
                              "sampler_name": "euler", "scheduler": "linear_quadratic", "denoise": 1.0, "cache": "off",
-                             "cache_threshold": 0.06}
+                             "cache_threshold": 0.06, "cfg_schedule": ""}
     assert opened([7, "increment", 12, 3.0, "simple", 0.8])["scheduler"] == "simple"
     cached = opened([7, "fixed", 12, 3.0, "simple", 0.8, "teacache", 0.09])  # the layout with caching only
     assert (cached["scheduler"], cached["cache"], cached["cache_threshold"], cached["denoise"]) == (

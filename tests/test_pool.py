@@ -25,12 +25,15 @@ import ray
 import torch
 from safetensors.torch import save_file
 
-from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder
-from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, random_dit_state_dict, random_vae_state_dict
+from mochi_xdit.mochi.checkpoint import load_dit, load_vae_decoder, load_vae_encoder
+from mochi_xdit.mochi.demo import (DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, DEMO_VAE_ENCODER_CONFIG, random_dit_state_dict,
+                                   random_vae_encoder_state_dict, random_vae_state_dict)
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.pipeline import generate
 from mochi_xdit.mochi.sampler import SampleRequest
+from mochi_xdit.mochi.schedule import parse_cfg_schedule
 from mochi_xdit.mochi.text import TextCondition
+from mochi_xdit.mochi.vae_encoder_tiling import EncodeTileSpec, encode_tiled
 from mochi_xdit.mochi.vae_tiling import TileSpec, decode_tiled
 from mochi_xdit.workers.actor import RankWorker
 from mochi_xdit.workers.capacity import CapacityError
@@ -50,7 +53,9 @@ def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     dit, vae = str(folder / "dit.safetensors"), str(folder / "vae.safetensors")
     save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), dit)
-    save_file(random_vae_state_dict(DEMO_VAE_CONFIG, seed=0), vae)
+    save_file({**{f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, seed=0).items()},
+               **{f"encoder.{k}": v for k, v in random_vae_encoder_state_dict(DEMO_VAE_ENCODER_CONFIG, seed=0).items()}},
+              vae)  # laid out like ComfyUI's mochi_vae.safetensors: both halves
     return dit, vae
 
 
@@ -159,6 +164,20 @@ def test_parallel_tiled_decode_on_2_ranks_equals_single_rank_tiled_decode(cache,
     assert torch.equal(video, expected)
 
 
+def test_parallel_tiled_encode_on_2_ranks_equals_single_rank_tiled_encode(cache, model_files):
+    pool = cache.acquire(spec_for(model_files))
+    video = torch.rand(1, 3, 7, 48, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    tiles = EncodeTileSpec(tile_height=4, tile_width=4, overlap=1)  # 2 x 3 tiles
+    latent = pool.encode(video, tiles)
+    expected = encode_tiled(load_vae_encoder(model_files[1], "fp32", "cpu"), video, tiles)
+    assert latent.shape == (1, 12, 2, 6, 8)
+    assert torch.equal(latent, expected)
+    auto = pool.encode(video)  # rank 0 sizes the tiles to its memory: one tile here, the untiled encode
+    assert torch.equal(auto, load_vae_encoder(model_files[1], "fp32", "cpu").encode(video))
+    with pytest.raises(ValueError, match=r"6k \+ 1 frames; got 8; use 7 or 13 frames"):
+        pool.encode(video[:, :, :1].repeat(1, 1, 8, 1, 1), tiles)
+
+
 def test_pool_reused_for_same_spec_rebuilt_for_new_degrees(cache, model_files, request_6_steps, oracle):
     first = cache.acquire(spec_for(model_files))
     assert cache.acquire(spec_for(model_files)) is first
@@ -173,6 +192,14 @@ def test_pool_reused_for_same_spec_rebuilt_for_new_degrees(cache, model_files, r
 def test_cfg_1_runs_on_a_cfg_split_pool_and_equals_one_process(cache, model_files, request_6_steps):
     pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
     request = replace(request_6_steps, cfg=1.0)
+    expected = generate(load_dit(model_files[0], "fp32", "cpu"), request)
+    assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
+
+
+def test_cfg_schedule_with_cfg_1_steps_on_a_cfg_split_pool_equals_one_process(cache, model_files, request_6_steps):
+    """genmo's cfg_schedule: guided steps, then cfg-1 steps (rank 1 of the CFG split sends zeros)."""
+    pool = cache.acquire(spec_for(model_files, cfg=2, ulysses=1))
+    request = replace(request_6_steps, cfg=parse_cfg_schedule("4.5*2,1*2,3,1", 6))
     expected = generate(load_dit(model_files[0], "fp32", "cpu"), request)
     assert (pool.sample(request) - expected).abs().max().item() <= TOLERANCE
 

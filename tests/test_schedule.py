@@ -95,3 +95,25 @@ def test_cfg_schedule_and_errors():
         sigma_schedule("karras", 3)
     with pytest.raises(ValueError, match="denoise"):
         sigma_schedule("simple", 3, denoise=0.0)
+
+
+def test_cfg_schedule_text_expands_counts_and_commas():
+    from mochi_xdit.mochi.schedule import parse_cfg_schedule
+
+    assert parse_cfg_schedule("4.5*40,1*24", 64) == (4.5,) * 40 + (1.0,) * 24
+    assert parse_cfg_schedule(" 6, 5.5 ,5,4.5 ", 4) == (6.0, 5.5, 5.0, 4.5)
+    assert parse_cfg_schedule("7*2, 1", 3) == (7.0, 7.0, 1.0)
+
+
+@pytest.mark.parametrize("text,steps,message", [
+    ("4.5*40,1*20", 64, r"covers 60 steps but steps=64; make the counts add up to 64"),
+    ("4.5*x", 4, r"entry '4.5\*x' is not \"scale\" or \"scale\*steps\""),
+    ("4.5*0,1*4", 4, r"entry '4.5\*0': the step count must be >= 1"),
+    ("", 4, r"the cfg schedule is empty"),
+    ("-1*4", 4, r"cfg=-1.0 must be >= 0"),
+])
+def test_cfg_schedule_text_errors_name_the_entry_and_the_fix(text, steps, message):
+    from mochi_xdit.mochi.schedule import parse_cfg_schedule
+
+    with pytest.raises(ValueError, match=message):
+        parse_cfg_schedule(text, steps)

@@ -194,12 +194,13 @@ def oracle_request(prompt: dict, **extra) -> SampleRequest:
         schedule=sampler["scheduler"], denoise=sampler["denoise"], **extra)
 
 
-def test_ui_workflow_matches_api_workflow(comfy_env):
+@pytest.mark.parametrize("name", ["mochi_xdit_text_to_video", "mochi_xdit_video_to_video"])
+def test_ui_workflow_matches_api_workflow(comfy_env, name):
     """Same nodes, same links, and widget values in each node's input order (seed has the extra
-    control_after_generate value in the UI file)."""
-    with open(API_WORKFLOW) as f:
+    control_after_generate value in the UI file, LoadVideo its upload button's)."""
+    with open(os.path.join(ROOT, "workflows", "api", f"{name}_api.json")) as f:
         api = json.load(f)
-    with open(UI_WORKFLOW) as f:
+    with open(os.path.join(ROOT, "workflows", f"{name}.json")) as f:
         ui = json.load(f)
     assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
     links = {link[0]: link for link in ui["links"]}
@@ -213,6 +214,8 @@ def test_ui_workflow_matches_api_workflow(comfy_env):
         values = list(node["widgets_values"])
         if node["type"] == "MochiXDiTSampler":
             assert values.pop(1) in ("fixed", "randomize", "increment", "decrement")
+        if node["type"] == "LoadVideo":
+            assert values.pop(1) == "image"
         assert values == widgets, node["type"]
         if node["type"] in NODE_CLASS_MAPPINGS:
             spec = NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()

@@ -94,6 +94,7 @@ class RankWorker:
         self.kernels = None  # the pool's KernelChoice (attention kernel, measured once), made by load()
         self.dit = None
         self.vae = None
+        self.vae_encoder = None  # loaded when the VAE file carries an encoder
         self.vae_conv = ConvSettings()  # the VAE's conv3d settings; measured at load on a GPU
         self._loop = None
         self._lora_switch = None  # made on first set_loras; tied to this rank's DiT
@@ -182,7 +183,8 @@ class RankWorker:
         so the whole DiT never sits on the GPU). Returns the placement's one-line note (also logged)."""
         import torch.distributed as dist
 
-        from ..mochi.checkpoint import load_dit, load_vae_decoder
+        from ..mochi.checkpoint import (inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder,
+                                       vae_encoder_prefix)
         from ..mochi.guidance import default_compute_dtype
         from ..mochi.parallel.kernel_choice import KernelChoice
         from ..mochi.weight_placement import WeightPlacement, place_weights
@@ -215,6 +217,8 @@ class RankWorker:
             self.vae_conv, _ = measure_conv_settings(decoder_conv_shape(self.vae.config),
                                                      next(self.vae.parameters()).dtype, self.device)
             apply_memory_format(self.vae, self.vae_conv)
+            if vae_encoder_prefix(inspect_checkpoint(self.spec.vae_path)) is not None:  # its encoder half, if any
+                self.vae_encoder = load_vae_encoder(self.spec.vae_path, vae_dtype, self.device)
         return note
 
     # -- sampling ----------------------------------------------------------------------------
@@ -376,6 +380,35 @@ class RankWorker:
             available = _available_host_bytes() // self.spec.world_size
         dtype = next(self.vae.parameters()).dtype
         return TileSpec.auto(available, self.vae.config, dtype, latent_shape=tuple(latent_shape))
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def encode_tiles(self, video: torch.Tensor, tiles: list) -> list[torch.Tensor]:
+        """Encode this rank's tiles of a video [B, 3, F, H, W] in [-1, 1]; returns one latent mean
+        [B, 12, t, h, w] per tile, in order."""
+        from ..mochi.vae_encoder_tiling import encode_tile
+
+        encoder = self._require_encoder("encode_tiles()")
+        video = video.to(self.device, next(encoder.parameters()).dtype)  # [B, 3, F, H, W] in the VAE's dtype
+        return [encode_tile(encoder, video, tile).cpu() for tile in tiles]
+
+    def auto_encode_tiles(self, video_shape: tuple[int, ...]):
+        """An EncodeTileSpec sized to this rank's free memory."""
+        from ..mochi.vae_encoder_tiling import EncodeTileSpec
+
+        encoder = self._require_encoder("auto_encode_tiles()")
+        if self.device.type == "cuda":
+            available = free_device_bytes(self.device)
+        else:  # ranks of a CPU pool share the machine's memory
+            available = _available_host_bytes() // self.spec.world_size
+        dtype = next(encoder.parameters()).dtype
+        return EncodeTileSpec.auto(available, encoder.config, dtype, video_shape=tuple(video_shape))
+
+    def _require_encoder(self, verb: str):
+        if self.vae_encoder is None:
+            raise RuntimeError(f"rank {self.rank}: {verb} without a VAE encoder; build the pool with a vae_path "
+                               "whose file has one (the driver checks this before calling)")
+        return self.vae_encoder
 
     def shutdown(self) -> None:
         """Leave the process group (the driver kills the actor afterwards)."""

@@ -46,7 +46,8 @@ class Door(Flag):
     LORA = auto()
     GUIDER = auto()
     GENERATE = auto()  # `mochi-xdit generate`
-    NODES = LOADER | SAMPLER | DECODE | LORA | GUIDER
+    ENCODE = auto()
+    NODES = LOADER | SAMPLER | DECODE | LORA | GUIDER | ENCODE
 
 
 class Field(Enum):
@@ -68,6 +69,7 @@ class Field(Enum):
     SEED = "seed"
     STEPS = "steps"
     CFG = "cfg"
+    CFG_SCHEDULE = "cfg_schedule"
     DENOISE = "denoise"
     SAMPLER = "sampler_name"
     SCHEDULER = "scheduler"
@@ -187,6 +189,9 @@ _OPTIONS = (
     Option("frames", Kind.INT, "6k+1 frames", Door.GENERATE, low=1, high=10_000, group="video", field=Field.VIDEO,
            cli_help="6k+1 frames, e.g. 31, 85, 163 (default 31; demo model 13)"),
     Option("fps", Kind.INT, "frames per second of the mp4 (Mochi: 30)", Door.GENERATE, default=30, low=1, high=240,
+           group="video", cli_unset=True, cli_help="frames per second of the mp4 (default 30, or the input video's)"),
+    Option("input_video", Kind.PATH, "video-to-video: encode this file (PyAV) and denoise it with the prompt; its "
+           "size is used (multiples of 16) and its first 6k+1 frames (all that fit, or --frames)", Door.GENERATE,
            group="video"),
     # ---- sampling (sampler node, guider node, CLI)
     Option("seed", Kind.INT, "Seed of the starting noise (drawn like KSampler: same seed, same noise).",
@@ -211,8 +216,10 @@ _OPTIONS = (
            cli_help="sigma schedule: genmo's linear_quadratic, or ComfyUI's simple (shift 6)", group="sampling",
            field=Field.SCHEDULER),
     Option("denoise", Kind.FLOAT, "1 starts from pure noise. Below 1 keeps that much of a non-empty input latent "
-           "(video-to-video); the run then covers the last steps of a longer schedule.", Door.SAMPLER, default=1.0,
-           low=0.01, high=1.0, step=0.01, optional_at=Door.SAMPLER, field=Field.DENOISE),
+           "(video-to-video); the run then covers the last steps of a longer schedule.", Door.SAMPLER | Door.GENERATE,
+           default=1.0, low=0.01, high=1.0, step=0.01, optional_at=Door.SAMPLER, field=Field.DENOISE,
+           cli_unset=True, group="video",
+           cli_help="with --input-video: how much to change it, in (0, 1] (default 0.6; 1 ignores it)"),
     Option("cache", Kind.CHOICE, "Step caching: skip the transformer's blocks on steps where their input barely "
            "changes, reusing the last computed residual; every rank skips the same steps. teacache: TeaCache's Mochi "
            f"indicator (published 1.5x at {DEFAULT_CACHE_THRESHOLD}, 2.1x at 0.09 on 163 frames). first_block: "
@@ -225,6 +232,11 @@ _OPTIONS = (
            cli_unset=True, group="sampling", field=Field.CACHE,
            cli_help=f"how much change a skipped step may hide (default {DEFAULT_CACHE_THRESHOLD}; TeaCache published "
                     "1.5x, 0.09 2.1x); 0 never skips; needs --cache"),
+    Option("cfg_schedule", Kind.TEXT, "One cfg per step instead of cfg, e.g. 4.5*40,1*24 (scale*steps, "
+           "comma-separated; the counts add up to steps, genmo's cfg_schedule). Steps at 1 skip the negative pass. "
+           "Empty: cfg for every step. On-rank path only (euler with simple / linear_quadratic).",
+           Door.SAMPLER | Door.GENERATE, default="", optional_at=Door.SAMPLER, group="sampling", field=Field.CFG_SCHEDULE,
+           metavar="SCALE*STEPS,..."),
     Option("schedule", Kind.CHOICE, "The scheduler's earlier name (no widget any more): a prompt that sends schedule "
            "and no scheduler runs with it; when both are sent, scheduler wins, as it always did.", Door.SAMPLER,
            choices=SCHEDULE_NAMES, hidden_at=Door.SAMPLER, field=Field.SCHEDULER),
@@ -304,12 +316,12 @@ _OPTIONS = (
                     "replicated, sharded (1/N of every block per rank, 2+ ranks), offload (blocks from host memory)"),
     # ---- decoding (decode node)
     Option("tiling", Kind.CHOICE, "auto: tile sizes chosen to bound memory. manual: use the three values below. "
-           "off: decode everything at once (most memory).", Door.DECODE, default=AUTO,
+           "off: decode everything at once (most memory).", Door.DECODE | Door.ENCODE, default=AUTO,
            choices=(AUTO, "manual", "off")),
     Option("tile_size", Kind.INT, "manual: tile width and height in output pixels (multiple of 8). Smaller tiles use "
-           "less memory and take a little longer.", Door.DECODE, default=256, low=32, high=4096, step=TILE_PIXELS),
+           "less memory and take a little longer.", Door.DECODE | Door.ENCODE, default=256, low=32, high=4096, step=TILE_PIXELS),
     Option("tile_overlap", Kind.INT, "manual: output pixels shared by neighbouring tiles and blended (multiple of 8, "
-           "at most half of tile_size); more overlap hides seams better and costs time.", Door.DECODE, default=64,
+           "at most half of tile_size); more overlap hides seams better and costs time.", Door.DECODE | Door.ENCODE, default=64,
            low=0, high=1024, step=TILE_PIXELS),
     Option("frame_chunk", Kind.INT, "manual: latent frames decoded per chunk (each makes 6 video frames); the causal "
            "decoder carries state across chunks, so the result is exact. Lower uses less memory.", Door.DECODE,
@@ -443,7 +455,8 @@ def _degree_flag(entry: Option):
 
 REFERENCE_DOORS = ((Door.LOADER, "Mochi xDiT Loader"), (Door.LORA, "Mochi xDiT LoRA Loader"),
                    (Door.SAMPLER, "Mochi xDiT Sampler"), (Door.GUIDER, "Mochi xDiT Guider"),
-                   (Door.DECODE, "Mochi xDiT Tiled VAE Decode"), (Door.GENERATE, "mochi-xdit generate"))
+                   (Door.DECODE, "Mochi xDiT Tiled VAE Decode"), (Door.ENCODE, "Mochi xDiT Tiled VAE Encode"),
+                   (Door.GENERATE, "mochi-xdit generate"))
 
 
 def reference_markdown() -> str:

@@ -384,6 +384,47 @@ class Pool:
             decoded = [(tile, pixels) for rank in range(world) for tile, pixels in zip(shares[rank], parts[rank])]
             return assemble_tiles(plan, decoded)
 
+    def encode(self, video: torch.Tensor, tiles=None) -> torch.Tensor:
+        """Encode a video [B, 3, F, H, W] in [-1, 1] (F = 6k + 1; H, W multiples of 8) into the
+        VAE-space latent mean [B, 12, k + 1, H/8, W/8] fp32.
+
+        As `decode`: the tile plan is dealt round-robin to the ranks and blended here in plan
+        order, so the latent equals the single-rank tiled encode
+        (`mochi.vae_encoder_tiling.encode_tiled`) exactly, for any world size. Each rank's share
+        is bounded by `Timeouts.decode_s`.
+
+        Args:
+            video: the video (`mochi.vae_encoder.images_to_video` makes it from ComfyUI frames).
+            tiles: a `mochi.vae_encoder_tiling.EncodeTileSpec`, or None to let rank 0 size tiles.
+
+        Raises CheckpointError (a ValueError) when the pool's VAE file has no encoder.
+        """
+        from ..mochi.checkpoint import require_vae_encoder
+        from ..mochi.vae_encoder import check_video
+        from ..mochi.vae_encoder_tiling import plan_encode_tiles
+        from ..mochi.vae_tiling import assemble_tiles
+
+        with self._lock:
+            self._check_usable()
+            if self.spec.vae_path is None:
+                raise ValueError("this pool has no VAE; build it with vae_path (a VAE file with an encoder) to encode")
+            info, prefix = require_vae_encoder(self.spec.vae_path)
+            config = _encoder_config(info, prefix)
+            timeouts = self.spec.timeouts
+            video = video.detach().to("cpu", torch.float32)
+            check_video(video, config)  # fails here, before any rank is called
+            if tiles is None:
+                tiles = self._gather("auto_encode_tiles", [self._actors[0].auto_encode_tiles.remote(tuple(video.shape))],
+                                     timeouts.call_s)[0]
+            plan = plan_encode_tiles(tuple(video.shape), tiles, config)
+            world = len(self._actors)
+            shares = [plan[rank::world] for rank in range(world)]
+            video_ref = ray.put(video)
+            parts = self._gather("encode_tiles", [actor.encode_tiles.remote(video_ref, shares[rank])
+                                                  for rank, actor in enumerate(self._actors)], timeouts.decode_s)
+            encoded = [(tile, latent) for rank in range(world) for tile, latent in zip(shares[rank], parts[rank])]
+            return assemble_tiles(plan, encoded)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _kill(self) -> None:
@@ -442,3 +483,11 @@ def _pid_alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _encoder_config(info, prefix: str):
+    """The encoder's size from the VAE file's header (the driver plans tiles without loading it)."""
+    from ..mochi.vae_encoder import VAEEncoderConfig
+
+    return VAEEncoderConfig.from_shapes({k[len(prefix):]: t.shape for k, t in info.tensors.items() if k.startswith(prefix)})
+

@@ -41,6 +41,8 @@ class RunChoices:
         sampler_name, scheduler: ComfyUI's names (euler with a Mochi schedule runs on the ranks).
         cache: "off", "teacache" or "first_block".
         cache_threshold: None = the cache kind's default.
+        cfg_schedule: one cfg per step as text ("4.5*40,1*24", `mochi.schedule.parse_cfg_schedule`);
+            blank = cfg for every step.
         masked_latent: the LATENT carries a noise_mask or batch_index (ComfyUI's code handles those).
         demo: the run is on the built-in demo model.
     """
@@ -53,6 +55,7 @@ class RunChoices:
     denoise: float = 1.0
     cache: str = CACHE_OFF
     cache_threshold: float | None = None
+    cfg_schedule: str = ""
     masked_latent: bool = False
     demo: bool = False
 
@@ -63,6 +66,7 @@ class RunPlan:
 
     Attributes:
         path: SamplerPath.ON_RANKS or SamplerPath.COMFY.
+        cfg: one scale, or one per step (a parsed cfg_schedule; on-rank path only).
         cache: a mochi.step_cache.StepCacheSpec, or None for every step in full.
         notes: lines to show the user (the run goes ahead).
     """
@@ -70,7 +74,7 @@ class RunPlan:
     path: SamplerPath
     seed: int
     steps: int
-    cfg: float
+    cfg: float | tuple[float, ...]
     sampler_name: str
     scheduler: str
     denoise: float
@@ -87,7 +91,7 @@ class RunPlan:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.cfg != 1.0
+        return any(scale != 1.0 for scale in (self.cfg if isinstance(self.cfg, tuple) else (self.cfg,)))
 
 
 def runs_on_ranks(sampler_name: str, scheduler: str, masked_latent: bool = False) -> bool:
@@ -116,12 +120,37 @@ def resolve_run(choices: RunChoices) -> RunPlan:
         raise OptionsError(Field.CACHE, f"cache={choices.cache!r} runs on the on-rank path only (sampler_name "
                                         f"{ON_RANK_SAMPLER} with scheduler {' or '.join(SCHEDULE_NAMES)}); set cache "
                                         f"to off for {choices.sampler_name} / {choices.scheduler}")
+    cfg = float(choices.cfg)
+    cfg_schedule = (choices.cfg_schedule or "").strip()  # blank = the cfg widget for every step
+    if cfg_schedule:
+        cfg = cfg_schedule_scales(cfg_schedule, steps, on_ranks, choices)
     if choices.cache == CACHE_OFF and choices.cache_threshold not in (None, option("cache_threshold").default):
         notes += (f"cache_threshold={choices.cache_threshold:g} has no effect while cache is off; choose teacache or "
                   "first_block to skip steps",)
-    return RunPlan(SamplerPath.ON_RANKS if on_ranks else SamplerPath.COMFY, choices.seed, steps, float(choices.cfg),
+    return RunPlan(SamplerPath.ON_RANKS if on_ranks else SamplerPath.COMFY, choices.seed, steps, cfg,
                    choices.sampler_name, choices.scheduler, float(choices.denoise),
                    resolve_cache(choices.cache, choices.cache_threshold), notes)
+
+
+def cfg_schedule_scales(text: str, steps: int, on_ranks: bool, choices: RunChoices) -> tuple[float, ...]:
+    """A cfg_schedule's one scale per step; OptionsError(Field.CFG_SCHEDULE) off the on-rank path, for a wrong
+    count or a scale outside cfg's limits."""
+    from ..mochi.schedule import parse_cfg_schedule
+
+    if not on_ranks:
+        where = ("this LATENT carries a noise_mask or batch_index (ComfyUI's own sampler code handles those)"
+                 if choices.masked_latent else f"{choices.sampler_name} / {choices.scheduler} runs ComfyUI's sampler")
+        raise OptionsError(Field.CFG_SCHEDULE, f"cfg_schedule runs on the on-rank path only (sampler_name {ON_RANK_SAMPLER} "
+                                      f"with scheduler {' or '.join(SCHEDULE_NAMES)}) and {where}; clear cfg_schedule")
+    try:
+        scales = parse_cfg_schedule(text, steps)
+    except ValueError as error:
+        raise OptionsError(Field.CFG_SCHEDULE, f"cfg_schedule: {error}") from None
+    for scale in scales:
+        problem = value_problem(option("cfg"), scale)
+        if problem:
+            raise OptionsError(Field.CFG_SCHEDULE, f"cfg_schedule {text!r}: {problem}")
+    return scales
 
 
 def resolve_video(width: int | None, height: int | None, frames: int | None, demo: bool) -> tuple[int, int, int]:

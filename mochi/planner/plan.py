@@ -35,7 +35,8 @@ from ..step_cache import StepCacheSpec
 from ..weight_placement import WeightPlacement
 from .hardware import GB, GPU, LINK_CLASSES, UNKNOWN_GPU_TFLOPS, get_gpu, gpu_with_memory, link_bandwidth
 from .placement import PlacedWeights, dit_calls_per_step, place, weight_split
-from .simulate import WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode
+from .simulate import (WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode,
+                       count_tiled_encode)
 
 RESERVE_GB = 1.0  # CUDA context (~0.5 GB) and allocator fragmentation, not counted by the tracker
 NEAR_TIE = 0.05  # mixes within 5 % of the fastest bound (the model is not finer than that) rank by bytes sent
@@ -484,6 +485,7 @@ def goals_report(width: int = 848, height: int = 480, frames: int = 163) -> str:
     bf16 = count_step(one, width, height, frames, "bf16")
     fp8 = count_step(one, width, height, frames, "fp8")
     decode = count_tiled_decode(width, height, frames)
+    encode = count_tiled_encode(width, height, frames)
     lines = [
         f"{width}x{height}x{frames}, one rank:",
         f"  DiT sampling bf16 peak {bf16.peak_bytes / GB:.2f} GB (weights {bf16.weight_bytes / GB:.2f} + "
@@ -492,6 +494,8 @@ def goals_report(width: int = 848, height: int = 480, frames: int = 163) -> str:
         f"activations {fp8.activation_peak_bytes / GB:.2f}); goal <= 16 GB",
         f"  tiled VAE decode peak {decode.peak_bytes / GB:.2f} GB (weights {decode.weight_bytes / GB:.2f} + "
         f"one tile {decode.activation_peak_bytes / GB:.2f}; {decode.spec}, {decode.tiles} tiles); goal <= 4 GB",
+        f"  tiled VAE encode peak {encode.peak_bytes / GB:.2f} GB (weights {encode.weight_bytes / GB:.2f} + "
+        f"one tile, all frames {encode.activation_peak_bytes / GB:.2f}; {encode.spec}, {encode.tiles} tiles)",
         f"  FLOPs per step (cond + uncond) {bf16.total_flops / 1e12:.0f} TFLOP, attention "
         f"{bf16.flops.get('attention', 0) / bf16.total_flops:.0%}",
         "  Ulysses N, activation peak per rank (cfg 1, bf16):",

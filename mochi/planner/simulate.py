@@ -409,3 +409,58 @@ def count_tiled_decode(width: int, height: int, frames: int, spec=None, config=N
     weights = sum(t.numel() * t.element_size() for t in decoder.parameters())
     peak = counter.counts.peak_bytes + grow
     return DecodeCount(weights, peak, flops, len(tiles), spec, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class EncodeCount:
+    """One rank's counted tiled VAE encode of a whole video.
+
+    Attributes:
+        weight_bytes: encoder weights (bf16).
+        activation_peak_bytes: peak while encoding one tile (activations and the tile's latent;
+            the video on the rank included).
+        tiles: number of tiles in the plan.
+        spec: the EncodeTileSpec used.
+        seconds: wall time of the fake run.
+    """
+
+    weight_bytes: int
+    activation_peak_bytes: int
+    tiles: int
+    spec: object
+    seconds: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weight_bytes + self.activation_peak_bytes
+
+
+@functools.lru_cache(maxsize=64)
+def count_tiled_encode(width: int, height: int, frames: int, spec=None, config=None) -> EncodeCount:
+    """Count `vae_encoder_tiling.encode_tile` on fake tensors, bf16, for the largest tile of the
+    plan and every frame (the encoder's attention spans all frames, so time is not shortened).
+
+    Args:
+        width, height, frames: video size (frames 6k + 1).
+        spec: an `EncodeTileSpec` (default: EncodeTileSpec()).
+        config: VAEEncoderConfig (default: the real encoder).
+    """
+    from ..vae_encoder import MochiVAEEncoder, VAEEncoderConfig
+    from ..vae_encoder_tiling import EncodeTileSpec, encode_tile, plan_encode_tiles
+
+    spec = EncodeTileSpec() if spec is None else spec
+    config = VAEEncoderConfig() if config is None else config
+    started = time.perf_counter()
+    shape = (1, config.in_channels, frames, height, width)
+    tiles = plan_encode_tiles(shape, spec, config)
+    area = lambda tile: (tile.rows[1] - tile.rows[0]) * (tile.cols[1] - tile.cols[0])  # noqa: E731
+    largest = max(tiles, key=area)
+    fake_mode = FakeTensorMode()
+    encoder = fake_module(lambda: MochiVAEEncoder(config), fake_mode, COMPUTE_DTYPE)
+    counter = Counter(fake_mode)
+    with fake_mode, torch.no_grad(), counter:
+        video = torch.empty(shape, dtype=COMPUTE_DTYPE)
+        latent = encode_tile(encoder, video, largest)
+        del latent, video
+    weights = sum(t.numel() * t.element_size() for t in encoder.parameters())
+    return EncodeCount(weights, counter.counts.peak_bytes, len(tiles), spec, time.perf_counter() - started)
