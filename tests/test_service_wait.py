@@ -49,7 +49,7 @@ def test_a_request_for_another_pool_gives_up_after_the_bounded_wait_and_leaves_t
         service.pool(specs[1])
     assert 0.5 <= time.monotonic() - started < 5
     assert lines == ["Mochi xDiT: waiting for the run on the live pool (2 rank(s) on cpu (cfg 2 x ulysses 1 x ring 1), "
-                     "fp32 weights) to end before building the one this request needs (degrees changed); up to 0.5 s"]
+                     "fp32 weights, replicated) to end before building the one this request needs (degrees changed); up to 0.5 s"]
     assert running.stopped is None and service.current is running  # never killed under its run
 
 

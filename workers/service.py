@@ -53,7 +53,8 @@ class PoolBusyError(RuntimeError):
 def _layout(spec: PoolSpec) -> str:
     p = spec.parallel
     return (f"{p.world_size} rank(s) on {spec.device} (cfg {p.cfg_degree} x ulysses {p.ulysses_degree} x "
-            f"ring {p.ring_degree}), {spec.weight_dtype} weights {spec.weights.value}")
+            f"ring {p.ring_degree}), {spec.weight_dtype} weights, {spec.weights.value}"
+            + (", compiled" if spec.compile.value == "on" else ""))
 
 
 class MochiService:
