@@ -521,6 +521,19 @@ class Checker:
                     + (f"; {outcome.error[:100]}" if outcome.error else ""))
         self.good("n' good run after it")
 
+        # q. weights sharded over the two ranks (a new pool); compile on with sharded weights is refused
+        p = self.prompt()
+        p[LOADER]["inputs"]["weights"] = "sharded"
+        offset = self.log_offset()
+        self.good("q weights sharded", p)
+        sharded = [line.strip() for line in self.log_since(offset).splitlines() if "fp32 weights, sharded" in line]
+        if not sharded:
+            self.rows[-1]["expected"] = False
+        self.rows[-1]["note"] += "; " + (sharded[0][-80:] if sharded else "NO 'fp32 weights, sharded' line")
+        p = self.prompt()
+        p[LOADER]["inputs"].update(weights="sharded", compile="on")
+        self.refused("q' compile on + sharded", p, LOADER, "compile=on needs the DiT's weights on every rank")
+
         # l. POST /free stops the pool; the next run starts a new one
         offset = self.log_offset()
         status, _ = http(self.base, "POST", "/free", {"unload_models": True, "free_memory": True})
