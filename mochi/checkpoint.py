@@ -369,7 +369,11 @@ def load_dit(path: str | os.PathLike, weight_dtype: str = "bf16", device: str | 
     if info.quantised:
         from .gguf_checkpoint import load_quantised_into
 
-        load_quantised_into(model, path, weights, info.stored_keys, info.gguf, weight_dtype, torch.device(device))
+        if weight_dtype == "fp8":
+            raise CheckpointError(f"{path} is already quantised (GGUF); load it with weight_dtype bf16, fp16 or fp32 "
+                                  "(the dtype of its unquantised tensors and of the compute)")
+        load_quantised_into(model, path, weights, info.stored_keys, info.gguf, WEIGHT_DTYPES[weight_dtype],
+                            torch.device(device))
     else:
         _load_into(model, path, weights, scales, weight_dtype, torch.device(device), info.metadata)
     return model

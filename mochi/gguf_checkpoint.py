@@ -130,7 +130,7 @@ def _dense(type_name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Te
 
 
 def load_quantised_into(model: torch.nn.Module, path: str, names: dict[str, str], stored_keys: dict[str, str],
-                        is_gguf: bool, weight_dtype: str, device: torch.device) -> None:
+                        is_gguf: bool, high: torch.dtype, device: torch.device) -> None:
     """Assign a quantised file's tensors into `model` (built on the meta device): Linear weights of a
     known GGUFQuant become GGUFLinear layers holding the bytes; everything else is dense, in the
     dtype policy of `checkpoint.load_dit` (bf16 / fp16 / fp32; `pos_frequencies` fp32).
@@ -141,15 +141,10 @@ def load_quantised_into(model: torch.nn.Module, path: str, names: dict[str, str]
         names: model key -> logical key in the file (with any prefix).
         stored_keys: logical key -> stored key where they differ (GGUF-in-safetensors).
         is_gguf: a .gguf file (else safetensors).
-        weight_dtype: "bf16", "fp16" or "fp32" for the dense tensors.
+        high: torch.bfloat16, float16 or float32 for the dense tensors (`checkpoint.load_dit` refuses
+            fp8 for these files before calling).
         device: where the weights live.
     """
-    from .checkpoint import WEIGHT_DTYPES, CheckpointError
-
-    if weight_dtype == "fp8":
-        raise CheckpointError(f"{path} is already quantised (GGUF); load it with weight_dtype bf16, fp16 or fp32 "
-                              "(the dtype of its unquantised tensors and of the compute)")
-    high = WEIGHT_DTYPES[weight_dtype]
     modules = dict(model.named_modules())
     linear_weights = {f"{name}.weight": name for name, module in modules.items() if isinstance(module, Linear)}
     raw: dict[str, tuple[str, object, tuple[int, ...]]] = {}
