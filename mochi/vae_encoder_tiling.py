@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .vae_encoder import MochiVAEEncoder, VAEEncoderConfig
-from .vae_tiling import OVERLAP_FRACTION, TILE_CANDIDATES, Tile, assemble_tiles, axis_spans
+from .vae_tiling import OVERLAP_FRACTION, TILE_CANDIDATES, Tile, assemble_tiles, axis_spans, check_tile_shape
 
 MEMORY_HEADROOM = 0.8  # share of the available bytes EncodeTileSpec.auto plans to use
 # The analytic count below, times this, matched the fake-tensor count of the real encoder in bf16
@@ -50,13 +50,7 @@ class EncodeTileSpec:
     overlap: int = 8
 
     def __post_init__(self):
-        if self.tile_height < 1 or self.tile_width < 1:
-            raise ValueError(f"tile size must be >= 1 latent px, got {self.tile_height}x{self.tile_width}")
-        if self.overlap < 0 or 2 * self.overlap > min(self.tile_height, self.tile_width):
-            raise ValueError(
-                f"overlap={self.overlap} must be between 0 and half the tile side "
-                f"({self.tile_height}x{self.tile_width}); e.g. overlap={min(self.tile_height, self.tile_width) // 4}"
-            )
+        check_tile_shape(self.tile_height, self.tile_width, self.overlap)
 
     @classmethod
     def auto(

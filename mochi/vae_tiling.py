@@ -39,6 +39,18 @@ ESTIMATE_CALIBRATION = 1.16
 DEFAULT_LATENT_SHAPE = (1, 12, 28, 60, 106)  # 848x480, 163 frames
 
 
+def check_tile_shape(tile_height: int, tile_width: int, overlap: int) -> None:
+    """Raise ValueError unless the tile is at least 1 latent px and the overlap at most half its
+    side (decode and encode tiles alike)."""
+    if tile_height < 1 or tile_width < 1:
+        raise ValueError(f"tile size must be >= 1 latent px, got {tile_height}x{tile_width}")
+    if overlap < 0 or 2 * overlap > min(tile_height, tile_width):
+        raise ValueError(
+            f"overlap={overlap} must be between 0 and half the tile side "
+            f"({tile_height}x{tile_width}); e.g. overlap={min(tile_height, tile_width) // 4}"
+        )
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """How to cut a decode. All sizes in latent units (1 latent px = 8 output px, 1 latent frame
@@ -58,13 +70,7 @@ class TileSpec:
     frame_chunk: int = 2
 
     def __post_init__(self):
-        if self.tile_height < 1 or self.tile_width < 1:
-            raise ValueError(f"tile size must be >= 1 latent px, got {self.tile_height}x{self.tile_width}")
-        if self.overlap < 0 or 2 * self.overlap > min(self.tile_height, self.tile_width):
-            raise ValueError(
-                f"overlap={self.overlap} must be between 0 and half the tile side "
-                f"({self.tile_height}x{self.tile_width}); e.g. overlap={min(self.tile_height, self.tile_width) // 4}"
-            )
+        check_tile_shape(self.tile_height, self.tile_width, self.overlap)
         if self.frame_chunk < 1:
             raise ValueError(f"frame_chunk must be >= 1 latent frame, got {self.frame_chunk}")
 

@@ -364,7 +364,7 @@ class Pool:
             latent: VAE-space latent (a LATENT's samples).
             tiles: a `mochi.vae_tiling.TileSpec`, or None to let rank 0 size tiles to its free memory.
         """
-        from ..mochi.vae_tiling import assemble_tiles, plan_tiles
+        from ..mochi.vae_tiling import plan_tiles
 
         with self._lock:
             self._check_usable()
@@ -375,14 +375,8 @@ class Pool:
             if tiles is None:
                 tiles = self._gather("auto_tiles", [self._actors[0].auto_tiles.remote(tuple(latent.shape))],
                                      timeouts.call_s)[0]
-            plan = plan_tiles(tuple(latent.shape), tiles)
-            world = len(self._actors)
-            shares = [plan[rank::world] for rank in range(world)]
-            latent_ref = ray.put(latent)
-            parts = self._gather("decode_tiles", [actor.decode_tiles.remote(latent_ref, shares[rank])
-                                                  for rank, actor in enumerate(self._actors)], timeouts.decode_s)
-            decoded = [(tile, pixels) for rank in range(world) for tile, pixels in zip(shares[rank], parts[rank])]
-            return assemble_tiles(plan, decoded)
+            return self._tiles_over_ranks("decode_tiles", latent, plan_tiles(tuple(latent.shape), tiles),
+                                          timeouts.decode_s)
 
     def encode(self, video: torch.Tensor, tiles=None) -> torch.Tensor:
         """Encode a video [B, 3, F, H, W] in [-1, 1] (F = 6k + 1; H, W multiples of 8) into the
@@ -402,7 +396,6 @@ class Pool:
         from ..mochi.checkpoint import require_vae_encoder
         from ..mochi.vae_encoder import check_video
         from ..mochi.vae_encoder_tiling import plan_encode_tiles
-        from ..mochi.vae_tiling import assemble_tiles
 
         with self._lock:
             self._check_usable()
@@ -416,14 +409,21 @@ class Pool:
             if tiles is None:
                 tiles = self._gather("auto_encode_tiles", [self._actors[0].auto_encode_tiles.remote(tuple(video.shape))],
                                      timeouts.call_s)[0]
-            plan = plan_encode_tiles(tuple(video.shape), tiles, config)
-            world = len(self._actors)
-            shares = [plan[rank::world] for rank in range(world)]
-            video_ref = ray.put(video)
-            parts = self._gather("encode_tiles", [actor.encode_tiles.remote(video_ref, shares[rank])
-                                                  for rank, actor in enumerate(self._actors)], timeouts.decode_s)
-            encoded = [(tile, latent) for rank in range(world) for tile, latent in zip(shares[rank], parts[rank])]
-            return assemble_tiles(plan, encoded)
+            return self._tiles_over_ranks("encode_tiles", video, plan_encode_tiles(tuple(video.shape), tiles, config),
+                                          timeouts.decode_s)
+
+    def _tiles_over_ranks(self, verb: str, tensor: torch.Tensor, plan: list, timeout_s: float) -> torch.Tensor:
+        """Deal the tile plan round-robin to the ranks, run `verb` (decode_tiles / encode_tiles) on
+        each rank's share of the one shared input, and blend the results here in plan order, so the
+        output equals the single-rank tiled result exactly for any world size."""
+        from ..mochi.vae_tiling import assemble_tiles
+
+        world = len(self._actors)
+        shares = [plan[rank::world] for rank in range(world)]
+        tensor_ref = ray.put(tensor)
+        parts = self._gather(verb, [getattr(actor, verb).remote(tensor_ref, shares[rank])
+                                    for rank, actor in enumerate(self._actors)], timeout_s)
+        return assemble_tiles(plan, [(tile, out) for rank in range(world) for tile, out in zip(shares[rank], parts[rank])])
 
     # -- lifecycle -----------------------------------------------------------------------------
 
