@@ -92,6 +92,7 @@ class RankWorker:
         self.attention = self._attention_config(spec)
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.kernels = None  # the pool's KernelChoice (attention kernel, measured once), made by load()
+        self.fp8_accumulation = None  # the pool's Fp8Accumulation (fast or exact, measured once), made by load()
         self.dit = None
         self.vae = None
         self.vae_encoder = None  # loaded when the VAE file carries an encoder
@@ -185,6 +186,7 @@ class RankWorker:
 
         from ..mochi.checkpoint import (inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder,
                                        vae_encoder_prefix)
+        from ..mochi.fp8_accumulation import choose_fp8_accumulation
         from ..mochi.guidance import default_compute_dtype
         from ..mochi.parallel.kernel_choice import KernelChoice
         from ..mochi.weight_placement import WeightPlacement, place_weights
@@ -199,6 +201,13 @@ class RankWorker:
                             compile=self.spec.compile)
         note = f"rank {self.rank}: " + place_weights(self.dit, self.spec.weights, self.device)
         logger.info(note)
+        # measured once (fp8 weights on a GPU with fp8 tensor cores), agreed by every rank, set on
+        # every fp8 Linear before the compiled regions are built (they read it)
+        self.fp8_accumulation = choose_fp8_accumulation(
+            self.dit, self.device, default_compute_dtype(self.device),
+            group=dist.group.WORLD if self.ctx is not None else None,
+            ledger=None if self.ctx is None else self.ctx.collectives)
+        (self._report if self.spec.weight_dtype == "fp8" else logger.info)(self.fp8_accumulation.note)
         # compiled regions built here, so that no rank is still building at the first collective
         # (options.py allows compile only where the block weights are resident)
         self.dit.compile_now(self.device, default_compute_dtype(self.device), joined=self.ctx is None)
