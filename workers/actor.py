@@ -118,7 +118,8 @@ class RankWorker:
         return AttentionConfig(backend, installed)
 
     def _report(self, line: str) -> None:
-        """A one-time note for the server log: rank 0's output (Ray forwards it to the driver)."""
+        """A one-time note: rank 0's output, which stays in its Ray worker log (`ray_runtime` connects
+        with log_to_driver off, so it does not reach the driver's log)."""
         if self.rank == 0:
             print(f"Mochi xDiT rank 0: {line}", flush=True)
 
