@@ -145,6 +145,53 @@ def _agree(verdict: int, group, device: torch.device, ledger: CollectiveLedger |
     return int(reduced.item())
 
 
+def _measure_here(candidates, device: torch.device, compute_dtype: torch.dtype, rows: int, scaled_mm,
+                  seed: int) -> tuple[int, tuple[float, float] | None, str]:
+    """(verdict, worst relative errors exact / fast or None, what was measured) on this rank; the
+    verdict is NO_OPINION when no candidate had 16 rows here."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    measured, worst, fast_within, problems = [], [0.0, 0.0], True, []
+    with torch.no_grad():
+        for name, linear in _measured_linears(candidates, device, compute_dtype):
+            try:
+                found = _measure(linear, device, compute_dtype, rows, scaled_mm, generator)
+            except Exception as error:  # noqa: BLE001 - probing: any failure refuses fast accumulation
+                lines = str(error).strip().splitlines()
+                problems.append(f"{name} raised {type(error).__name__}: {lines[0] if lines else ''}"[:200])
+                fast_within = False
+                continue
+            if found is None:
+                continue
+            (exact_error, fast_error), (exact_ok, fast_ok), (M, N, K) = found
+            measured.append(f"{name} [{M}x{K} @ {K}x{N}]")
+            worst = [max(worst[0], exact_error), max(worst[1], fast_error)]
+            fast_within = fast_within and fast_ok
+            if not exact_ok:
+                problems.append(f"{name} without fast accumulation is outside it too (check the GPU driver)")
+    if not measured and not problems:
+        return NO_OPINION, None, ""
+    errors = (worst[0], worst[1]) if measured else None
+    summary = f"{', '.join(measured)}: relative error {worst[0]:.2e} exact, {worst[1]:.2e} fast" if measured else ""
+    return ACCEPT if fast_within else REFUSE, errors, "; ".join(filter(None, (summary, *problems)))
+
+
+def _note(agreed: int, verdict: int, reason: str | None, here: str) -> str:
+    """The log line: the agreed choice, and this rank's measurement or why it had none."""
+    if agreed == NO_OPINION:
+        return f"fp8 accumulation exact (not measured: {reason})"
+    fast = agreed == ACCEPT
+    if reason is not None:  # only other ranks measured
+        return (f"fp8 accumulation {'fast' if fast else 'exact'} (measured on other ranks: fast accumulation "
+                f"{'within' if fast else 'outside'} fp8's input rounding; not here: {reason})")
+    if fast:
+        return (f"fp8 accumulation fast (_scaled_mm use_fast_accum: within fp8's input rounding on every rank; "
+                f"here {here})")
+    if verdict == REFUSE:
+        return f"fp8 accumulation exact (fast accumulation outside fp8's input rounding here: {here})"
+    return (f"fp8 accumulation exact (fast accumulation outside fp8's input rounding on another rank; "
+            f"within it here: {here})")
+
+
 def choose_fp8_accumulation(model: nn.Module, device: torch.device | str, compute_dtype: torch.dtype,
                             group=None, ledger: CollectiveLedger | None = None,
                             scaled_mm: Callable | None = None, rows: int | None = None,
@@ -167,54 +214,16 @@ def choose_fp8_accumulation(model: nn.Module, device: torch.device | str, comput
         The Fp8Accumulation (its note is for the log).
     """
     device = torch.device(device)
-    rows = MEASURE_ROWS if rows is None else rows
-    linears = fp8_linears(model)
     prefix, first = _first_block(model)
     candidates = [(prefix + name, linear) for name, linear in fp8_linears(first)]
     reason = _not_measured_reason(candidates, device, compute_dtype)
     verdict, errors, here = NO_OPINION, None, ""
     if reason is None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        measured, worst, fast_within, problems = [], [0.0, 0.0], True, []
-        with torch.no_grad():
-            for name, linear in _measured_linears(candidates, device, compute_dtype):
-                try:
-                    found = _measure(linear, device, compute_dtype, rows, scaled_mm, generator)
-                except Exception as error:  # noqa: BLE001 - probing: any failure refuses fast accumulation
-                    lines = str(error).strip().splitlines()
-                    problems.append(f"{name} raised {type(error).__name__}: {lines[0] if lines else ''}"[:200])
-                    fast_within = False
-                    continue
-                if found is None:
-                    continue
-                (exact_error, fast_error), (exact_ok, fast_ok), (M, N, K) = found
-                measured.append(f"{name} [{M}x{K} @ {K}x{N}]")
-                worst = [max(worst[0], exact_error), max(worst[1], fast_error)]
-                fast_within = fast_within and fast_ok
-                if not exact_ok:
-                    problems.append(f"{name} without fast accumulation is outside it too (check the GPU driver)")
-        if measured or problems:
-            verdict = ACCEPT if fast_within else REFUSE
-            errors = (worst[0], worst[1]) if measured else None
-            here = ("; ".join(filter(None, (
-                f"{', '.join(measured)}: relative error {worst[0]:.2e} exact, {worst[1]:.2e} fast" if measured else "",
-                *problems))))
-        else:
-            reason = "this rank holds fewer than 16 rows of each fp8 weight"
+        verdict, errors, here = _measure_here(candidates, device, compute_dtype,
+                                              MEASURE_ROWS if rows is None else rows, scaled_mm, seed)
+        if verdict == NO_OPINION:
+            reason = "this rank holds fewer than 16 rows of each measured fp8 weight"
     agreed = _agree(verdict, group, device, ledger)
-    fast = agreed == ACCEPT
-    for _, linear in linears:
-        linear.fast_accumulation = fast
-    if agreed == NO_OPINION:
-        note = f"fp8 accumulation exact (not measured: {reason})"
-    elif reason is not None:  # other ranks measured
-        note = (f"fp8 accumulation {'fast' if fast else 'exact'} (measured on other ranks: fast accumulation "
-                f"{'within' if fast else 'outside'} fp8's input rounding; not here: {reason})")
-    elif fast:
-        note = f"fp8 accumulation fast (_scaled_mm use_fast_accum: within fp8's input rounding on every rank; here {here})"
-    elif verdict == REFUSE:
-        note = f"fp8 accumulation exact (fast accumulation outside fp8's input rounding here: {here})"
-    else:
-        note = (f"fp8 accumulation exact (fast accumulation outside fp8's input rounding on another rank; "
-                f"within it here: {here})")
-    return Fp8Accumulation(fast, note, errors)
+    for _, linear in fp8_linears(model):
+        linear.fast_accumulation = agreed == ACCEPT
+    return Fp8Accumulation(agreed == ACCEPT, _note(agreed, verdict, reason, here), errors)
