@@ -9,6 +9,7 @@ weight is cast to the activations' dtype at call time. `fp8_compute` is the pure
 decides.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -110,7 +111,8 @@ def within_fp8_rounding(product: torch.Tensor, reference: torch.Tensor, activati
 
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor,
-                     bias: torch.Tensor | None, fast_accumulation: bool = False, scaled_mm=None) -> torch.Tensor:
+                     bias: torch.Tensor | None, fast_accumulation: bool = False,
+                     scaled_mm: Callable | None = None) -> torch.Tensor:
     """y = x @ (weight * scale_weight)^T + bias with x quantised per tensor to fp8.
 
     The activation scale is the power of two at or above absmax / 448, so scaling x is exact in
@@ -144,7 +146,7 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
     bias = None if bias is None else bias.to(x.dtype)
     scaled_mm = torch._scaled_mm if scaled_mm is None else scaled_mm
     out = scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
-                           bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accumulation)  # [M, N]
+                    bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accumulation)  # [M, N]
     return out.reshape(*lead, N)
 
 
