@@ -16,7 +16,8 @@ prints:
 (On the CPU, as the ranks do there, the DiT and the VAE compute in fp32; the planner always counts
 the GPU's bf16.)
 - one step of a 1-rank Ray pool with num_gpus=1 (demo weights: it checks the pool on a GPU);
-- the cuDNN version; fp8 with and without `_scaled_mm`'s fast accumulation (error and TFLOP/s);
+- the cuDNN version; fp8 with and without `_scaled_mm`'s fast accumulation (error and TFLOP/s), and
+  the accumulation a pool keeps there (`fp8_accumulation.choose_fp8_accumulation`: "pool_choice");
 - conv3d at the VAE's costliest shape with channels_last_3d and cuDNN's autotuner on and off, and
   the setting a rank keeps (`mochi/vae_conv.py`);
 - one Ulysses block's all-to-alls between two ranks at the largest video (NCCL on two GPUs, with the
@@ -41,6 +42,7 @@ kernel instead and the JSON says so ("attention": {"fallback": ...}). `--section
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -54,7 +56,8 @@ import torch
 
 from mochi_xdit.mochi.demo import DEMO_DIT_CONFIG, DEMO_VAE_CONFIG, demo_checkpoints, random_dit, random_vae_decoder
 from mochi_xdit.mochi.dit import DiTConfig
-from mochi_xdit.mochi.layers import FP8, fp8_compute, quantise_fp8, scaled_mm_linear
+from mochi_xdit.mochi.fp8_accumulation import choose_fp8_accumulation
+from mochi_xdit.mochi.layers import FP8, fp8_compute, quantise_fp8, scaled_mm_linear, within_fp8_rounding
 from mochi_xdit.mochi.parallel.config import ParallelConfig
 from mochi_xdit.mochi.parallel.kernel import (AttentionConfig, InstalledKernels, attention, attention_with_lse,
                                               choose_backend)
@@ -73,8 +76,6 @@ PEAK_FRACTION_GOAL = 0.50
 MEMORY_RATIO_GOAL = 0.10  # measured peak within 10 % of the planner's
 FIT_MARGIN = 1.15  # run a size only when 1.15 x the planner's activations fit in what is free
 ATTENTION_CHECK_TOLERANCE = 2e-2  # bf16 inputs against fp32 math, outputs of magnitude ~1
-FP8_INPUT_ROUNDING = 2.0**-4  # relative rounding of a float8_e4m3fn activation
-BF16_ROUNDING = 2.0**-8
 FP8_TIMED_CALLS = 10
 NCCL_TRANSPORT_WORDS = ("via P2P", "P2P/", "NVLS", "via SHM", "via NET")  # NCCL_DEBUG=INFO channel lines
 
@@ -174,8 +175,9 @@ def attention_check(mode: Mode, device: torch.device, installed: InstalledKernel
 
 def fp8_check(mode: Mode, device: torch.device) -> dict:
     """The fp8 multiply a rank runs, and the fp8 x fp8 product against the cast path, without and
-    with `_scaled_mm`'s fast accumulation: within fp8's input rounding,
-    |y - y_cast| <= 2^-4 (|x| @ |W|^T) + bf16 rounding; and each one's time."""
+    with `_scaled_mm`'s fast accumulation: within fp8's input rounding (`layers.within_fp8_rounding`:
+    |y - y_cast| <= 2^-4 (|x| @ |W|^T) + bf16 rounding); each one's time; and what a pool keeps
+    (`fp8_accumulation.choose_fp8_accumulation` on one fp8 block of this size, "pool_choice")."""
     size = mode.linear_size
     capability = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
     path = fp8_compute(device.type, capability, FP8, default_compute_dtype(device), size, size)
@@ -185,7 +187,6 @@ def fp8_check(mode: Mode, device: torch.device) -> dict:
     x = torch.randn(4 * size, size, generator=generator).to(device, torch.bfloat16)
     dequantised = weight.float() * scale
     cast = torch.nn.functional.linear(x.float(), dequantised, bias.float())
-    bound = FP8_INPUT_ROUNDING * (x.float().abs() @ dequantised.abs().T) + BF16_ROUNDING * cast.abs() + 1e-5
     figures = {"compute": path.value, "capability": capability}
     for label, fast in (("", False), ("fast_accumulation_", True)):
         y = scaled_mm_linear(x, weight, scale, bias, fast).float()  # the fp8 product in bf16 (CPU torch runs it too)
@@ -196,9 +197,19 @@ def fp8_check(mode: Mode, device: torch.device) -> dict:
         synchronize(device)
         seconds = (time.perf_counter() - started) / FP8_TIMED_CALLS
         figures.update({f"{label}relative_error": ((y - cast).norm() / cast.norm()).item(),
-                        f"{label}within_fp8_rounding": bool(((y - cast).abs() <= bound).all()),
+                        f"{label}within_fp8_rounding": within_fp8_rounding(y, cast, x, dequantised),
                         f"{label}tflops": 2 * x.shape[0] * size * size / seconds / 1e12})
+    figures["pool_choice"] = guarded("fp8 pool choice", lambda: fp8_pool_choice(mode, device))
     return figures
+
+
+def fp8_pool_choice(mode: Mode, device: torch.device) -> dict:
+    """What a pool's ranks keep on this device: `choose_fp8_accumulation` on a one-block fp8 DiT of
+    the mode's size (random weights), as `workers/actor.py` runs it at load."""
+    model = random_dit(dataclasses.replace(mode.dit, depth=1), "fp8", device, seed=2)
+    choice = choose_fp8_accumulation(model, device, default_compute_dtype(device))
+    del model
+    return {"fast_accumulation": choice.fast, "relative_errors": choice.relative_errors, "note": choice.note}
 
 
 # -- the DiT ---------------------------------------------------------------------------------------
@@ -644,6 +655,8 @@ def print_summary(figures: dict) -> None:
         f"input rounding: {fp8['within_fp8_rounding']}, {fp8['tflops']:.1f} TFLOP/s; fast accumulation "
         f"{fp8['fast_accumulation_relative_error']:.3f}, {fp8['fast_accumulation_within_fp8_rounding']}, "
         f"{fp8['fast_accumulation_tflops']:.1f} TFLOP/s)"))
+    choice = fp8.get("pool_choice") or {"skipped": "not run"}
+    line("fp8 pool keeps", choice, lambda: choice["note"])
     for dtype in WEIGHT_DTYPES:
         dit = part("dit", dtype)
         line(f"DiT {dtype}", dit, lambda: (f"built in {dit['build_seconds']:.1f} s, weights {gb(dit['weight_bytes'])} "

@@ -9,6 +9,7 @@ weight is cast to the activations' dtype at call time. `fp8_compute` is the pure
 decides.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,6 +22,8 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores (torch._scaled_mm): Ada 8.9, Hopper 9.0, Blackwell
 FP8_MATMUL_ALIGNMENT = 16  # _scaled_mm needs K and N divisible by 16
 FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)  # activations that may go through fp8
+FP8_INPUT_ROUNDING = 2.0**-4  # relative rounding of a float8_e4m3fn value (3 mantissa bits)
+ROUNDING_FLOOR = 1e-5  # absolute slack for outputs near zero
 
 
 class Fp8Compute(str, Enum):
@@ -87,8 +90,29 @@ def quantise_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return quantised, scale
 
 
+def within_fp8_rounding(product: torch.Tensor, reference: torch.Tensor, activations: torch.Tensor,
+                        weight: torch.Tensor, output_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether an fp8 product stays within fp8's input rounding of `reference`, element by element:
+    |product - reference| <= 2^-4 (|activations| @ |weight|^T) + r |reference| + 1e-5, r the
+    rounding of `output_dtype` (bf16 2^-8). It is what `scaled_mm_linear` promises against the cast
+    path, what `bench/gpu_acceptance.py` reports as "within fp8 rounding", and what `_scaled_mm`'s
+    fast accumulation must keep to be used (`mochi.fp8_accumulation`).
+
+    Args:
+        product: [M, N] the fp8 product (any float dtype).
+        reference: [M, N] fp32, the product it is judged against.
+        activations: [M, K] and weight: [N, K], the operands (any float dtype; fp32 here).
+        output_dtype: the dtype the product was rounded to.
+    """
+    magnitude = activations.float().abs() @ weight.float().abs().T  # [M, N]
+    rounding = torch.finfo(output_dtype).eps / 2
+    bound = FP8_INPUT_ROUNDING * magnitude + rounding * reference.abs() + ROUNDING_FLOOR
+    return bool(((product.float() - reference).abs() <= bound).all())
+
+
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.Tensor,
-                     bias: torch.Tensor | None, fast_accumulation: bool = False) -> torch.Tensor:
+                     bias: torch.Tensor | None, fast_accumulation: bool = False,
+                     scaled_mm: Callable | None = None) -> torch.Tensor:
     """y = x @ (weight * scale_weight)^T + bias with x quantised per tensor to fp8.
 
     The activation scale is the power of two at or above absmax / 448, so scaling x is exact in
@@ -103,8 +127,10 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
         scale_weight: fp32 scalar.
         bias: [N] or None.
         fast_accumulation: `_scaled_mm`'s use_fast_accum (Hopper: faster, fewer accumulator bits
-            between rescales); off by default until a GPU run shows it keeps the tolerance
-            (bench/gpu_acceptance.py reports both).
+            between rescales); a pool turns it on only where it measured that it keeps
+            `within_fp8_rounding` (`mochi.fp8_accumulation`).
+        scaled_mm: the fp8 matmul, called as `torch._scaled_mm` is (None: `torch._scaled_mm`;
+            tests pass a fake).
 
     Returns:
         [..., N] in x's dtype: the product of the dequantised fp8 operands accumulated in fp32 and
@@ -118,8 +144,9 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale_weight: torch.
         return x.new_empty(*lead, N)
     quantised, scale_x = quantise_activations(rows)  # [M, K] fp8, fp32 scalar
     bias = None if bias is None else bias.to(x.dtype)
-    out = torch._scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
-                           bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accumulation)  # [M, N]
+    scaled_mm = torch._scaled_mm if scaled_mm is None else scaled_mm
+    out = scaled_mm(quantised, weight.t(), scale_a=scale_x, scale_b=scale_weight.float(),
+                    bias=bias, out_dtype=x.dtype, use_fast_accum=fast_accumulation)  # [M, N]
     return out.reshape(*lead, N)
 
 
@@ -151,7 +178,9 @@ class Linear(nn.Linear):
 
     The weight is cast to the input's dtype at call time. For ComfyUI `fp8_scaled` files kept in
     fp8 storage, `scale_weight` (a scalar) multiplies the cast weight: w = fp8_weight * scale; on
-    GPUs with fp8 tensor cores such a weight multiplies in fp8 instead (`fp8_compute`).
+    GPUs with fp8 tensor cores such a weight multiplies in fp8 instead (`fp8_compute`), with
+    `_scaled_mm`'s fast accumulation when `fast_accumulation` is True (a pool sets it on every fp8
+    Linear once, from a measurement at load: `mochi.fp8_accumulation`; False otherwise).
     `low_rank` (None, or a LowRankUpdate set by `mochi.lora.apply_loras` / cleared by
     `clear_loras`) adds a LoRA at call time, in the input's dtype, on either path.
     """
@@ -160,6 +189,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("scale_weight", None)
         self.low_rank: LowRankUpdate | None = None  # not a buffer: never part of the state dict
+        self.fast_accumulation = False  # the pool's measured choice (fp8_accumulation); not in the state dict
 
     def base_weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The stored weight [out, in] in `dtype` (fp8 storage: cast, then times scale_weight), no LoRA."""
@@ -180,7 +210,7 @@ class Linear(nn.Linear):
         if self.scale_weight is not None and fp8_compute(
             x.device.type, _capability(x.device), self.weight.dtype, x.dtype, self.in_features, self.out_features
         ) is Fp8Compute.SCALED_MM:
-            out = scaled_mm_linear(x, self.weight, self.scale_weight, self.bias)  # [..., out]
+            out = scaled_mm_linear(x, self.weight, self.scale_weight, self.bias, self.fast_accumulation)  # [..., out]
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             out = F.linear(x, self.base_weight_as(x.dtype), bias)  # [..., out]

@@ -38,6 +38,9 @@ def test_attention_and_fp8_checks_name_the_cpu_paths_and_pass(figures):
     assert fp8["compute"] == "cast" and fp8["within_fp8_rounding"] and fp8["fast_accumulation_within_fp8_rounding"]
     assert 0 < fp8["relative_error"] < 2.0**-4 and 0 < fp8["fast_accumulation_relative_error"] < 2.0**-4
     assert fp8["tflops"] > 0 and fp8["fast_accumulation_tflops"] > 0
+    choice = fp8["pool_choice"]  # what a pool keeps: the CPU casts, nothing is measured
+    assert choice["fast_accumulation"] is False and choice["relative_errors"] is None
+    assert "not measured" in choice["note"]
     assert "cudnn" in figures  # None on this CPU-only torch
 
 

@@ -72,7 +72,9 @@ def local_model(files, loras=()):
 
 @pytest.fixture(scope="module")
 def service():
-    owner = MochiService(log=lambda line: None)
+    lines = []
+    owner = MochiService(log=lines.append)
+    owner.lines = lines
     owner.connect(None)
     yield owner
     owner.shutdown()
@@ -90,6 +92,8 @@ def error(a, b) -> float:
 
 def test_sharded_pool_runs_loras_and_the_step_cache_like_one_process(service, files, request_6_steps):
     pool = service.pool(sharded_spec(files))
+    # rank 0's placement note reaches the driver's log (ComfyUI's, the CLI's)
+    assert any(line.startswith("Mochi xDiT: rank 0: weights sharded") for line in service.lines), service.lines
     lora = (LoraSpec(files[1], 0.8),)
     base = generate(local_model(files), request_6_steps)
     assert error(pool.sample(request_6_steps), base) <= TOLERANCE

@@ -92,6 +92,7 @@ class RankWorker:
         self.attention = self._attention_config(spec)
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.kernels = None  # the pool's KernelChoice (attention kernel, measured once), made by load()
+        self.fp8_accumulation = None  # the pool's Fp8Accumulation (fast or exact, measured once), made by load()
         self.dit = None
         self.vae = None
         self.vae_encoder = None  # loaded when the VAE file carries an encoder
@@ -117,7 +118,8 @@ class RankWorker:
         return AttentionConfig(backend, installed)
 
     def _report(self, line: str) -> None:
-        """A one-time note for the server log: rank 0's output (Ray forwards it to the driver)."""
+        """A one-time note: rank 0's output, which stays in its Ray worker log (`ray_runtime` connects
+        with log_to_driver off, so it does not reach the driver's log)."""
         if self.rank == 0:
             print(f"Mochi xDiT rank 0: {line}", flush=True)
 
@@ -177,14 +179,17 @@ class RankWorker:
         self.ctx = ParallelContext(self.spec.parallel, self.device, timeout=timeout, attention=self.attention,
                                    collectives=ledger)
 
-    def load(self) -> str:
+    def load(self) -> tuple[str, ...]:
         """Read the weights from the spec's files (memory-mapped, each rank for itself) and place the
         DiT's blocks as the spec says (sharded and offloaded blocks are read into host memory first,
-        so the whole DiT never sits on the GPU). Returns the placement's one-line note (also logged)."""
+        so the whole DiT never sits on the GPU). Returns this rank's one-line notes for the driver's
+        log (also logged here): the placement unless replicated, the fp8 accumulation choice for fp8
+        weights."""
         import torch.distributed as dist
 
         from ..mochi.checkpoint import (inspect_checkpoint, load_dit, load_vae_decoder, load_vae_encoder,
                                        vae_encoder_prefix)
+        from ..mochi.fp8_accumulation import choose_fp8_accumulation
         from ..mochi.guidance import default_compute_dtype
         from ..mochi.parallel.kernel_choice import KernelChoice
         from ..mochi.weight_placement import WeightPlacement, place_weights
@@ -199,6 +204,13 @@ class RankWorker:
                             compile=self.spec.compile)
         note = f"rank {self.rank}: " + place_weights(self.dit, self.spec.weights, self.device)
         logger.info(note)
+        # measured once (fp8 weights on a GPU with fp8 tensor cores), agreed by every rank, set on
+        # every fp8 Linear before the compiled regions are built (they read it)
+        self.fp8_accumulation = choose_fp8_accumulation(
+            self.dit, self.device, default_compute_dtype(self.device),
+            group=dist.group.WORLD if self.ctx is not None else None,
+            ledger=None if self.ctx is None else self.ctx.collectives)
+        logger.info(self.fp8_accumulation.note)
         # compiled regions built here, so that no rank is still building at the first collective
         # (options.py allows compile only where the block weights are resident)
         self.dit.compile_now(self.device, default_compute_dtype(self.device), joined=self.ctx is None)
@@ -219,7 +231,8 @@ class RankWorker:
             apply_memory_format(self.vae, self.vae_conv)
             if vae_encoder_prefix(inspect_checkpoint(self.spec.vae_path)) is not None:  # its encoder half, if any
                 self.vae_encoder = load_vae_encoder(self.spec.vae_path, vae_dtype, self.device)
-        return note
+        notes = () if replicated else (note,)
+        return notes + ((self.fp8_accumulation.note,) if self.spec.weight_dtype == "fp8" else ())
 
     # -- sampling ----------------------------------------------------------------------------
 

@@ -54,6 +54,8 @@ class Pool:
 
     Attributes:
         startup_seconds: {"ranks": actors up and grouped, "load": weights read}, for the driver's log.
+        load_notes: rank 0's one-line notes from loading (weight placement, fp8 accumulation), for
+            the driver's log.
     """
 
     def __init__(self, spec: PoolSpec, ray_connection: RayConnection):
@@ -68,6 +70,7 @@ class Pool:
         self.ranks: tuple[RankInfo, ...] = ()
         self.runtime = ray_connection
         self.startup_seconds: dict[str, float] = {}
+        self.load_notes: tuple[str, ...] = ()
         per_rank = RankResources.for_device(spec.device, spec.cpu_threads)
         check_capacity(spec.parallel, per_rank)
         timeouts = spec.timeouts
@@ -89,7 +92,7 @@ class Pool:
                 self._gather("join_group", [a.join_group.remote(rendezvous) for a in self._actors], timeouts.start_s)
             self.startup_seconds["ranks"] = time.perf_counter() - started
             loading = time.perf_counter()
-            self._gather("load", [a.load.remote() for a in self._actors], timeouts.load_s)
+            self.load_notes = self._gather("load", [a.load.remote() for a in self._actors], timeouts.load_s)[0]
             self.startup_seconds["load"] = time.perf_counter() - loading
         except BaseException:
             self._kill()

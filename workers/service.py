@@ -196,6 +196,8 @@ class MochiService:
             seconds = self._pool.startup_seconds
             self._log(f"Mochi xDiT: {spec.world_size} rank(s) up in {seconds['ranks']:.1f} s, weights loaded in "
                       f"{seconds['load']:.1f} s")
+            for note in self._pool.load_notes:
+                self._log(f"Mochi xDiT: {note}")
             return self._pool
 
     def _connect_locked(self, target: str | None, reason: str) -> RayConnection:
