@@ -14,8 +14,10 @@ import re
 from ..mochi.constants import LATENT_CHANNELS
 
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
+GGUF_EXTENSION = ".gguf"  # DiT files only; ComfyUI itself does not list them in diffusion_models
 DIT_FOLDER = "diffusion_models"
 VAE_FOLDER = "vae"
+
 
 class QueueTimeError(ValueError):
     """A bad input found by VALIDATE_INPUTS. Raised rather than returned: ComfyUI repeats a returned
@@ -41,20 +43,40 @@ def model_name_problem(name, folder: str) -> str | None:
             f"{name!r} points outside ComfyUI/models/{folder}/; pick a file from the list "
             "(names are relative to that folder, '..' and absolute paths are refused)"
         )
+    if name.lower().endswith(GGUF_EXTENSION) and folder == DIT_FOLDER:
+        return None
     if not name.lower().endswith(SAFETENSORS_EXTENSIONS):
+        kinds = "a .safetensors or .gguf file" if folder == DIT_FOLDER else "a .safetensors file"
         return (
-            f"{name!r} is not a .safetensors file; this pack only loads safetensors (pickled "
+            f"{name!r} is not {kinds}; this pack only loads safetensors and GGUF (pickled "
             ".ckpt/.pt/.bin files can run code when loaded). Convert it or download the "
             ".safetensors version"
         )
     return None
 
 
-def safetensors_names(folder: str) -> list[str]:
-    """The .safetensors files ComfyUI lists in a models folder (all its search paths)."""
+def loadable_names(folder: str) -> list[str]:
+    """The files the pack can load that ComfyUI lists in a models folder (all its search paths):
+    .safetensors, and in the DiT folder also .gguf files (found here, since ComfyUI does not list them)."""
     import folder_paths
 
-    return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS_EXTENSIONS)]
+    names = [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS_EXTENSIONS)]
+    return names + (sorted(gguf_files(folder)) if folder == DIT_FOLDER else [])
+
+
+def gguf_files(folder: str) -> dict[str, str]:
+    """{name relative to its search path ("/"-separated, as ComfyUI names files): full path} of the
+    .gguf files under every search path of a models folder; the first search path wins a name."""
+    import folder_paths
+
+    found: dict[str, str] = {}
+    for base in folder_paths.get_folder_paths(folder):
+        for root, _, files in os.walk(base, followlinks=True):
+            for file in files:
+                if file.lower().endswith(GGUF_EXTENSION):
+                    path = os.path.join(root, file)
+                    found.setdefault(os.path.relpath(path, base).replace(os.sep, "/"), path)
+    return found
 
 
 def resolve_model_file(name, folder: str) -> tuple[str | None, str | None]:
@@ -64,12 +86,13 @@ def resolve_model_file(name, folder: str) -> tuple[str | None, str | None]:
         return None, problem
     import folder_paths
 
-    if name not in folder_paths.get_filename_list(folder):
+    is_gguf = name.lower().endswith(GGUF_EXTENSION)
+    if name not in (gguf_files(folder) if is_gguf else folder_paths.get_filename_list(folder)):
         return None, (
             f"{name!r} was not found in ComfyUI/models/{folder}/ (or the extra model paths for "
             f"'{folder}'); put the file there and refresh the node list (press 'r')"
         )
-    path = folder_paths.get_full_path(folder, name)
+    path = gguf_files(folder)[name] if is_gguf else folder_paths.get_full_path(folder, name)
     if path is None or not os.path.isfile(path):
         return None, f"{name!r} is listed but cannot be opened (a broken link?); check ComfyUI/models/{folder}/"
     return path, None

@@ -25,8 +25,8 @@ class MochiXDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return node_inputs(Door.LOADER, {"dit_name": checks.safetensors_names(checks.DIT_FOLDER),
-                                         "vae_name": checks.safetensors_names(checks.VAE_FOLDER)})
+        return node_inputs(Door.LOADER, {"dit_name": checks.loadable_names(checks.DIT_FOLDER),
+                                         "vae_name": checks.loadable_names(checks.VAE_FOLDER)})
 
     @classmethod
     def VALIDATE_INPUTS(cls, dit_name, vae_name, weight_dtype, world_size, ulysses_degree, ring_degree,

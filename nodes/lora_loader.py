@@ -46,7 +46,7 @@ class MochiXDiTLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        widgets = node_inputs(Door.LORA, {"lora_name": checks.safetensors_names(LORA_FOLDER)})
+        widgets = node_inputs(Door.LORA, {"lora_name": checks.loadable_names(LORA_FOLDER)})
         return {
             "required": {
                 "pool": (POOL_TYPE, {"tooltip": "The rank pool from MochiXDiTLoader (or another LoRA loader)."}),

@@ -53,6 +53,7 @@ def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
 
     folder_paths.get_filename_list = get_filename_list
     folder_paths.get_full_path = get_full_path
+    folder_paths.get_folder_paths = lambda folder: [folders[folder]]
 
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
@@ -100,6 +101,20 @@ def make_fake_comfy(models_dir: str) -> dict[str, types.ModuleType]:
             "comfy.samplers": samplers}
 
 
+def write_gguf_dit(path: str, state: dict) -> None:
+    """The DiT as a .gguf file (F32 tensors under the checkpoint's own names, as city96's converter
+    writes them; quantised layouts are tests/test_gguf.py's)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "mochi")
+    for name, tensor in state.items():
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """models/ with a tiny DiT, a VAE-shaped file, a pickle-named file and a nested DiT."""
@@ -111,6 +126,7 @@ def models_dir(tmp_path_factory):
     (root / "diffusion_models" / "sub").mkdir()
     save_file(dit, str(root / "diffusion_models" / "sub" / "nested_dit.safetensors"))
     (root / "diffusion_models" / "old_dit.ckpt").write_bytes(b"\x80\x02not really a pickle")
+    write_gguf_dit(str(root / "diffusion_models" / "sub" / "tiny_dit.gguf"), dit)
     save_file({"decoder.output_proj.weight": torch.zeros(3, 128)}, str(root / "vae" / "decoder_only.safetensors"))
     save_file({"something.weight": torch.zeros(2, 2)}, str(root / "diffusion_models" / "not_mochi.safetensors"))
     qkv = "blocks.0.attn.qkv_x"
@@ -192,6 +208,17 @@ def test_loader_lists_only_safetensors_files_including_subfolders(fake_comfy):
     assert "old_dit.ckpt" not in names
 
 
+def test_loader_lists_gguf_dits_that_comfyui_does_not_and_checks_them_at_queue_time(fake_comfy):
+    loader = NODE_CLASS_MAPPINGS["MochiXDiTLoader"]
+    assert "sub/tiny_dit.gguf" in loader.INPUT_TYPES()["required"]["dit_name"][0]
+    assert "sub/tiny_dit.gguf" not in loader.INPUT_TYPES()["required"]["vae_name"][0]
+    assert validate_loader(dit_name="sub/tiny_dit.gguf") is True  # its header was read: a Mochi DiT
+    assert "not found in ComfyUI/models/diffusion_models/" in validate_loader(dit_name="missing.gguf")
+    assert "is not a .safetensors file" in validate_loader(vae_name="sub/tiny_dit.gguf")
+    assert "fp8 with a GGUF DiT, which is already quantised" in validate_loader(dit_name="sub/tiny_dit.gguf",
+                                                                              weight_dtype="fp8")
+
+
 # ---------------------------------------------------------------- loader validation at queue time
 
 def loader_inputs(**changes):
@@ -225,7 +252,7 @@ def test_path_traversal_model_name_is_refused(fake_comfy, name):
 
 def test_non_safetensors_model_file_is_refused(fake_comfy):
     message = validate_loader(dit_name="old_dit.ckpt")
-    assert isinstance(message, str) and "not a .safetensors file" in message
+    assert isinstance(message, str) and "not a .safetensors or .gguf file" in message
     message = validate_loader(vae_name="vae.pt")
     assert isinstance(message, str) and "not a .safetensors file" in message
 

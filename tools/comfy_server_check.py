@@ -37,6 +37,7 @@ WORKFLOW = PACK_DIR / "workflows" / "api" / "mochi_xdit_text_to_video_api.json"
 
 DIT_NAME, VAE_NAME = "mochi_xdit_demo_dit.safetensors", "mochi_xdit_demo_vae.safetensors"
 MOCHI_LORA, FLUX_LORA, CLIP_L = "mochi_demo_lora.safetensors", "flux_lora.safetensors", "clip_l.safetensors"
+GGUF_DIT = "mochi_xdit_demo_dit_Q8_0.gguf"  # ComfyUI does not list .gguf in diffusion_models; the loader does
 LOADER, POSITIVE, NEGATIVE, LATENT, SAMPLER, SAVE, LORA_NODE = "5", "2", "3", "4", "6", "9", "10"
 PROMPT_TIMEOUT_S = 600
 INTERRUPT_AT_STEP = 3  # case n: POST /interrupt once the sampler reports this step (websocket progress)
@@ -54,6 +55,24 @@ def import_pack():
         spec.loader.exec_module(package)
 
 
+def write_gguf_dit(path: Path, state: dict, linears: set[str]) -> None:
+    """The DiT as city96's converter writes one: the checkpoint's own names, Linear weights Q8_0."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "mochi")
+    for name, tensor in state.items():
+        data = tensor.float().numpy()
+        if name.removesuffix(".weight") in linears and data.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_models(models: Path) -> None:
     import torch
     from safetensors.torch import save_file
@@ -65,6 +84,8 @@ def write_models(models: Path) -> None:
     for folder in ("diffusion_models", "vae", "loras"):
         (models / folder).mkdir(parents=True, exist_ok=True)
     save_file(random_dit_state_dict(DEMO_DIT_CONFIG, seed=0), str(models / "diffusion_models" / DIT_NAME))
+    write_gguf_dit(models / "diffusion_models" / GGUF_DIT, random_dit_state_dict(DEMO_DIT_CONFIG, seed=0),
+                  set(linear_shapes_for(DEMO_DIT_CONFIG)))
     vae = {f"decoder.{k}": v for k, v in random_vae_state_dict(DEMO_VAE_CONFIG, seed=1).items()}
     save_file(vae, str(models / "vae" / VAE_NAME))
 
@@ -533,6 +554,13 @@ class Checker:
         p = self.prompt()
         p[LOADER]["inputs"].update(weights="sharded", compile="on")
         self.refused("q' compile on + sharded", p, LOADER, "compile=on needs the DiT's weights on every rank")
+
+        # r. a GGUF DiT (listed by the loader, Linear weights kept quantised); fp8 with it is refused
+        p = self.prompt()
+        p[LOADER]["inputs"]["dit_name"] = GGUF_DIT
+        self.good("r GGUF Q8_0 DiT", p)
+        p[LOADER]["inputs"]["weight_dtype"] = "fp8"
+        self.refused("r' GGUF DiT with fp8", p, LOADER, "already quantised")
 
         # l. POST /free stops the pool; the next run starts a new one
         offset = self.log_offset()

@@ -248,10 +248,10 @@ _OPTIONS = (
     Option("strength", Kind.FLOAT, "How much of the LoRA to add: 1 as trained, 0 none, negative subtracts it.",
            Door.LORA, default=1.0, low=-MAX_LORA_STRENGTH, high=MAX_LORA_STRENGTH, step=0.01, field=Field.LORA),
     # ---- the pool (loader node, CLI)
-    Option("dit_name", Kind.PATH, "Mochi-1 DiT weights (.safetensors) from models/diffusion_models/, e.g. "
-           "mochi_preview_bf16.safetensors or an fp8_scaled file.", Door.LOADER | Door.GENERATE, host_choices=True,
+    Option("dit_name", Kind.PATH, "Mochi-1 DiT weights (.safetensors or .gguf) from models/diffusion_models/, e.g. "
+           "mochi_preview_bf16.safetensors, an fp8_scaled file or a GGUF file.", Door.LOADER | Door.GENERATE, host_choices=True,
            flag="--dit", group="weights (all omitted: the built-in demo model)", field=Field.DIT,
-           cli_help="Mochi DiT .safetensors (genmo dit.safetensors or mochi_preview_bf16)"),
+           cli_help="Mochi DiT .safetensors or .gguf (genmo dit.safetensors, mochi_preview_bf16, a GGUF file)"),
     Option("vae_name", Kind.PATH, "Mochi VAE (.safetensors with the decoder) from models/vae/, e.g. "
            "mochi_vae.safetensors.", Door.LOADER | Door.GENERATE, host_choices=True, flag="--vae",
            group="weights (all omitted: the built-in demo model)", field=Field.VAE,

@@ -237,6 +237,9 @@ def resolve_load(choices: LoadChoices, plan: bool = True, on_note=None) -> PoolS
         check_vae_file(choices.vae_path)
     device = resolve_device(choices.device)
     weight_dtype = resolve_weight_dtype(choices.weight_dtype, device)
+    if weight_dtype == "fp8" and inspect_checkpoint(choices.dit_path).quantised:
+        raise OptionsError(Field.WEIGHT_DTYPE, "weight_dtype=fp8 with a GGUF DiT, which is already quantised; use "
+                           "bf16, fp16 or fp32 (the dtype of its unquantised tensors and of the compute)")
     if not isinstance(choices.cpu_threads, int) or choices.cpu_threads < 1:
         raise OptionsError(Field.CPU_THREADS, f"cpu_threads={choices.cpu_threads!r}: need at least 1 thread per rank")
     address = (choices.ray_address or "").strip() or None
