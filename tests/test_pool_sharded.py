@@ -97,6 +97,8 @@ def test_sharded_pool_runs_loras_and_the_step_cache_like_one_process(service, fi
     lora = (LoraSpec(files[1], 0.8),)
     base = generate(local_model(files), request_6_steps)
     assert error(pool.sample(request_6_steps), base) <= TOLERANCE
+    # the kernel rank 0 measured at its first forward reaches the driver's log with the run's result
+    assert any(line.startswith("Mochi xDiT: attention kernel ") for line in service.lines), service.lines
     assert error(pool.sample(request_6_steps, loras=lora), generate(local_model(files, lora), request_6_steps)) <= TOLERANCE
     assert error(pool.sample(request_6_steps), base) <= TOLERANCE  # swapped back out
     cached = replace(request_6_steps, cache=StepCacheSpec(StepCacheKind.FIRST_BLOCK, 0.9))

@@ -92,6 +92,7 @@ class RankWorker:
         self.attention = self._attention_config(spec)
         self.ctx = None  # ParallelContext once the group exists (None for a world of one)
         self.kernels = None  # the pool's KernelChoice (attention kernel, measured once), made by load()
+        self._notes: list[str] = []  # rank 0's one-time lines not yet handed to the driver (`_report`)
         self.fp8_accumulation = None  # the pool's Fp8Accumulation (fast or exact, measured once), made by load()
         self.dit = None
         self.vae = None
@@ -118,10 +119,12 @@ class RankWorker:
         return AttentionConfig(backend, installed)
 
     def _report(self, line: str) -> None:
-        """A one-time note: rank 0's output, which stays in its Ray worker log (`ray_runtime` connects
-        with log_to_driver off, so it does not reach the driver's log)."""
+        """A one-time note (the kernel choice): printed to rank 0's Ray worker log and kept for the
+        run's result, which carries it to the driver's log (`ray_runtime` connects with log_to_driver
+        off, so the ranks' output does not reach it by itself)."""
         if self.rank == 0:
             print(f"Mochi xDiT rank 0: {line}", flush=True)
+            self._notes.append(line)
 
     def info(self) -> RankInfo:
         """Where this rank runs, and where it imported our package from (the folder above workers/)."""
@@ -274,7 +277,10 @@ class RankWorker:
         stats = self._loop.cache_stats if self._loop.request.cache is not None else None
         self._loop = None
         release_cached_memory(self.device)
-        return RunResult(latent, stats) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        notes, self._notes = tuple(self._notes), []
+        return RunResult(latent, stats, notes)
 
     def cancel(self) -> None:
         """Drop the current run, if any (interrupt between steps), and its memory."""

@@ -8,12 +8,14 @@ the next request. Failures get their kind in `failures.py`. There is no string d
 is a real actor method.
 """
 
+import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -56,10 +58,14 @@ class Pool:
         startup_seconds: {"ranks": actors up and grouped, "load": weights read}, for the driver's log.
         load_notes: rank 0's one-line notes from loading (weight placement, fp8 accumulation), for
             the driver's log.
+
+    `log` receives rank 0's one-time lines from a run (the attention kernel it measured), which Ray
+    does not forward by itself; default: the `mochi_xdit` logger at INFO.
     """
 
-    def __init__(self, spec: PoolSpec, ray_connection: RayConnection):
+    def __init__(self, spec: PoolSpec, ray_connection: RayConnection, log: Callable[[str], None] | None = None):
         self.spec = spec
+        self._log = log or logging.getLogger("mochi_xdit").info
         self.name = f"mochi_xdit-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._actors: list = []
@@ -271,7 +277,10 @@ class Pool:
                 if keep_going is False:
                     self._cancel(queued)
                     raise RunInterrupted(f"stopped by the progress callback after step {i + 1} of {total}")
-            return self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
+            result = self._gather("finish", [a.finish.remote() for a in self._actors], timeouts.call_s)[0]
+            for note in result.notes:
+                self._log(f"Mochi xDiT: {note}")
+            return result
 
     def set_loras(self, loras: tuple = ()) -> None:
         """Make exactly these `mochi.lora.LoraSpec`s active on every rank now (`run` does this itself

@@ -181,7 +181,10 @@ class RunResult:
         latent: the VAE-space latent [B, 12, T, H, W] fp32.
         cache_stats: the step cache's `mochi.step_cache.CacheStats` (computed / skipped steps), or
             None when the run had no cache.
+        notes: rank 0's one-time lines from this run (the attention kernel it measured at its first
+            forward of a shape), for the driver's log: Ray does not forward the ranks' output.
     """
 
     latent: torch.Tensor
     cache_stats: object = None
+    notes: tuple[str, ...] = ()

@@ -189,7 +189,7 @@ class MochiService:
                 check_capacity(spec.parallel, RankResources.for_device(spec.device, spec.cpu_threads))
             self._stop_pool_locked(f"replaced by a pool for another request ({reason})")
             self._log(f"Mochi xDiT: starting {_layout(spec)}; {reason}")
-            self._pool = Pool(spec, self._ray)
+            self._pool = Pool(spec, self._ray, log=self._log)
             self._key = key
             self._released_because = None
             self._handed_out = {threading.get_ident(): time.monotonic()}

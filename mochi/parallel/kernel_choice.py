@@ -173,7 +173,7 @@ class KernelChoice:
         group: the process group whose ranks must agree (every rank of the pool); None alone.
         run: how a kernel is called (tests inject wrong or raising kernels); default the model's.
         report: where each measurement's one-line summary goes (default this module's logger at
-            INFO; a pool's rank 0 prints it to its Ray worker log, which Ray does not forward here).
+            INFO; a pool's rank 0 prints it and hands it to the driver with the run's result).
     """
 
     def __init__(self, config: AttentionConfig | None = None, measure: bool = False, group=None,
