@@ -19,6 +19,7 @@ the other ranks get `BroadcastLatent` and receive it from rank 0 over the pool's
 """
 
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -69,20 +70,41 @@ def _new_file(path: str, shape: tuple[int, ...]) -> None:
         os.posix_fallocate(file.fileno(), 0, math.prod(shape) * 4)
 
 
-@dataclass
-class _Output:
-    """One output file of `SharedLatents` and the result last handed out from it."""
+def _map_populated(path: str, shape: tuple[int, ...]) -> mmap.mmap:
+    """The file at `path` mapped shared and writable, its pages mapped in now (MAP_POPULATE where the
+    OS has it), so reading it later takes no page faults."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(descriptor, math.prod(shape) * 4, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(descriptor)
 
-    path: str
-    shape: tuple[int, ...]
-    handed: weakref.ref | None = None  # to the storage of that result
+
+class _Output:
+    """One output file of `SharedLatents`, mapped once, and the result last handed out from it.
+
+    Each result is a new tensor over the one mapping (`torch.frombuffer`: its own storage, no copy,
+    no new page faults), so the weak reference to that storage says whether the result is still held.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...]):
+        _new_file(path, shape)
+        self.path, self.shape = path, shape
+        self._mapping = _map_populated(path, shape)
+        self._handed: weakref.ref | None = None  # to the storage of the last result
 
     def free(self) -> bool:
         """Whether nothing holds the last result any more (not the tensor, a view of it, nor a numpy
         array over it), so rank 0 may write this file again. torch keeps a storage's Python object
         alive while any tensor uses the storage, so the weak reference dies exactly then
         (tests/test_shared_latent.py holds it to that)."""
-        return self.handed is None or self.handed() is None
+        return self._handed is None or self._handed() is None
+
+    def hand_out(self) -> torch.Tensor:
+        """The file's content as a new fp32 tensor of `shape` (writable, valid as long as it is held)."""
+        result = torch.frombuffer(self._mapping, dtype=torch.float32).view(self.shape)
+        self._handed = weakref.ref(result.untyped_storage())
+        return result
 
 
 class SharedLatents:
@@ -92,12 +114,13 @@ class SharedLatents:
     `shared.receive()`; `close()` removes the files. A new shape gets new files (new names), so a rank
     never maps a file that changed size under it, and a rank maps each file once per block.
 
-    `receive` hands out the output file itself (mapped, no copy): a sampler's arithmetic on a fresh
-    8 MiB tensor each evaluation cost more than the copy (a new allocation's pages fault in again;
-    bench/pool_overhead.py). The next evaluation writes into an output file whose last result nobody
-    holds any more; while the sampler keeps results (its x0, a multistep sampler's previous x0s, a
-    view of either), new files are added, so a result is never overwritten. A sampler's Euler loop
-    uses two files.
+    `receive` hands out the output file itself (mapped once, no copy): a copy into a fresh 8 MiB
+    tensor each evaluation cost more than the copy itself, and slowed the sampler's own arithmetic
+    too (new allocations whose pages fault in again; full-size Euler, bench/pool_overhead.py: our
+    part 8.4 -> 5.0 ms per evaluation). The next evaluation writes into an output file whose last
+    result nobody holds any more; while the sampler keeps results (its x0, a multistep sampler's
+    previous x0s, a view of either), new files are added, so a result is never overwritten. A
+    sampler's Euler loop uses two files.
     """
 
     def __init__(self):
@@ -119,7 +142,6 @@ class SharedLatents:
             if output.shape == shape and output.free():
                 return output
         output = _Output(self._path("output"), shape)
-        _new_file(output.path, shape)
         self._outputs.append(output)
         return output
 
@@ -142,9 +164,7 @@ class SharedLatents:
         """What rank 0 wrote for the last `send`: the output file, mapped (writable; it stays the
         caller's, valid after `close()` too, until the caller drops it)."""
         output, self._next = self._next, None
-        result = map_float32(output.path, output.shape)
-        output.handed = weakref.ref(result.untyped_storage())
-        return result
+        return output.hand_out()
 
     def close(self) -> None:
         """Remove the files (results handed out stay mapped, and readable, until dropped)."""
