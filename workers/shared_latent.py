@@ -3,7 +3,7 @@ latent to the ranks of a private pool, and gets the result back, through memory-
 of Ray's object store.
 
 Why: every evaluation moves a latent to the ranks and one back. Through the object store a full-size
-fp32 latent (8.5 MiB) took ~37 ms per round trip on our CPU machines; through shared files it is one
+fp32 latent (8.5 MiB) took 18-41 ms per round trip on our CPU machines; through shared files it is one
 copy in (the driver writes the sampler's latent into the input file) and one out (rank 0 writes x0
 into an output file, which the sampler then gets as it is, mapped: no copy back, no new allocation;
 bench/pool_overhead.py measures the whole path at full size). All ranks of a private pool run on
@@ -116,8 +116,9 @@ class SharedLatents:
 
     `receive` hands out the output file itself (mapped once, no copy): a copy into a fresh 8 MiB
     tensor each evaluation cost more than the copy itself, and slowed the sampler's own arithmetic
-    too (new allocations whose pages fault in again; full-size Euler, bench/pool_overhead.py: our
-    part 8.4 -> 5.0 ms per evaluation). The next evaluation writes into an output file whose last
+    too (new allocations whose pages fault in again). Full-size Euler on one pool, both versions
+    alternating: our part 5.2 -> 4.0 ms, the sampler's Euler update 6.7 -> 4.0 (another run 4.1 ->
+    3.9) ms per evaluation (medians; README, measured 2026-12-02). The next evaluation writes into an output file whose last
     result nobody holds any more; while the sampler keeps results (its x0, a multistep sampler's
     previous x0s, a view of either), new files are added, so a result is never overwritten. A
     sampler's Euler loop uses two files.
