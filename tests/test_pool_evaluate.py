@@ -102,7 +102,9 @@ def test_rank_evaluations_under_euler_equal_the_on_rank_loop(dit_file, dit, sche
     branches, guided = torch.from_numpy(branches), torch.from_numpy(guided)
     assert branches.shape == (2, *shape)
     assert (branches[1] + 4.5 * (branches[0] - branches[1]) - guided).abs().max().item() <= TOLERANCE
-    worker.end_evaluations()
+    notes = worker.end_evaluations()  # the kernel rank 0 measured at its first evaluation, for the driver's log
+    assert len(notes) == 1 and notes[0].startswith("attention kernel "), notes
+    assert worker.end_evaluations() == ()  # handed over once
     with pytest.raises(RuntimeError, match="begin_evaluations"):
         worker.evaluate(x, [0.7], 4.5)
 

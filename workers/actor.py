@@ -277,10 +277,7 @@ class RankWorker:
         stats = self._loop.cache_stats if self._loop.request.cache is not None else None
         self._loop = None
         release_cached_memory(self.device)
-        if self.rank != 0:
-            return None
-        notes, self._notes = tuple(self._notes), []
-        return RunResult(latent, stats, notes)
+        return RunResult(latent, stats, self._take_notes()) if self.rank == 0 else None
 
     def cancel(self) -> None:
         """Drop the current run, if any (interrupt between steps), and its memory."""
@@ -369,10 +366,16 @@ class RankWorker:
             self._shared[path] = map_float32(path, shape)
         return self._shared[path]
 
-    def end_evaluations(self) -> None:
-        """Drop the prompts kept by `begin_evaluations` and the shared buffers mapped since."""
+    def end_evaluations(self) -> tuple[str, ...]:
+        """Drop the prompts kept by `begin_evaluations` and the shared buffers mapped since; return
+        rank 0's one-time lines from these evaluations (`_report`) for the driver's log."""
         self._guided = None
         self._shared = {}
+        return self._take_notes()
+
+    def _take_notes(self) -> tuple[str, ...]:
+        notes, self._notes = tuple(self._notes), []
+        return notes
         self._latent_buffer = None
 
     # -- decoding ----------------------------------------------------------------------------

@@ -300,8 +300,10 @@ class Pool:
         or a tensor/sequence of one per sample) and the CFG scale, and returns ComfyUI's denoised x0
         [B, 12, T, H, W] fp32 on CPU, CFG-combined on the ranks (cfg 1 skips the unconditional pass);
         with cfg None it returns both branches unguided, [2, B, 12, T, H, W] (conditional,
-        unconditional). Each call waits with the step deadline; the pool stays locked for other
-        requests until the block ends, and an exception inside the block leaves the pool usable.
+        unconditional). The result is the caller's: on a private pool it is rank 0's shared output
+        file itself (no copy), never written again while anything holds it. Each call waits with the
+        step deadline; the pool stays locked for other requests until the block ends, and an
+        exception inside the block leaves the pool usable.
 
         Args:
             positive, negative: `mochi.text.TextCondition`s.
@@ -318,7 +320,8 @@ class Pool:
                                                for a in self._actors], timeouts.call_s)
 
             # A private pool's ranks share this machine: the latents travel through shared files
-            # (written once for every rank, no object store); a cluster pool's through Ray to rank 0.
+            # (written once for every rank, x0 handed over in rank 0's file, no object store); a
+            # cluster pool's through Ray to rank 0.
             shared = SharedLatents() if self.runtime.private else None
 
             def evaluate(latent: torch.Tensor, sigma, cfg: float | None) -> torch.Tensor:
@@ -345,7 +348,7 @@ class Pool:
                 if on_evaluation is not None:
                     on_evaluation(max(seconds for _, seconds in answers))
                 if files is not None:
-                    return shared.receive()
+                    return shared.receive()  # rank 0's output file, mapped
                 return torch.from_numpy(answers[0][0].copy())  # writable, off the shared read-only buffer
 
             try:
@@ -353,8 +356,10 @@ class Pool:
             finally:
                 try:
                     if not self.dead:
-                        self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors],
-                                     timeouts.call_s)
+                        notes = self._gather("end_evaluations", [a.end_evaluations.remote() for a in self._actors],
+                                             timeouts.call_s)[0]
+                        for note in notes:
+                            self._log(f"Mochi xDiT: {note}")
                 finally:
                     if shared is not None:
                         shared.close()
