@@ -75,6 +75,7 @@ def comfy_env(tmp_path_factory):
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_filename_list = lambda folder: sorted(os.listdir(folders[folder]))
     folder_paths.get_full_path = lambda folder, name: str(folders[folder] / os.path.relpath(os.path.join("/", name), "/"))
+    folder_paths.get_folder_paths = lambda folder: [str(folders[folder])]
     comfy = types.ModuleType("comfy")
     utils = types.ModuleType("comfy.utils")
     management = types.ModuleType("comfy.model_management")
