@@ -225,3 +225,44 @@ def test_other_and_truncated_gguf_files_are_refused_with_what_they_are(tmp_path)
     truncated.write_bytes(open(path, "rb").read()[:200])
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         inspect_checkpoint(str(truncated))
+
+
+def test_the_planner_counts_a_gguf_dit_as_the_bytes_a_rank_keeps(gguf_file, tmp_path):
+    from mochi_xdit.mochi.checkpoint import CheckpointInfo, TensorInfo
+    from mochi_xdit.mochi.dit import DiTConfig
+    from mochi_xdit.mochi.parallel.config import ParallelConfig
+    from mochi_xdit.mochi.planner.hardware import gpu_with_memory
+    from mochi_xdit.mochi.planner.placement import quantised_weight_split
+    from mochi_xdit.mochi.planner.plan import choose_placement
+
+    path, _, _ = gguf_file
+    split = quantised_weight_split(inspect_checkpoint(path), CONFIG.depth)
+    model = load_dit(path, "bf16", "cpu")  # the oracle: what a rank holds once loaded
+    assert split.block_bytes == sum(local_weight_bytes(block) for block in model.blocks)
+    assert split.largest_block_bytes == max(local_weight_bytes(block) for block in model.blocks)
+    assert abs(split.total_bytes - local_weight_bytes(model)) <= 0.001 * local_weight_bytes(model)  # fp32 tensors
+
+    # the full-size DiT as a Q4_0 file: ~5.6 GB of weights, so one 12 GB card holds it whole at 49 frames,
+    # where the same model counted as bf16 (20 GB) would have to be offloaded
+    full = DiTConfig()
+    with torch.device("meta"):
+        meta = MochiDiT(full)
+    linears = {f"{name}.weight" for name, module in meta.named_modules() if isinstance(module, Linear)}
+    tensors = {name: TensorInfo("Q4_0" if name in linears else "BF16", tuple(tensor.shape))
+               for name, tensor in meta.state_dict().items()}
+    info = CheckpointInfo("mochi-Q4_0.gguf", FileKind.DIT, tensors, "", None, False, False, {}, gguf=True)
+    q4 = quantised_weight_split(info, full.depth)
+    assert 5.0e9 < q4.total_bytes < 6.5e9
+    card = gpu_with_memory(12)
+    assert choose_placement(ParallelConfig(1), 848, 480, 49, card, "bf16")[0] is WeightPlacement.OFFLOAD
+    placement, why = choose_placement(ParallelConfig(1), 848, 480, 49, card, "bf16", split=q4)
+    assert placement is WeightPlacement.REPLICATED, why
+    # what `weights` auto runs on a local GPU, with a .gguf demo DiT (T5 width 4096, as the planner
+    # counts real prompts; it fits anything)
+    from mochi_xdit.workers.options import LoadChoices, auto_placement
+
+    demo = write_gguf(str(tmp_path / "demo.gguf"), {name: (T.F32, tensor.float().numpy())
+                                                    for name, tensor in random_dit_state_dict(DEMO_DIT_CONFIG).items()})
+    choices = LoadChoices(demo, None, world_size=1, video=(64, 48, 7))
+    placement, why = auto_placement(choices, ParallelConfig(1, num_heads=DEMO_DIT_CONFIG.num_heads), "bf16", card)
+    assert placement is WeightPlacement.REPLICATED and why.startswith("weights auto -> replicated: it fits")

@@ -210,13 +210,24 @@ def resolve_weights(choices: LoadChoices, parallel: ParallelConfig, device: str,
     if weight_dtype == "fp32" or not plan:
         return replicated, "weights auto -> replicated (not planned: fp32 weights or queue-time validation)"
     from ..mochi.planner.hardware import gpu_from_device_name
-    from ..mochi.planner.plan import choose_placement
 
     gpu = gpu_from_device_name(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory)
+    return auto_placement(choices, parallel, weight_dtype, gpu)
+
+
+def auto_placement(choices: LoadChoices, parallel: ParallelConfig, weight_dtype: str, gpu):
+    """`choose_placement` for these choices on this GPU, counting a GGUF DiT's Linear weights as the
+    quantised bytes the ranks keep (activations as bf16 compute)."""
+    from ..mochi.planner.placement import quantised_weight_split
+    from ..mochi.planner.plan import choose_placement
+
     planner_dtype = "fp8" if weight_dtype == "fp8" else "bf16"  # fp16 stores as many bytes as bf16
+    config = dit_config(choices.dit_path)
+    info = inspect_checkpoint(choices.dit_path)
+    split = quantised_weight_split(info, config.depth) if info.quantised else None
     width, height, frames = choices.video
     return choose_placement(parallel, width, height, frames, gpu, planner_dtype, steps=choices.steps,
-                            use_cfg=choices.use_cfg, config=dit_config(choices.dit_path))
+                            use_cfg=choices.use_cfg, config=config, split=split)
 
 
 def resolve_load(choices: LoadChoices, plan: bool = True, on_note=None) -> PoolSpec:

@@ -16,11 +16,14 @@ with block compute time = the step's compute bound / (calls x depth). The gather
 with Ulysses all-to-alls, which this does not model.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import CheckpointInfo
 from ..dit import DiTConfig, MochiDiT
+from ..gguf_linear import GGUFQuant
 from ..layers import Linear
 from ..weight_placement import WeightPlacement
 from .hardware import GB
@@ -62,6 +65,29 @@ def weight_split(config: DiTConfig, weight_dtype: str) -> WeightSplit:
         model = MochiDiT(config)
     blocks = [_stored_bytes(block, weight_dtype) for block in model.blocks]
     return WeightSplit(sum(blocks), max(blocks), _stored_bytes(model, weight_dtype) - sum(blocks), len(blocks))
+
+
+def quantised_weight_split(info: CheckpointInfo, depth: int) -> WeightSplit:
+    """Stored bytes by part of a GGUF DiT file as a rank holds it: Linear weights of a GGUFQuant type
+    as their quantised bytes (`gguf_checkpoint.load_quantised_into` keeps them so), every other
+    tensor in bf16 (dequantised or cast at load; the few fp32 ones are noise here)."""
+    blocks = [0] * depth
+    outside = 0
+    for name, key in info.dit_names().items():
+        tensor = info.tensors[key]
+        try:
+            quant = GGUFQuant(tensor.dtype)
+        except ValueError:
+            quant = None
+        if quant is not None and len(tensor.shape) == 2:
+            nbytes = tensor.shape[0] * quant.row_bytes(tensor.shape[1])
+        else:
+            nbytes = math.prod(tensor.shape) * 2
+        if name.startswith("blocks."):
+            blocks[int(name.split(".")[1])] += nbytes
+        else:
+            outside += nbytes
+    return WeightSplit(sum(blocks), max(blocks), outside, depth)
 
 
 @dataclass(frozen=True)

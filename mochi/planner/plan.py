@@ -34,7 +34,7 @@ from ..parallel.config import ParallelConfig
 from ..step_cache import StepCacheSpec
 from ..weight_placement import WeightPlacement
 from .hardware import GB, GPU, LINK_CLASSES, UNKNOWN_GPU_TFLOPS, get_gpu, gpu_with_memory, link_bandwidth
-from .placement import PlacedWeights, dit_calls_per_step, place, weight_split
+from .placement import PlacedWeights, WeightSplit, dit_calls_per_step, place, weight_split
 from .simulate import (WEIGHT_DTYPES, DecodeCount, StepCount, count_step, count_tiled_decode,
                        count_tiled_encode)
 
@@ -124,14 +124,16 @@ def estimate(
     config: DiTConfig = DiTConfig(),
     cache: StepCacheSpec | None = None,
     placement: WeightPlacement = WeightPlacement.REPLICATED,
+    split: WeightSplit | None = None,
 ) -> MixEstimate:
     """Count one mix (cached per shape) under one weight placement and apply the latency model. With
     a step cache the memory includes the cache's residuals; the latency bound is still for every
-    step computed (how many steps a cache skips depends on the run)."""
+    step computed (how many steps a cache skips depends on the run). `split` gives the DiT's stored
+    bytes when they are not `weight_dtype`'s (a GGUF file: `placement.quantised_weight_split`)."""
     step = count_step(parallel, width, height, frames, weight_dtype, text_tokens, use_cfg, config, cache=cache)
     decode = count_tiled_decode(width, height, frames, tiles)
     flops_per_s = gpu.bf16_tflops * 1e12
-    weights = place(weight_split(config, weight_dtype), placement, parallel.world_size,
+    weights = place(split or weight_split(config, weight_dtype), placement, parallel.world_size,
                     dit_calls_per_step(parallel.cfg_degree, use_cfg), step.total_flops / flops_per_s, link_gbps)
     peak = weights.resident_bytes + decode.weight_bytes + max(step.activation_peak_bytes, decode.activation_peak_bytes)
     bytes_per_s = link_gbps * GB
@@ -333,14 +335,16 @@ def choose_placement(
     steps: int = 64,
     use_cfg: bool = True,
     config: DiTConfig = DiTConfig(),
+    split: WeightSplit | None = None,
 ) -> tuple[WeightPlacement, str]:
     """The weight placement `auto` uses for a given mix: the first of PLACEMENT_ORDER that fits
-    (with RESERVE_GB), else the leanest; and one line saying which and why."""
+    (with RESERVE_GB), else the leanest; and one line saying which and why. `split`: the DiT's
+    stored bytes when they are not `weight_dtype`'s (a GGUF file)."""
     if link is None:
         link = "nvlink" if gpu.nvlink_gbps else "pcie"
     bandwidth = link_bandwidth(link, gpu)
     estimates = [estimate(parallel, width, height, frames, gpu, bandwidth, weight_dtype, steps, use_cfg,
-                          config=config, placement=placement)
+                          config=config, placement=placement, split=split)
                  for placement in placements_for(parallel.world_size)]
     need = {m.placement: (m.peak_bytes / GB) + RESERVE_GB for m in estimates}
     sizes = ", ".join(f"{p.value} {gb:.1f} GB" for p, gb in need.items())
