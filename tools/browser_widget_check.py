@@ -1,5 +1,5 @@
-"""Loads saved UI workflows into ComfyUI's page in headless Chromium and prints the
-MochiXDiTSampler's widgets after loading and the inputs the frontend would queue, with a screenshot
+"""Loads saved UI workflows into ComfyUI's page in headless Chromium and prints every Mochi node's
+widgets after loading and the inputs the frontend would queue, with a screenshot
 per workflow: the check that a workflow saved with an earlier widget layout opens with its values
 in the same meaning (web/widget_layouts.js), in the real frontend.
 
@@ -66,13 +66,15 @@ async def main():
                     workflow = json.load(open(path))
                     await js(f"app.loadGraphData({json.dumps(workflow)}, true, true, 'check')")
                     await asyncio.sleep(2)
-                    widgets = await js("app.graph._nodes.filter(n => n.type === 'MochiXDiTSampler')"
-                                       ".map(n => n.widgets.map(w => [w.name, w.value]))[0]")
+                    widgets = await js("Object.fromEntries(app.graph._nodes.filter(n => n.type.startsWith('Mochi'))"
+                                       ".map(n => [n.type, n.widgets.map(w => [w.name, w.value])]))")
                     prompt = await js("app.graphToPrompt().then(p => p.output)")
-                    sampler = next(v for v in prompt.values() if v["class_type"] == "MochiXDiTSampler")
                     print("==", path)
-                    print("widgets after load:", widgets)
-                    print("queued inputs:", {k: v for k, v in sampler["inputs"].items() if not isinstance(v, list)})
+                    for node_type, values in widgets.items():
+                        queued = next(v for v in prompt.values() if v["class_type"] == node_type)
+                        print(f"{node_type} widgets after load:", values)
+                        print(f"{node_type} queued inputs:",
+                              {k: v for k, v in queued["inputs"].items() if not isinstance(v, list)})
                     await js("document.querySelectorAll('.p-dialog-close-button, button[aria-label=Close]').forEach(b => b.click()); true")
                     await asyncio.sleep(1)
                     await js("app.canvas.ds.offset = [-500, 0]; app.canvas.ds.scale = 0.75; app.canvas.setDirty(true, true); true")
