@@ -639,6 +639,15 @@ def print_summary(figures: dict) -> None:
             found = found.get(key) or {}
         return found or {"skipped": "not run (--sections)"}
 
+    def lines_per_run(label: str, section: dict, run_label, text) -> None:
+        """One line per run of a section of several runs (or one saying it was skipped or failed)."""
+        if "skipped" in section or "error" in section:
+            line(label, section, lambda: "")
+            return
+        for name, run in section.items():
+            if isinstance(run, dict):
+                line(run_label(name), run, lambda r=run: text(r))
+
     print(f"device: {figures.get('device_name')} (table: {figures.get('gpu_table')}, dense bf16 peak "
           f"{figures.get('peak_bf16_tflops')} TFLOP/s); torch {figures['torch']}, cuDNN {figures.get('cudnn')}; "
           f"installed {figures.get('installed')}")
@@ -682,13 +691,8 @@ def print_summary(figures: dict) -> None:
         f"{collectives['backend']} at {collectives['video']}: {collectives['all_to_all_ms_per_block']:.2f} ms per "
         f"block ({collectives['gb_per_s_per_rank']:.1f} GB/s per rank), NCCL P2P/NVLink: "
         f"{collectives['nccl_p2p_or_nvlink']}"))
-    multi = part("multi_gpu")
-    if "skipped" in multi or "error" in multi:
-        line("multi-GPU NCCL pools", multi, lambda: "")
-    else:
-        for name, part in multi.items():
-            if isinstance(part, dict):
-                line(f"NCCL pool {name}", part, lambda p=part: f"{p['degrees']}: step {p['step_seconds']:.3f} s")
+    lines_per_run("multi-GPU NCCL pools", part("multi_gpu"), lambda name: f"NCCL pool {name}",
+                  lambda run: f"{run['degrees']}: step {run['step_seconds']:.3f} s")
     choice = part("kernel_choice")
     line("attention kernels measured", choice, lambda: "; ".join(
         f"{name}: {c['chosen']} of {c['tflops']}" for name, c in choice.items() if isinstance(c, dict)))
@@ -697,14 +701,9 @@ def print_summary(figures: dict) -> None:
         f"first {compiled['first_compiled_forward_s']:.1f} s, eager {compiled['eager_forward_s']:.3f} s, compiled "
         f"{compiled['compiled_forward_s']:.3f} s ({compiled['speedup']:.2f}x), max difference "
         f"{compiled['max_abs_difference']:.2e}"))
-    sharded = part("sharded")
-    if "skipped" in sharded or "error" in sharded:
-        line("2-rank pool, sharded vs replicated weights", sharded, lambda: "")
-    else:
-        for weights, run in sharded.items():
-            if isinstance(run, dict):
-                line(f"2-rank pool, {weights} weights, 848x480x49 (demo DiT)", run,
-                     lambda r=run: f"step {r['step_seconds']:.3f} s, finite {r['latent_finite']}")
+    lines_per_run("2-rank pool, sharded vs replicated weights", part("sharded"),
+                  lambda weights: f"2-rank pool, {weights} weights, 848x480x49 (demo DiT)",
+                  lambda run: f"step {run['step_seconds']:.3f} s, finite {run['latent_finite']}")
     seconds = {".".join(k): v for k, v in section_seconds(figures).items()}
     print(f"section seconds (measured / estimate on one H200): {seconds}")
     print(f"goals: {figures['goals']}; failed: {figures['failed_sections'] or 'none'}; "

@@ -147,3 +147,18 @@ def test_any_section_or_header_failure_is_recorded_and_the_json_line_prints(monk
     status = script.main(["--tiny", "--device", "cpu", "--sections", "fp8"])
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert status == 1 and figures["error"] == "TypeError: a section's own bug" and figures["failed_sections"] == ["run"]
+
+
+def test_the_summary_prints_every_section_after_the_multi_gpu_runs(figures, capsys):
+    """What a 2-GPU machine returns: several NCCL pool runs and sharded beside replicated (the loop over
+    the pool runs once shadowed the summary's own lookup, so every later section failed to print)."""
+    script = load_script()
+    two_gpus = dict(figures, multi_gpu={"U2": {"degrees": "cfg1 x U2 x R1", "step_seconds": 0.5},
+                                        "CFG2": {"degrees": "cfg2 x U1 x R1", "step_seconds": 0.4}},
+                    sharded={"replicated": {"step_seconds": 0.2, "latent_finite": True},
+                             "sharded": {"step_seconds": 0.21, "latent_finite": True}})
+    script.print_summary(two_gpus)
+    out = capsys.readouterr().out
+    assert "NCCL pool U2: cfg1 x U2 x R1: step 0.500 s" in out and "NCCL pool CFG2: cfg2 x U1 x R1" in out
+    assert "attention kernels measured:" in out
+    assert "2-rank pool, sharded weights, 848x480x49 (demo DiT): step 0.210 s, finite True" in out
