@@ -86,13 +86,13 @@ def resolve_model_file(name, folder: str) -> tuple[str | None, str | None]:
         return None, problem
     import folder_paths
 
-    is_gguf = name.lower().endswith(GGUF_EXTENSION)
-    if name not in (gguf_files(folder) if is_gguf else folder_paths.get_filename_list(folder)):
+    ggufs = gguf_files(folder) if name.lower().endswith(GGUF_EXTENSION) else None
+    if name not in (ggufs if ggufs is not None else folder_paths.get_filename_list(folder)):
         return None, (
             f"{name!r} was not found in ComfyUI/models/{folder}/ (or the extra model paths for "
             f"'{folder}'); put the file there and refresh the node list (press 'r')"
         )
-    path = gguf_files(folder)[name] if is_gguf else folder_paths.get_full_path(folder, name)
+    path = ggufs[name] if ggufs is not None else folder_paths.get_full_path(folder, name)
     if path is None or not os.path.isfile(path):
         return None, f"{name!r} is listed but cannot be opened (a broken link?); check ComfyUI/models/{folder}/"
     return path, None
